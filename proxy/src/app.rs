@@ -1,0 +1,165 @@
+//! One replica: built from its [`Config`], bound to its two listeners, run until shutdown.
+//!
+//! [`Application::build`] binds before returning, so callers (and tests using port 0) can read
+//! the real addresses; [`Application::run_until`] serves until the given future resolves, then
+//! drains: `/readyz` turns 503 first so load balancers stop routing, then in-flight requests
+//! finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use shared::keys::Keys;
+use tokio::net::TcpListener;
+
+use crate::admin::admin_router;
+use crate::config::Config;
+use crate::entry::Freshness;
+use crate::handler::client_router;
+use crate::l1::L1;
+use crate::metrics::Metrics;
+use crate::normalize::RequestLimits;
+use crate::store::{RedisStore, StoreSetupError};
+use crate::token_service::{self, TokenService};
+use crate::upstream::{Upstream, UpstreamSetupError};
+
+/// How often histogram buffers are drained between scrapes.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why a replica could not start. `Display` is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Upstream(#[from] UpstreamSetupError),
+    #[error("{0}")]
+    Store(#[from] StoreSetupError),
+    #[error("TOKEN_PROXY_SECRET: {0}")]
+    Secret(#[from] shared::keys::RootSecretTooShort),
+    #[error("cannot listen on {address} ({variable}): {source}")]
+    Bind { variable: &'static str, address: SocketAddr, source: std::io::Error },
+}
+
+/// Shared by every handler of both listeners.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub service: TokenService,
+    pub metrics: Arc<Metrics>,
+    pub limits: Arc<RequestLimits>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// A built, bound replica.
+#[derive(Debug)]
+pub struct Application {
+    client_listener: TcpListener,
+    admin_listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Application, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let keys = match config.secret_bytes() {
+            Some(secret) => Keys::derive(secret)?,
+            None => Keys::random(),
+        };
+        let store = match &config.redis_url {
+            Some(url) => Some(RedisStore::connect(url, config.redis_timeout)?),
+            None => None,
+        };
+        let upstream = Upstream::new(
+            config.upstream_url.clone(),
+            config.upstream_connect_timeout,
+            config.upstream_timeout,
+            config.upstream_headers_file.clone(),
+            Arc::clone(&metrics),
+        )?;
+        // Alone, L1 is the cache; with Redis it is a short-lived front for it.
+        let l1_max_age = store.as_ref().map(|_| config.l1_max_age);
+        let service = TokenService::new(token_service::Parts {
+            upstream,
+            store,
+            keys,
+            freshness: Freshness { expiry_margin: config.expiry_margin, min_token_ttl: config.min_token_ttl },
+            l1: L1::new(config.l1_capacity, l1_max_age),
+            metrics: Arc::clone(&metrics),
+        });
+        let limits = Arc::new(RequestLimits {
+            max_header_bytes: config.max_header_bytes,
+            max_body_bytes: config.max_body_bytes,
+            allow_query_params: config.allow_query_params,
+        });
+        let bind = |variable, address| async move {
+            TcpListener::bind(address).await.map_err(|source| StartError::Bind { variable, address, source })
+        };
+        let client_listener = bind("TOKEN_PROXY_LISTEN", config.listen).await?;
+        let admin_listener = bind("TOKEN_PROXY_ADMIN_LISTEN", config.admin_listen).await?;
+        let state = AppState { service, metrics, limits, shutting_down: Arc::default() };
+        Ok(Application { client_listener, admin_listener, state })
+    }
+
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves both listeners until `shutdown` resolves, then drains.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let Application { client_listener, admin_listener, state } = self;
+        tracing::info!(
+            client = %client_listener.local_addr()?,
+            admin = %admin_listener.local_addr()?,
+            redis = state.service.store().is_some(),
+            "token-proxy listening"
+        );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let upkeep = tokio::spawn({
+            let metrics = Arc::clone(&state.metrics);
+            async move {
+                let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    metrics.upkeep();
+                }
+            }
+        });
+        let client = axum::serve(client_listener, client_router(state.clone())).with_graceful_shutdown(stopped());
+        let admin = axum::serve(admin_listener, admin_router(state.clone())).with_graceful_shutdown(stopped());
+        let signal = {
+            let state = state.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: draining");
+                state.shutting_down.store(true, Ordering::Relaxed);
+                let _ = stop_tx.send(true);
+            }
+        };
+        let (client, admin, ()) = tokio::join!(client.into_future(), admin.into_future(), signal);
+        upkeep.abort();
+        if let Some(store) = state.service.store() {
+            store.quit().await;
+        }
+        client.and(admin)
+    }
+}

@@ -1,0 +1,490 @@
+//! Configuration: environment variables, each also a `--kebab-case` flag.
+//!
+//! Everything is parsed and validated before anything binds or connects. A bad value is one
+//! [`ConfigError`] naming the variable, so an operator sees exactly which setting to fix. The
+//! parser reads through a lookup function, so tests never touch the process environment.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use secrecy::{ExposeSecret, SecretBox};
+use shared::keys::MIN_ROOT_SECRET_LEN;
+
+/// One setting: its variable name, default and help text. The flag is derived from the name.
+#[derive(Debug)]
+pub struct Setting {
+    pub name: &'static str,
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+/// Every setting token-proxy reads. The README's configuration table lists the same names
+/// (a test keeps them in step).
+pub const SETTINGS: &[Setting] = &[
+    Setting { name: "TOKEN_PROXY_LISTEN", default: Some("0.0.0.0:8080"), help: "client-facing address" },
+    Setting {
+        name: "TOKEN_PROXY_ADMIN_LISTEN",
+        default: Some("127.0.0.1:9090"),
+        help: "address of /metrics, /healthz and /readyz",
+    },
+    Setting {
+        name: "TOKEN_PROXY_UPSTREAM_URL",
+        default: None,
+        help: "the token endpoint, e.g. https://DOMAIN.auth.REGION.amazoncognito.com/oauth2/token (required)",
+    },
+    Setting {
+        name: "TOKEN_PROXY_REDIS_URL",
+        default: None,
+        help: "redis://, rediss://, redis-sentinel:// or redis-cluster:// URL; unset = in-process cache only",
+    },
+    Setting {
+        name: "TOKEN_PROXY_SECRET",
+        default: None,
+        help: "root secret, base64, at least 32 bytes; required with Redis, random per process without",
+    },
+    Setting { name: "TOKEN_PROXY_SECRET_FILE", default: None, help: "file holding TOKEN_PROXY_SECRET" },
+    Setting { name: "TOKEN_PROXY_LOG", default: Some("info"), help: "log filter, e.g. info,token_proxy=debug" },
+    Setting { name: "TOKEN_PROXY_LOG_FORMAT", default: Some("json"), help: "json or text" },
+    Setting {
+        name: "TOKEN_PROXY_UPSTREAM_CONNECT_TIMEOUT",
+        default: Some("2s"),
+        help: "time to open a connection to the token endpoint",
+    },
+    Setting {
+        name: "TOKEN_PROXY_UPSTREAM_TIMEOUT",
+        default: Some("10s"),
+        help: "time for a whole upstream exchange; past it the caller gets 504",
+    },
+    Setting {
+        name: "TOKEN_PROXY_UPSTREAM_HEADERS_FILE",
+        default: None,
+        help: "file of `Name: value` lines added to every upstream request (e.g. a WAF origin-verify secret); re-read when it changes",
+    },
+    Setting {
+        name: "TOKEN_PROXY_REDIS_TIMEOUT",
+        default: Some("250ms"),
+        help: "deadline of one Redis command; past it the request carries on without Redis",
+    },
+    Setting {
+        name: "TOKEN_PROXY_EXPIRY_MARGIN",
+        default: Some("60s"),
+        help: "cache entries end this long before their token expires",
+    },
+    Setting {
+        name: "TOKEN_PROXY_MIN_TOKEN_TTL",
+        default: Some("30s"),
+        help: "a token with less than this left is never served",
+    },
+    Setting {
+        name: "TOKEN_PROXY_L1_CAPACITY",
+        default: Some("10000"),
+        help: "entries in the in-process cache; 0 disables it (only allowed with Redis)",
+    },
+    Setting {
+        name: "TOKEN_PROXY_L1_MAX_AGE",
+        default: Some("10s"),
+        help: "with Redis: longest an entry stays in the in-process cache before Redis is asked again",
+    },
+    Setting { name: "TOKEN_PROXY_MAX_BODY_BYTES", default: Some("8192"), help: "largest request body (413 above)" },
+    Setting {
+        name: "TOKEN_PROXY_MAX_HEADER_BYTES",
+        default: Some("8192"),
+        help: "largest total size of request headers (431 above)",
+    },
+    Setting {
+        name: "TOKEN_PROXY_ALLOW_QUERY_PARAMS",
+        default: Some("false"),
+        help: "accept parameters in the query string like the API Gateway sample (discouraged: URLs get logged)",
+    },
+];
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Validated configuration of one replica.
+#[derive(Debug)]
+pub struct Config {
+    /// Client-facing address (`TOKEN_PROXY_LISTEN`).
+    pub listen: SocketAddr,
+    /// Admin address: metrics, health, readiness (`TOKEN_PROXY_ADMIN_LISTEN`).
+    pub admin_listen: SocketAddr,
+    /// The token endpoint every request is sent to (`TOKEN_PROXY_UPSTREAM_URL`).
+    pub upstream_url: reqwest::Url,
+    /// Shared cache; `None` runs one replica alone on its in-process cache (`TOKEN_PROXY_REDIS_URL`).
+    pub redis_url: Option<String>,
+    /// Root secret the cache keys and seal keys derive from; `None` = random per process.
+    pub secret: Option<SecretBox<Vec<u8>>>,
+    /// Tracing filter directive (`TOKEN_PROXY_LOG`).
+    pub log_filter: String,
+    pub log_format: LogFormat,
+    /// Time to connect to the token endpoint. Default 2 s.
+    pub upstream_connect_timeout: Duration,
+    /// Time for one whole upstream exchange. Default 10 s.
+    pub upstream_timeout: Duration,
+    /// Extra upstream headers, re-read when the file changes.
+    pub upstream_headers_file: Option<PathBuf>,
+    /// Deadline of one Redis command. Default 250 ms.
+    pub redis_timeout: Duration,
+    /// Entries end this long before their token expires. Default 60 s.
+    pub expiry_margin: Duration,
+    /// No token with less than this left is served. Default 30 s.
+    pub min_token_ttl: Duration,
+    /// Entries in the in-process cache (L1); 0 disables it. Default 10 000.
+    pub l1_capacity: usize,
+    /// With Redis, the longest an entry lives in L1. Default 10 s.
+    pub l1_max_age: Duration,
+    /// Largest request body in bytes. Default 8 KiB.
+    pub max_body_bytes: usize,
+    /// Largest total size of request headers in bytes. Default 8 KiB.
+    pub max_header_bytes: usize,
+    /// Accept parameters in the query string. Default false.
+    pub allow_query_params: bool,
+}
+
+/// A setting with a bad value: `Display` is one line naming the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {message}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub message: String,
+}
+
+fn error(variable: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { variable: variable.to_owned(), message: message.into() }
+}
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<Config>),
+    Help,
+}
+
+impl Config {
+    /// Reads the process environment and command-line flags (flags win).
+    pub fn from_env_and_args(args: impl IntoIterator<Item = String>) -> Result<Command, ConfigError> {
+        let flags = match parse_flags(args)? {
+            Some(flags) => flags,
+            None => return Ok(Command::Help),
+        };
+        let config = Config::from_lookup(|name| flags.get(name).cloned().or_else(|| std::env::var(name).ok()))?;
+        Ok(Command::Run(Box::new(config)))
+    }
+
+    /// Parses every setting through `lookup`, which returns a variable's raw value.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |name: &str| -> Option<String> {
+            lookup(name)
+                .filter(|v| !v.is_empty())
+                .or_else(|| SETTINGS.iter().find(|s| s.name == name).and_then(|s| s.default.map(str::to_owned)))
+        };
+        let required = |name: &str| get(name).ok_or_else(|| error(name, "is required"));
+
+        let upstream_url = parse_upstream_url(&required("TOKEN_PROXY_UPSTREAM_URL")?)?;
+        let redis_url = get("TOKEN_PROXY_REDIS_URL").map(|url| parse_redis_url(&url)).transpose()?;
+        let secret = parse_secret(get("TOKEN_PROXY_SECRET"), get("TOKEN_PROXY_SECRET_FILE"))?;
+        if redis_url.is_some() && secret.is_none() {
+            return Err(error(
+                "TOKEN_PROXY_SECRET",
+                "is required when TOKEN_PROXY_REDIS_URL is set (every replica must share it)",
+            ));
+        }
+        let log_format = match required("TOKEN_PROXY_LOG_FORMAT")?.as_str() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => return Err(error("TOKEN_PROXY_LOG_FORMAT", format!("expected json or text, got {other:?}"))),
+        };
+        let config = Config {
+            listen: parse(
+                &required("TOKEN_PROXY_LISTEN")?,
+                "TOKEN_PROXY_LISTEN",
+                "a socket address like 0.0.0.0:8080",
+            )?,
+            admin_listen: parse(
+                &required("TOKEN_PROXY_ADMIN_LISTEN")?,
+                "TOKEN_PROXY_ADMIN_LISTEN",
+                "a socket address like 127.0.0.1:9090",
+            )?,
+            upstream_url,
+            redis_url,
+            secret,
+            log_filter: required("TOKEN_PROXY_LOG")?,
+            log_format,
+            upstream_connect_timeout: duration(&get, "TOKEN_PROXY_UPSTREAM_CONNECT_TIMEOUT")?,
+            upstream_timeout: duration(&get, "TOKEN_PROXY_UPSTREAM_TIMEOUT")?,
+            upstream_headers_file: get("TOKEN_PROXY_UPSTREAM_HEADERS_FILE").map(PathBuf::from),
+            redis_timeout: duration(&get, "TOKEN_PROXY_REDIS_TIMEOUT")?,
+            expiry_margin: duration(&get, "TOKEN_PROXY_EXPIRY_MARGIN")?,
+            min_token_ttl: duration(&get, "TOKEN_PROXY_MIN_TOKEN_TTL")?,
+            l1_capacity: parse(&required("TOKEN_PROXY_L1_CAPACITY")?, "TOKEN_PROXY_L1_CAPACITY", "a whole number")?,
+            l1_max_age: duration(&get, "TOKEN_PROXY_L1_MAX_AGE")?,
+            max_body_bytes: parse(
+                &required("TOKEN_PROXY_MAX_BODY_BYTES")?,
+                "TOKEN_PROXY_MAX_BODY_BYTES",
+                "a whole number",
+            )?,
+            max_header_bytes: parse(
+                &required("TOKEN_PROXY_MAX_HEADER_BYTES")?,
+                "TOKEN_PROXY_MAX_HEADER_BYTES",
+                "a whole number",
+            )?,
+            allow_query_params: parse(
+                &required("TOKEN_PROXY_ALLOW_QUERY_PARAMS")?,
+                "TOKEN_PROXY_ALLOW_QUERY_PARAMS",
+                "true or false",
+            )?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream_timeout.is_zero() {
+            return Err(error("TOKEN_PROXY_UPSTREAM_TIMEOUT", "must be more than zero"));
+        }
+        if self.redis_timeout.is_zero() {
+            return Err(error("TOKEN_PROXY_REDIS_TIMEOUT", "must be more than zero"));
+        }
+        if self.l1_capacity == 0 && self.redis_url.is_none() {
+            return Err(error("TOKEN_PROXY_L1_CAPACITY", "must be more than zero without TOKEN_PROXY_REDIS_URL"));
+        }
+        if self.max_body_bytes < 64 {
+            return Err(error("TOKEN_PROXY_MAX_BODY_BYTES", "must be at least 64"));
+        }
+        if self.max_header_bytes < 256 {
+            return Err(error("TOKEN_PROXY_MAX_HEADER_BYTES", "must be at least 256"));
+        }
+        Ok(())
+    }
+
+    /// A configuration for tests and embedding: loopback on port 0, no Redis, defaults otherwise.
+    pub fn for_upstream(upstream_url: &str) -> Result<Config, ConfigError> {
+        let upstream_url = upstream_url.to_owned();
+        Config::from_lookup(move |name| match name {
+            "TOKEN_PROXY_UPSTREAM_URL" => Some(upstream_url.clone()),
+            "TOKEN_PROXY_LISTEN" | "TOKEN_PROXY_ADMIN_LISTEN" => Some("127.0.0.1:0".to_owned()),
+            _ => None,
+        })
+    }
+
+    /// The root secret's bytes, if one was configured.
+    pub fn secret_bytes(&self) -> Option<&[u8]> {
+        self.secret.as_ref().map(|s| s.expose_secret().as_slice())
+    }
+}
+
+fn parse<T: std::str::FromStr>(value: &str, variable: &str, expected: &str) -> Result<T, ConfigError> {
+    value.trim().parse().map_err(|_| error(variable, format!("expected {expected}, got {value:?}")))
+}
+
+fn duration(get: &impl Fn(&str) -> Option<String>, variable: &str) -> Result<Duration, ConfigError> {
+    let value = get(variable).ok_or_else(|| error(variable, "is required"))?;
+    humantime::parse_duration(value.trim())
+        .map_err(|_| error(variable, format!("expected a duration such as 30s or 250ms, got {value:?}")))
+}
+
+fn parse_upstream_url(value: &str) -> Result<reqwest::Url, ConfigError> {
+    let variable = "TOKEN_PROXY_UPSTREAM_URL";
+    let url = reqwest::Url::parse(value).map_err(|e| error(variable, format!("not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(error(variable, "must be an http:// or https:// URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(error(variable, "must not carry credentials"));
+    }
+    Ok(url)
+}
+
+fn parse_redis_url(value: &str) -> Result<String, ConfigError> {
+    let scheme = value.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some("redis" | "rediss" | "redis-sentinel" | "redis-cluster") => Ok(value.to_owned()),
+        // Never echo the URL: it may carry a password.
+        _ => Err(error(
+            "TOKEN_PROXY_REDIS_URL",
+            "must start with redis://, rediss://, redis-sentinel:// or redis-cluster://",
+        )),
+    }
+}
+
+fn parse_secret(inline: Option<String>, file: Option<String>) -> Result<Option<SecretBox<Vec<u8>>>, ConfigError> {
+    let (variable, encoded) = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err(error(
+                "TOKEN_PROXY_SECRET_FILE",
+                "set either TOKEN_PROXY_SECRET or TOKEN_PROXY_SECRET_FILE, not both",
+            ));
+        }
+        (Some(inline), None) => ("TOKEN_PROXY_SECRET", inline),
+        (None, Some(path)) => {
+            let contents = std::fs::read_to_string(&path)
+                .map_err(|e| error("TOKEN_PROXY_SECRET_FILE", format!("cannot read {path}: {e}")))?;
+            ("TOKEN_PROXY_SECRET_FILE", contents)
+        }
+        (None, None) => return Ok(None),
+    };
+    // Never echo the value.
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| error(variable, "is not valid base64"))?;
+    if bytes.len() < MIN_ROOT_SECRET_LEN {
+        return Err(error(
+            variable,
+            format!(
+                "must decode to at least {MIN_ROOT_SECRET_LEN} bytes, got {} (try: openssl rand -base64 32)",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(Some(SecretBox::new(Box::new(bytes))))
+}
+
+/// Maps `--kebab-case value` and `--kebab-case=value` to variable names. `None` means `--help`.
+fn parse_flags(args: impl IntoIterator<Item = String>) -> Result<Option<HashMap<&'static str, String>>, ConfigError> {
+    let mut flags = HashMap::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--help" || arg == "-h" {
+            return Ok(None);
+        }
+        let Some(flag) = arg.strip_prefix("--") else {
+            return Err(error(&arg, "unexpected argument (settings are --flags or TOKEN_PROXY_* variables)"));
+        };
+        let (flag, inline_value) = match flag.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_owned())),
+            None => (flag, None),
+        };
+        let setting = SETTINGS
+            .iter()
+            .find(|s| flag_name(s.name) == flag)
+            .ok_or_else(|| error(&format!("--{flag}"), "unknown flag (see --help)"))?;
+        let value = match inline_value {
+            Some(v) => v,
+            None => args.next().ok_or_else(|| error(&format!("--{flag}"), "needs a value"))?,
+        };
+        flags.insert(setting.name, value);
+    }
+    Ok(Some(flags))
+}
+
+/// `TOKEN_PROXY_ADMIN_LISTEN` → `admin-listen`.
+pub fn flag_name(variable: &str) -> String {
+    variable.trim_start_matches("TOKEN_PROXY_").to_ascii_lowercase().replace('_', "-")
+}
+
+/// The `--help` text.
+pub fn help() -> String {
+    let mut out = String::from(
+        "token-proxy: a caching proxy for OAuth2 client-credentials token endpoints\n\n\
+         Every setting is an environment variable or the matching flag (flags win).\n\n",
+    );
+    for s in SETTINGS {
+        out.push_str(&format!("  --{:<28} {}\n", flag_name(s.name), s.name));
+        out.push_str(&format!("      {}", s.help));
+        if let Some(default) = s.default {
+            out.push_str(&format!(" [default: {default}]"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |name| vars.get(name).cloned()
+    }
+
+    const UPSTREAM: (&str, &str) = ("TOKEN_PROXY_UPSTREAM_URL", "http://127.0.0.1:9000/oauth2/token");
+    const SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let config = Config::from_lookup(lookup(&[UPSTREAM])).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert!(config.redis_url.is_none());
+        assert!(config.secret.is_none());
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.redis_timeout, Duration::from_millis(250));
+        assert!(!config.allow_query_params);
+    }
+
+    #[test]
+    fn upstream_is_required() {
+        let err = Config::from_lookup(lookup(&[])).unwrap_err();
+        assert_eq!(err.to_string(), "TOKEN_PROXY_UPSTREAM_URL: is required");
+    }
+
+    #[test]
+    fn redis_requires_a_secret() {
+        let err =
+            Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_REDIS_URL", "redis://127.0.0.1:6379")])).unwrap_err();
+        assert_eq!(err.variable, "TOKEN_PROXY_SECRET");
+        let ok = Config::from_lookup(lookup(&[
+            UPSTREAM,
+            ("TOKEN_PROXY_REDIS_URL", "redis://127.0.0.1:6379"),
+            ("TOKEN_PROXY_SECRET", SECRET),
+        ]))
+        .unwrap();
+        assert_eq!(ok.secret_bytes().unwrap(), b"0123456789abcdef0123456789abcdef");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable_in_one_line() {
+        let cases = [
+            ("TOKEN_PROXY_LISTEN", "nowhere"),
+            ("TOKEN_PROXY_REDIS_TIMEOUT", "soon"),
+            ("TOKEN_PROXY_LOG_FORMAT", "xml"),
+            ("TOKEN_PROXY_SECRET", "c2hvcnQ="),
+            ("TOKEN_PROXY_SECRET", "not base64!"),
+            ("TOKEN_PROXY_REDIS_URL", "http://x"),
+            ("TOKEN_PROXY_L1_CAPACITY", "-1"),
+            ("TOKEN_PROXY_ALLOW_QUERY_PARAMS", "yes please"),
+            ("TOKEN_PROXY_UPSTREAM_URL", "ftp://x/"),
+        ];
+        for (variable, value) in cases {
+            let err = Config::from_lookup(lookup(&[UPSTREAM, (variable, value)])).unwrap_err();
+            assert_eq!(err.variable, variable, "{value}");
+            assert!(!err.to_string().contains('\n'));
+        }
+    }
+
+    #[test]
+    fn secret_values_are_never_echoed() {
+        let err = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_SECRET", "c2VjcmV0LXNob3J0")])).unwrap_err();
+        assert!(!err.to_string().contains("c2VjcmV0LXNob3J0"));
+        let err = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_REDIS_URL", "tcp://:hunter2@x")])).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn flags_override_and_map_to_variables() {
+        let flags = parse_flags(["--listen=127.0.0.1:1".to_owned(), "--redis-timeout".to_owned(), "1s".to_owned()])
+            .unwrap()
+            .unwrap();
+        assert_eq!(flags["TOKEN_PROXY_LISTEN"], "127.0.0.1:1");
+        assert_eq!(flags["TOKEN_PROXY_REDIS_TIMEOUT"], "1s");
+        assert!(parse_flags(["--help".to_owned()]).unwrap().is_none());
+        assert_eq!(parse_flags(["--nope=1".to_owned()]).unwrap_err().variable, "--nope");
+        assert_eq!(parse_flags(["--listen".to_owned()]).unwrap_err().variable, "--listen");
+    }
+
+    #[test]
+    fn help_lists_every_setting() {
+        let text = help();
+        for s in SETTINGS {
+            assert!(text.contains(s.name) && text.contains(&format!("--{}", flag_name(s.name))));
+        }
+    }
+}

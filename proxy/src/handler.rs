@@ -1,0 +1,75 @@
+//! The client-facing HTTP surface: `POST /oauth2/token`, and OAuth-style JSON for everything
+//! else. The handler only turns HTTP into a [`TokenRequest`](crate::normalize::TokenRequest)
+//! (or a rejection), makes one call into the token service, and records the outcome.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http::StatusCode;
+
+use crate::app::AppState;
+use crate::metrics::Outcome;
+use crate::normalize::{body_too_large, check_head, normalize};
+use crate::response::{CacheStatus, ProxyError, Rejection, Reply};
+
+/// The client listener's router.
+pub fn client_router(state: AppState) -> Router {
+    Router::new().route("/oauth2/token", post(token).fallback(method_not_allowed)).fallback(not_found).with_state(state)
+}
+
+async fn token(State(state): State<AppState>, request: Request) -> Response {
+    let started = Instant::now();
+    let (outcome, response) = match answer(&state, request).await {
+        Ok(reply) => (outcome_of(&reply), reply.into_response()),
+        Err(rejection) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
+    };
+    state.metrics.request(outcome, started.elapsed());
+    response
+}
+
+async fn answer(state: &AppState, request: Request) -> Result<Reply, Rejection> {
+    let (parts, body) = request.into_parts();
+    check_head(&parts.headers, &state.limits)?;
+    let body = axum::body::to_bytes(body, state.limits.max_body_bytes).await.map_err(|_| body_too_large())?;
+    let request = normalize(parts.uri.query(), &parts.headers, &body, &state.limits)?;
+    Ok(state.service.handle(request).await)
+}
+
+fn outcome_of(reply: &Reply) -> Outcome {
+    if reply.answer.is_err() {
+        return Outcome::Error;
+    }
+    match reply.cache {
+        CacheStatus::Hit => Outcome::Hit,
+        CacheStatus::Miss => Outcome::Miss,
+        CacheStatus::Coalesced => Outcome::Coalesced,
+        CacheStatus::Stale => Outcome::Stale,
+        CacheStatus::Bypass => Outcome::Bypass,
+    }
+}
+
+async fn method_not_allowed(State(state): State<AppState>) -> Response {
+    state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
+    let mut response = ProxyError::Rejected(Rejection::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request",
+        "the token endpoint accepts POST only",
+    ))
+    .into_response();
+    response.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+    response
+}
+
+async fn not_found(State(state): State<AppState>, _body: Body) -> Response {
+    state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
+    ProxyError::Rejected(Rejection::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request",
+        "the token endpoint is /oauth2/token",
+    ))
+    .into_response()
+}

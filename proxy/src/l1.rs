@@ -1,0 +1,116 @@
+//! The in-process cache (L1): bounded, and each entry lives no longer than its token allows.
+//!
+//! With Redis behind it, an entry also lives at most `max_age`, so that a token refreshed or
+//! purged elsewhere in the cluster is picked up soon. Without Redis, L1 is the only cache.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shared::keys::CacheKey;
+
+use crate::entry::{CachedToken, Freshness};
+
+#[derive(Clone)]
+struct Slot {
+    token: Arc<CachedToken>,
+    /// After this the slot is ignored (and eventually evicted).
+    until: Instant,
+}
+
+/// The in-process cache. Capacity 0 disables it.
+pub struct L1 {
+    cache: Option<quick_cache::sync::Cache<CacheKey, Slot>>,
+    max_age: Option<Duration>,
+}
+
+impl std::fmt::Debug for L1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L1")
+            .field("len", &self.cache.as_ref().map_or(0, |c| c.len()))
+            .field("max_age", &self.max_age)
+            .finish()
+    }
+}
+
+impl L1 {
+    /// `max_age` caps each entry's life; `None` lets entries live as long as their token allows.
+    pub fn new(capacity: usize, max_age: Option<Duration>) -> L1 {
+        L1 { cache: (capacity > 0).then(|| quick_cache::sync::Cache::new(capacity)), max_age }
+    }
+
+    pub fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<CachedToken>> {
+        let slot = self.cache.as_ref()?.get(key)?;
+        (now < slot.until).then_some(slot.token)
+    }
+
+    pub fn insert(&self, key: CacheKey, token: Arc<CachedToken>, now: Instant, freshness: &Freshness) {
+        let Some(cache) = &self.cache else { return };
+        let Some(usable) = token.usable_for(now, freshness) else { return };
+        let life = self.max_age.map_or(usable, |max| usable.min(max));
+        cache.insert(key, Slot { token, until: now + life });
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRESH: Freshness =
+        Freshness { expiry_margin: Duration::from_secs(10), min_token_ttl: Duration::from_secs(5) };
+
+    fn token(t0: Instant, expires_in: u64) -> Arc<CachedToken> {
+        let body = format!(r#"{{"access_token":"x","expires_in":{expires_in},"token_type":"Bearer"}}"#);
+        Arc::new(CachedToken::from_upstream(body.as_bytes(), t0).unwrap())
+    }
+
+    #[test]
+    fn entries_live_until_their_token_cutoff() {
+        let t0 = Instant::now();
+        let l1 = L1::new(10, None);
+        let key = CacheKey::from_bytes([1; 32]);
+        l1.insert(key, token(t0, 60), t0, &FRESH);
+        assert!(l1.get(&key, t0 + Duration::from_secs(49)).is_some());
+        assert!(l1.get(&key, t0 + Duration::from_secs(50)).is_none());
+    }
+
+    #[test]
+    fn max_age_caps_entries() {
+        let t0 = Instant::now();
+        let l1 = L1::new(10, Some(Duration::from_secs(2)));
+        let key = CacheKey::from_bytes([1; 32]);
+        l1.insert(key, token(t0, 3600), t0, &FRESH);
+        assert!(l1.get(&key, t0 + Duration::from_secs(1)).is_some());
+        assert!(l1.get(&key, t0 + Duration::from_secs(2)).is_none());
+    }
+
+    #[test]
+    fn unusable_tokens_are_not_stored_and_capacity_bounds_size() {
+        let t0 = Instant::now();
+        let l1 = L1::new(100, None);
+        l1.insert(CacheKey::from_bytes([0; 32]), token(t0, 9), t0, &FRESH);
+        assert!(l1.is_empty());
+        for i in 0..1000u32 {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            l1.insert(CacheKey::from_bytes(k), token(t0, 3600), t0, &FRESH);
+        }
+        assert!(l1.len() <= 100, "len {}", l1.len());
+    }
+
+    #[test]
+    fn zero_capacity_disables() {
+        let t0 = Instant::now();
+        let l1 = L1::new(0, None);
+        let key = CacheKey::from_bytes([1; 32]);
+        l1.insert(key, token(t0, 3600), t0, &FRESH);
+        assert!(l1.get(&key, t0).is_none());
+    }
+}

@@ -1,0 +1,46 @@
+//! token-proxy: a horizontally scaled caching proxy for OAuth2 client-credentials token
+//! endpoints, above all Amazon Cognito's `/oauth2/token`.
+//!
+//! # Layout
+//!
+//! The request flow reads top to bottom:
+//!
+//! - [`config`]: settings from `TOKEN_PROXY_*` variables or flags, validated up front.
+//! - [`app`]: builds a replica from its config, binds both listeners, runs until shutdown.
+//! - [`handler`]: the client-facing HTTP surface (`POST /oauth2/token`).
+//! - [`normalize`]: HTTP request → [`normalize::TokenRequest`], or a 4xx rejection.
+//! - [`token_service`]: L1 → in-process single flight → Redis → upstream.
+//!   - [`l1`]: the bounded in-process cache.
+//!   - [`single_flight`]: one fetch per key per replica.
+//!   - [`store`]: Redis, holding sealed entries under keyed-hash names.
+//!   - [`upstream`]: the token endpoint client.
+//!   - [`entry`]: a cached token, its freshness rules and `expires_in` rewriting.
+//! - [`response`]: the one place where outcomes and errors become HTTP responses.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin listener.
+//! - [`metrics`], [`telemetry`], [`shutdown`]: operations.
+//!
+//! Cache keys and sealing live in the `shared` crate (`shared::keys`, `shared::seal`).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod entry;
+pub mod handler;
+pub mod l1;
+pub mod metrics;
+pub mod normalize;
+pub mod response;
+pub mod shutdown;
+pub mod single_flight;
+pub mod store;
+pub mod telemetry;
+pub mod token_service;
+pub mod upstream;
+
+/// Installs ring as the process-wide TLS provider (the one provider of the workspace).
+/// Idempotent: a provider installed earlier stays.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,239 @@
+//! Prometheus metrics, all named `token_proxy_*` (DESIGN.md §3).
+//!
+//! Each replica owns its recorder rather than installing a global one, so several replicas can
+//! run in one process (the integration tests do) without mixing their numbers. Every handle is
+//! registered once up front: recording is an atomic add, with no name lookup per request.
+//! Labels are fixed enums; nothing derived from a request ever becomes a label.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// What happened to a client request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Coalesced,
+    Stale,
+    Bypass,
+    Rejected,
+    Error,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 7] = [
+        Outcome::Hit,
+        Outcome::Miss,
+        Outcome::Coalesced,
+        Outcome::Stale,
+        Outcome::Bypass,
+        Outcome::Rejected,
+        Outcome::Error,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+            Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// How an upstream call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamClass {
+    Success,
+    ClientError,
+    ServerError,
+    Timeout,
+    Error,
+}
+
+impl UpstreamClass {
+    const ALL: [UpstreamClass; 5] = [
+        UpstreamClass::Success,
+        UpstreamClass::ClientError,
+        UpstreamClass::ServerError,
+        UpstreamClass::Timeout,
+        UpstreamClass::Error,
+    ];
+
+    pub fn of(status: StatusCode) -> UpstreamClass {
+        match status.as_u16() {
+            200..=299 => UpstreamClass::Success,
+            400..=499 => UpstreamClass::ClientError,
+            500..=599 => UpstreamClass::ServerError,
+            _ => UpstreamClass::Error,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            UpstreamClass::Success => "2xx",
+            UpstreamClass::ClientError => "4xx",
+            UpstreamClass::ServerError => "5xx",
+            UpstreamClass::Timeout => "timeout",
+            UpstreamClass::Error => "error",
+        }
+    }
+}
+
+/// Seconds; from a sub-millisecond cache hit to an upstream timeout.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The handles of one replica's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    requests: [Counter; 7],
+    request_duration: [Histogram; 7],
+    upstream_requests: [Counter; 5],
+    upstream_duration: Histogram,
+    upstream_calls_avoided: Counter,
+    redis_errors: Counter,
+    redis_breaker_open: Gauge,
+    coalesced_waiters: Counter,
+    lock_takeovers: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics(..)")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)
+            .expect("bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let counter =
+            |name: &'static str, labels: Vec<Label>| recorder.register_counter(&Key::from_parts(name, labels), &META);
+        let histogram =
+            |name: &'static str, labels: Vec<Label>| recorder.register_histogram(&Key::from_parts(name, labels), &META);
+        let outcome = |o: Outcome| vec![Label::new("outcome", o.label())];
+        Metrics {
+            requests: Outcome::ALL.map(|o| counter("token_proxy_requests_total", outcome(o))),
+            request_duration: Outcome::ALL.map(|o| histogram("token_proxy_request_duration_seconds", outcome(o))),
+            upstream_requests: UpstreamClass::ALL
+                .map(|c| counter("token_proxy_upstream_requests_total", vec![Label::new("status_class", c.label())])),
+            upstream_duration: histogram("token_proxy_upstream_request_duration_seconds", vec![]),
+            upstream_calls_avoided: counter("token_proxy_upstream_calls_avoided_total", vec![]),
+            redis_errors: counter("token_proxy_redis_errors_total", vec![]),
+            redis_breaker_open: recorder.register_gauge(&Key::from_name("token_proxy_redis_breaker_open"), &META),
+            coalesced_waiters: counter("token_proxy_coalesced_waiters_total", vec![]),
+            lock_takeovers: counter("token_proxy_lock_takeovers_total", vec![]),
+            handle,
+            recorder,
+        }
+    }
+
+    /// One finished client request.
+    pub fn request(&self, outcome: Outcome, elapsed: Duration) {
+        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.requests[i].increment(1);
+        self.request_duration[i].record(elapsed.as_secs_f64());
+        if matches!(outcome, Outcome::Hit | Outcome::Coalesced | Outcome::Stale) {
+            self.upstream_calls_avoided.increment(1);
+        }
+    }
+
+    /// One finished upstream call.
+    pub fn upstream_request(&self, class: UpstreamClass, elapsed: Duration) {
+        let i = UpstreamClass::ALL.iter().position(|c| *c == class).unwrap_or(0);
+        self.upstream_requests[i].increment(1);
+        self.upstream_duration.record(elapsed.as_secs_f64());
+    }
+
+    pub fn redis_error(&self) {
+        self.redis_errors.increment(1);
+    }
+
+    pub fn set_redis_breaker_open(&self, open: bool) {
+        self.redis_breaker_open.set(if open { 1.0 } else { 0.0 });
+    }
+
+    pub fn coalesced_waiter(&self) {
+        self.coalesced_waiters.increment(1);
+    }
+
+    pub fn lock_takeover(&self) {
+        self.lock_takeovers.increment(1);
+    }
+
+    /// Drains histogram buffers; call periodically so they do not grow between scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    /// The recorder, for registering further metrics.
+    pub fn recorder(&self) -> &PrometheusRecorder {
+        &self.recorder
+    }
+}
+
+static META: Metadata<'static> = Metadata::new("token_proxy", metrics::Level::INFO, Some(module_path!()));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_design_names_with_bounded_labels() {
+        let metrics = Metrics::new();
+        metrics.request(Outcome::Hit, Duration::from_micros(300));
+        metrics.request(Outcome::Miss, Duration::from_millis(30));
+        metrics.upstream_request(UpstreamClass::of(StatusCode::OK), Duration::from_millis(25));
+        metrics.redis_error();
+        let text = metrics.render();
+        for line in [
+            "token_proxy_requests_total{outcome=\"hit\"} 1",
+            "token_proxy_requests_total{outcome=\"miss\"} 1",
+            "token_proxy_requests_total{outcome=\"rejected\"} 0",
+            "token_proxy_upstream_requests_total{status_class=\"2xx\"} 1",
+            "token_proxy_upstream_calls_avoided_total 1",
+            "token_proxy_redis_errors_total 1",
+            "token_proxy_redis_breaker_open 0",
+            "token_proxy_coalesced_waiters_total 0",
+            "token_proxy_lock_takeovers_total 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            text.contains("token_proxy_request_duration_seconds_bucket{outcome=\"hit\",le=\"0.0005\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("token_proxy_upstream_request_duration_seconds_count 1"), "{text}");
+    }
+
+    #[test]
+    fn instances_do_not_share_values() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.redis_error();
+        assert!(b.render().contains("token_proxy_redis_errors_total 0"));
+    }
+}

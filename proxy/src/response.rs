@@ -1,0 +1,175 @@
+//! Every answer of the token endpoint is built here, and only here.
+//!
+//! Faults are sorted by where they lie: the caller's request ([`Rejection`], a 4xx that cost no
+//! upstream call), the upstream ([`UpstreamFailure`], 502/503/504, or the upstream's own 4xx
+//! relayed unchanged), or the proxy itself (500, opaque). Every response carries
+//! `Cache-Control: no-store` and `Pragma: no-cache` (RFC 6749 §5.1), and `X-Cache` whenever the
+//! request reached the cache layer. Bodies never quote a secret or a token from the request.
+
+use std::borrow::Cow;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::StatusCode;
+use http::header::{self, HeaderName, HeaderValue};
+use shared::wire::OAuthError;
+
+use crate::upstream::{UpstreamError, UpstreamResponse};
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json;charset=UTF-8");
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// What the cache did for a request. Says no more than the caller could know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from a cache without waiting for anyone.
+    Hit,
+    /// This request went upstream.
+    Miss,
+    /// This request waited for an identical request that went upstream.
+    Coalesced,
+    /// The upstream failed; a cached token that is still valid was served instead.
+    Stale,
+    /// Not cacheable (a grant other than client_credentials): forwarded as is.
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Coalesced => "COALESCED",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Bypass => "BYPASS",
+        })
+    }
+}
+
+/// A successful answer.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// A token response body, `expires_in` already set to the time left.
+    Token(Bytes),
+    /// The upstream's own answer, relayed as it came (its 4xx errors, or a 200 we would not
+    /// cache), minus every header but `Content-Type`, `Retry-After` and `WWW-Authenticate`.
+    Relayed(UpstreamResponse),
+}
+
+/// The upstream gave no usable answer.
+#[derive(Debug, Clone)]
+pub enum UpstreamFailure {
+    Unreachable(UpstreamError),
+    /// A 5xx (or another status a token endpoint must not send).
+    BadStatus(UpstreamResponse),
+}
+
+/// A request refused before it reached the cache or the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: StatusCode,
+    /// The OAuth error code (RFC 6749 §5.2).
+    pub error: &'static str,
+    pub description: Cow<'static, str>,
+}
+
+impl Rejection {
+    pub fn invalid_request(description: impl Into<Cow<'static, str>>) -> Rejection {
+        Rejection { status: StatusCode::BAD_REQUEST, error: "invalid_request", description: description.into() }
+    }
+
+    pub fn new(status: StatusCode, error: &'static str, description: impl Into<Cow<'static, str>>) -> Rejection {
+        Rejection { status, error, description: description.into() }
+    }
+}
+
+/// Everything that is not a successful answer.
+#[derive(Debug, Clone)]
+pub enum ProxyError {
+    Rejected(Rejection),
+    Upstream(UpstreamFailure),
+    /// A bug: the fetch task died. Opaque to the caller.
+    Internal,
+}
+
+/// The token service's reply to one request.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub cache: CacheStatus,
+    pub answer: Result<Answer, ProxyError>,
+}
+
+fn oauth_json(status: StatusCode, error: &str, description: impl Into<String>) -> Response {
+    let body = OAuthError::new(error, description).to_json();
+    (status, [(header::CONTENT_TYPE, JSON)], body).into_response()
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let mut response = match self {
+            ProxyError::Rejected(r) => oauth_json(r.status, r.error, r.description),
+            ProxyError::Upstream(UpstreamFailure::Unreachable(e @ UpstreamError::Timeout)) => {
+                oauth_json(StatusCode::GATEWAY_TIMEOUT, "temporarily_unavailable", e.to_string())
+            }
+            ProxyError::Upstream(UpstreamFailure::Unreachable(e)) => {
+                oauth_json(StatusCode::BAD_GATEWAY, "server_error", e.to_string())
+            }
+            ProxyError::Upstream(UpstreamFailure::BadStatus(upstream)) => {
+                let description = format!("the token endpoint answered {}", upstream.status.as_u16());
+                let mut response = if upstream.status == StatusCode::SERVICE_UNAVAILABLE {
+                    oauth_json(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", description)
+                } else {
+                    oauth_json(StatusCode::BAD_GATEWAY, "server_error", description)
+                };
+                if let Some(retry_after) = upstream.retry_after {
+                    response.headers_mut().insert(header::RETRY_AFTER, retry_after);
+                }
+                response
+            }
+            ProxyError::Internal => oauth_json(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error"),
+        };
+        no_store(&mut response);
+        response
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        match self {
+            Answer::Token(body) => (StatusCode::OK, [(header::CONTENT_TYPE, JSON)], body).into_response(),
+            Answer::Relayed(upstream) => {
+                let mut response = Response::new(Body::from(upstream.body));
+                *response.status_mut() = upstream.status;
+                let headers = response.headers_mut();
+                headers.insert(header::CONTENT_TYPE, upstream.content_type.unwrap_or(JSON));
+                if let Some(v) = upstream.retry_after {
+                    headers.insert(header::RETRY_AFTER, v);
+                }
+                if let Some(v) = upstream.www_authenticate {
+                    headers.insert(header::WWW_AUTHENTICATE, v);
+                }
+                response
+            }
+        }
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut response = match self.answer {
+            Ok(answer) => answer.into_response(),
+            Err(error) => error.into_response(),
+        };
+        no_store(&mut response);
+        response.headers_mut().insert(X_CACHE, self.cache.header_value());
+        response
+    }
+}
+
+/// RFC 6749 §5.1: token responses must not be cached by anyone but us.
+fn no_store(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}

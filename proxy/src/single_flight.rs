@@ -1,0 +1,167 @@
+//! In-process single flight: identical concurrent misses on one replica share one fetch.
+//!
+//! The first request for a key starts the fetch as its own task and is the [`Role::Leader`];
+//! later ones join as [`Role::Follower`]s. The fetch runs to completion even if every caller
+//! goes away (the upstream call is already paid for, and its result fills the caches), and if
+//! it panics the waiters are released with `None` rather than left hanging.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use shared::keys::CacheKey;
+use tokio::sync::watch;
+
+/// Whether this caller started the fetch or joined one already under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+type Slot<T> = watch::Receiver<Option<T>>;
+
+/// Fetches under way, by key.
+#[derive(Debug)]
+pub struct Flights<T> {
+    in_flight: Mutex<HashMap<CacheKey, Slot<T>>>,
+}
+
+impl<T> Default for Flights<T> {
+    fn default() -> Self {
+        Flights { in_flight: Mutex::new(HashMap::new()) }
+    }
+}
+
+/// A joined flight: await [`Flight::outcome`].
+#[derive(Debug)]
+pub struct Flight<T> {
+    pub role: Role,
+    receiver: Slot<T>,
+}
+
+impl<T: Clone> Flight<T> {
+    /// The fetch's outcome, or `None` if the fetch task died without one.
+    pub async fn outcome(mut self) -> Option<T> {
+        self.receiver.wait_for(Option::is_some).await.ok().and_then(|v| v.clone())
+    }
+}
+
+/// Removes the flight from the map when the fetch task ends, however it ends.
+struct Landing<T> {
+    flights: Arc<Flights<T>>,
+    key: CacheKey,
+}
+
+impl<T> Drop for Landing<T> {
+    fn drop(&mut self) {
+        self.flights.lock().remove(&self.key);
+    }
+}
+
+impl<T> Flights<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot<T>>> {
+        // A panic while holding this lock cannot leave the map inconsistent: keep going.
+        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Number of fetches under way.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Flights<T> {
+    /// Joins the flight for `key`, starting it with `fetch` if none is under way.
+    pub fn join<F>(self: &Arc<Self>, key: CacheKey, fetch: impl FnOnce() -> F) -> Flight<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        let mut in_flight = self.lock();
+        if let Some(receiver) = in_flight.get(&key) {
+            return Flight { role: Role::Follower, receiver: receiver.clone() };
+        }
+        let (sender, receiver) = watch::channel(None);
+        in_flight.insert(key, receiver.clone());
+        drop(in_flight);
+
+        let landing = Landing { flights: Arc::clone(self), key };
+        let fetch = fetch();
+        tokio::spawn(async move {
+            let outcome = fetch.await;
+            // Leave the map first: whoever arrives from now on finds the result in the cache
+            // (or, after an error, starts a fresh attempt) instead of this finished flight.
+            drop(landing);
+            let _ = sender.send(Some(outcome));
+        });
+        Flight { role: Role::Leader, receiver }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn concurrent_joins_share_one_fetch() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let key = CacheKey::from_bytes([1; 32]);
+        let mut joined = Vec::new();
+        for _ in 0..50 {
+            let runs = runs.clone();
+            joined.push(flights.join(key, move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                7
+            }));
+        }
+        let leaders = joined.iter().filter(|f| f.role == Role::Leader).count();
+        assert_eq!(leaders, 1);
+        for flight in joined {
+            assert_eq!(flight.outcome().await, Some(7));
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_finished_flight_is_not_joined_again() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let key = CacheKey::from_bytes([2; 32]);
+        assert_eq!(flights.join(key, || async { 1 }).outcome().await, Some(1));
+        let second = flights.join(key, || async { 2 });
+        assert_eq!(second.role, Role::Leader);
+        assert_eq!(second.outcome().await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fetch_releases_its_waiters() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let key = CacheKey::from_bytes([3; 32]);
+        let flight = flights.join(key, || async { panic!("fetch failed") });
+        assert_eq!(flight.outcome().await, None);
+        assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_fetch_completes_when_its_callers_leave() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let done = Arc::new(AtomicUsize::new(0));
+        let key = CacheKey::from_bytes([4; 32]);
+        let d = done.clone();
+        drop(flights.join(key, move || async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            d.fetch_add(1, Ordering::SeqCst);
+            1
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,17 @@
+//! Logging. Log lines carry outcomes, keyed-hash prefixes and client ids, never a secret or a
+//! token: the types that hold those redact themselves in `Debug`.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber, writing to stdout.
+pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
+    let filter = EnvFilter::try_new(filter).map_err(|e| format!("TOKEN_PROXY_LOG: invalid filter ({e})"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let result = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+    };
+    result.map_err(|e| format!("cannot install the logger: {e}"))
+}

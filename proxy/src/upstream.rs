@@ -1,0 +1,276 @@
+//! The client of the token endpoint.
+//!
+//! What goes upstream is built, never copied: a form body made from the normalized request,
+//! an `Authorization` header when the client used Basic, a fixed `Accept` and `User-Agent`, and
+//! the operator's extra headers (for example a WAF origin-verify secret). Nothing else from the
+//! client's request is forwarded. What comes back is read with a size bound, and only the
+//! headers a token client needs are kept: never `Set-Cookie` or hop-by-hop headers.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::metrics::{Metrics, UpstreamClass};
+
+/// Largest upstream response body read; a larger one is a bad gateway.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// How often the extra-headers file is checked for changes.
+const HEADERS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+const USER_AGENT: &str = concat!("token-proxy/", env!("CARGO_PKG_VERSION"));
+
+/// An upstream answer, reduced to what is relayed.
+#[derive(Debug, Clone)]
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub content_type: Option<HeaderValue>,
+    pub retry_after: Option<HeaderValue>,
+    pub www_authenticate: Option<HeaderValue>,
+}
+
+/// Why no upstream answer arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the token endpoint did not answer in time")]
+    Timeout,
+    #[error("could not connect to the token endpoint")]
+    Connect,
+    #[error("the token endpoint's answer was unreadable or too large")]
+    BadResponse,
+}
+
+/// Why the upstream client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error("TOKEN_PROXY_UPSTREAM_HEADERS_FILE: {0}")]
+    HeadersFile(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+/// The token endpoint client. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    extra_headers: Arc<ExtraHeaders>,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    pub fn new(
+        url: reqwest::Url,
+        connect_timeout: Duration,
+        timeout: Duration,
+        headers_file: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, UpstreamSetupError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(timeout)
+            // Never follow a redirect: it would carry the client's credentials elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(USER_AGENT)
+            .build()
+            .map_err(|e| UpstreamSetupError::Client(e.to_string()))?;
+        let extra_headers = ExtraHeaders::load(headers_file)?;
+        Ok(Upstream { client, url, extra_headers, metrics })
+    }
+
+    /// The token endpoint URL.
+    pub fn url(&self) -> &reqwest::Url {
+        &self.url
+    }
+
+    /// Posts a form body to the token endpoint.
+    pub async fn exchange(
+        &self,
+        form_body: String,
+        authorization: Option<HeaderValue>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let started = Instant::now();
+        let result = self.send(form_body, authorization).await;
+        let class = match &result {
+            Ok(response) => UpstreamClass::of(response.status),
+            Err(UpstreamError::Timeout) => UpstreamClass::Timeout,
+            Err(_) => UpstreamClass::Error,
+        };
+        self.metrics.upstream_request(class, started.elapsed());
+        if let Err(error) = &result {
+            tracing::warn!(%error, "upstream exchange failed");
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        form_body: String,
+        authorization: Option<HeaderValue>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .headers(self.extra_headers.current());
+        if let Some(authorization) = authorization {
+            request = request.header(header::AUTHORIZATION, authorization);
+        }
+        let mut response = request.body(form_body).send().await.map_err(classify)?;
+        if response.content_length().is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
+            return Err(UpstreamError::BadResponse);
+        }
+        let status = response.status();
+        let headers = response.headers();
+        let keep = |name: HeaderName| headers.get(name).cloned();
+        let content_type = keep(header::CONTENT_TYPE);
+        let retry_after = keep(header::RETRY_AFTER);
+        let www_authenticate = keep(header::WWW_AUTHENTICATE);
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(classify)? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(UpstreamError::BadResponse);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(UpstreamResponse { status, body: body.freeze(), content_type, retry_after, www_authenticate })
+    }
+}
+
+fn classify(error: reqwest::Error) -> UpstreamError {
+    if error.is_timeout() {
+        UpstreamError::Timeout
+    } else if error.is_connect() {
+        UpstreamError::Connect
+    } else {
+        UpstreamError::BadResponse
+    }
+}
+
+/// Operator-configured headers added to every upstream request, re-read when the file changes
+/// so that a secret such as a WAF origin-verify value can rotate without a restart.
+#[derive(Debug)]
+struct ExtraHeaders {
+    path: Option<PathBuf>,
+    /// The parsed headers and the file's modification time they were read at.
+    current: RwLock<(Option<SystemTime>, HeaderMap)>,
+}
+
+/// Headers the proxy sets itself, or that would change the meaning of the request.
+const RESERVED: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "authorization",
+    "te",
+    "upgrade",
+    "cookie",
+    "expect",
+];
+
+impl ExtraHeaders {
+    fn load(path: Option<PathBuf>) -> Result<Arc<ExtraHeaders>, UpstreamSetupError> {
+        let (stamp, headers) = match &path {
+            Some(path) => read_headers_file(path).map_err(UpstreamSetupError::HeadersFile)?,
+            None => (None, HeaderMap::new()),
+        };
+        let extra = Arc::new(ExtraHeaders { path, current: RwLock::new((stamp, headers)) });
+        if extra.path.is_some() {
+            tokio::spawn(watch_headers_file(Arc::downgrade(&extra)));
+        }
+        Ok(extra)
+    }
+
+    fn current(&self) -> HeaderMap {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    fn reload_if_changed(&self) {
+        let Some(path) = &self.path else { return };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified == self.current.read().unwrap_or_else(|p| p.into_inner()).0 {
+            return;
+        }
+        match read_headers_file(path) {
+            Ok(next) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+                tracing::info!(path = %path.display(), "reloaded upstream headers file");
+            }
+            // Keep the previous headers: a half-written file must not break every request.
+            Err(error) => tracing::error!(path = %path.display(), %error, "ignoring unreadable upstream headers file"),
+        }
+    }
+}
+
+async fn watch_headers_file(extra: Weak<ExtraHeaders>) {
+    let mut tick = tokio::time::interval(HEADERS_RELOAD_INTERVAL);
+    loop {
+        tick.tick().await;
+        match extra.upgrade() {
+            Some(extra) => extra.reload_if_changed(),
+            None => return,
+        }
+    }
+}
+
+/// Parses `Name: value` lines; blank lines and `#` comments are skipped. Errors never quote a
+/// value (they are secrets).
+fn read_headers_file(path: &Path) -> Result<(Option<SystemTime>, HeaderMap), String> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut headers = HeaderMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = line.split_once(':').ok_or_else(|| format!("line {}: expected `Name: value`", n + 1))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("line {}: invalid header name", n + 1))?;
+        if RESERVED.contains(&name.as_str()) {
+            return Err(format!("line {}: {name} is set by token-proxy itself", n + 1));
+        }
+        let mut value =
+            HeaderValue::from_str(value.trim()).map_err(|_| format!("line {}: invalid header value", n + 1))?;
+        value.set_sensitive(true);
+        headers.append(name, value);
+    }
+    Ok((modified, headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("headers");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn parses_headers_and_refuses_reserved_names_without_echoing_values() {
+        let dir = std::env::temp_dir().join(format!("tp-headers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = write(&dir, "# origin verify\nX-Origin-Verify: s3cr3t\n\nX-Other: a\n");
+        let (_, headers) = read_headers_file(&path).unwrap();
+        assert_eq!(headers["x-origin-verify"], "s3cr3t");
+        assert!(headers["x-origin-verify"].is_sensitive());
+        assert_eq!(headers.len(), 2);
+
+        let path = write(&dir, "Authorization: hunter2\n");
+        let err = read_headers_file(&path).unwrap_err();
+        assert!(err.contains("authorization") && !err.contains("hunter2"));
+        let path = write(&dir, "no colon hunter2\n");
+        assert!(!read_headers_file(&path).unwrap_err().contains("hunter2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
