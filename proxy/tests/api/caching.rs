@@ -1,0 +1,182 @@
+//! Invariant 1 (isolation) and the basic cache contract.
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn a_miss_then_hits_make_one_upstream_call_with_redis() {
+    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let first = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    assert_eq!((first.status, first.x_cache()), (200, "MISS"), "{}", first.raw);
+    for _ in 0..20 {
+        let hit = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+        assert_eq!((hit.status, hit.x_cache()), (200, "HIT"));
+        assert_eq!(hit.access_token(), first.access_token());
+        assert_eq!(hit.headers["cache-control"], "no-store");
+        assert_eq!(hit.headers["pragma"], "no-cache");
+    }
+    assert_eq!(app.issued(), 1);
+}
+
+#[tokio::test]
+async fn a_miss_then_hits_make_one_upstream_call_without_redis() {
+    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let first = post_body(&app.proxy.token_url(), "app", "secret", Some("api/read")).await;
+    assert_eq!(first.x_cache(), "MISS");
+    for _ in 0..20 {
+        let hit = post_body(&app.proxy.token_url(), "app", "secret", Some("api/read")).await;
+        assert_eq!(hit.x_cache(), "HIT");
+        assert_eq!(hit.access_token(), first.access_token());
+    }
+    assert_eq!(app.issued(), 1);
+}
+
+#[tokio::test]
+async fn hits_come_from_redis_when_l1_is_off() {
+    let app = TestApp::with_redis(vec![client("app", "secret")], &[("TOKEN_PROXY_L1_CAPACITY", "0")]).await;
+    let first = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    assert_eq!(first.x_cache(), "MISS");
+    let hit = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    assert_eq!((hit.x_cache(), hit.access_token()), ("HIT", first.access_token()));
+    assert_eq!(app.issued(), 1);
+    assert_eq!(app.redis().dump().await.len(), 1);
+}
+
+#[tokio::test]
+async fn basic_and_body_credentials_share_one_entry() {
+    let app = TestApp::with_redis(vec![client("app", "s3:cr+t%")], &[]).await;
+    let basic = post_basic(&app.proxy.token_url(), "app", "s3:cr+t%", Some("api/read")).await;
+    assert_eq!((basic.status, basic.x_cache()), (200, "MISS"), "{}", basic.raw);
+    let body = post_body(&app.proxy.token_url(), "app", "s3:cr+t%", Some("api/read")).await;
+    assert_eq!((body.x_cache(), body.access_token()), ("HIT", basic.access_token()));
+    assert_eq!(app.issued(), 1);
+}
+
+#[tokio::test]
+async fn scope_order_and_duplicates_share_one_entry_but_omitted_scope_is_its_own() {
+    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let url = app.proxy.token_url();
+    let first = post_basic(&url, "app", "secret", Some("api/read api/write")).await;
+    assert_eq!(first.x_cache(), "MISS");
+    for scope in ["api/write api/read", "api/read  api/write api/read", " api/write api/write api/read "] {
+        let again = post_basic(&url, "app", "secret", Some(scope)).await;
+        assert_eq!((again.x_cache(), again.access_token()), ("HIT", first.access_token()), "{scope}");
+    }
+    let omitted = post_basic(&url, "app", "secret", None).await;
+    assert_eq!(omitted.x_cache(), "MISS");
+    assert_ne!(omitted.access_token(), first.access_token());
+    let narrower = post_basic(&url, "app", "secret", Some("api/read")).await;
+    assert_eq!(narrower.x_cache(), "MISS");
+    assert_eq!(app.issued(), 3);
+}
+
+#[tokio::test]
+async fn token_affecting_parameters_are_part_of_the_key() {
+    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let url = app.proxy.token_url();
+    let base = "grant_type=client_credentials&client_id=app&client_secret=secret";
+    let plain = post_form(&url, base).await;
+    let with_a = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22a%22%7D")).await;
+    let with_b = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22b%22%7D")).await;
+    let with_a_again = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22a%22%7D")).await;
+    assert_eq!([plain.x_cache(), with_a.x_cache(), with_b.x_cache()], ["MISS"; 3]);
+    assert_eq!((with_a_again.x_cache(), with_a_again.access_token()), ("HIT", with_a.access_token()));
+    assert_eq!(app.issued(), 3);
+}
+
+#[tokio::test]
+async fn a_wrong_secret_never_receives_a_cached_token() {
+    let app = TestApp::with_redis(vec![client("app", "correct-secret"), client("other", "other-secret")], &[]).await;
+    let url = app.proxy.token_url();
+    let good = post_basic(&url, "app", "correct-secret", None).await;
+    assert_eq!(good.status, 200);
+    let token = good.access_token().to_owned();
+    let mut wrong: Vec<String> = vec![
+        "correct-secreT".into(),
+        "correct-secret ".into(),
+        " correct-secret".into(),
+        "correct-secre".into(),
+        "correct-secrett".into(),
+        "CORRECT-SECRET".into(),
+        "other-secret".into(),
+        "correct%2Dsecret".into(),
+    ];
+    wrong.extend((0..120).map(|i| format!("guess-{i}")));
+    for (i, secret) in wrong.iter().enumerate() {
+        let reply = if i % 2 == 0 {
+            post_basic(&url, "app", secret, None).await
+        } else {
+            post_body(&url, "app", secret, None).await
+        };
+        assert_ne!(reply.status, 200, "wrong secret {secret:?} was accepted");
+        assert!(!reply.raw.contains(&token), "wrong secret {secret:?} received the cached token");
+        assert_eq!(reply.error(), "invalid_client");
+    }
+    // The right secret still hits.
+    assert_eq!(post_body(&url, "app", "correct-secret", None).await.x_cache(), "HIT");
+    assert_eq!(app.issued(), 1);
+}
+
+#[tokio::test]
+async fn different_clients_never_share_entries() {
+    let app = TestApp::embedded(vec![client("a", "same"), client("b", "same")], &[]).await;
+    let a = post_basic(&app.proxy.token_url(), "a", "same", None).await;
+    let b = post_basic(&app.proxy.token_url(), "b", "same", None).await;
+    assert_eq!((a.x_cache(), b.x_cache()), ("MISS", "MISS"));
+    assert_ne!(a.access_token(), b.access_token());
+}
+
+#[tokio::test]
+async fn client_cache_directives_are_ignored() {
+    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let url = app.proxy.token_url();
+    post_basic(&url, "app", "secret", None).await;
+    let reply = read(
+        http()
+            .post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("authorization", shared::basic::encode("app", "secret"))
+            .header("cache-control", "no-cache, max-age=0")
+            .header("pragma", "no-cache")
+            .body("grant_type=client_credentials")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.x_cache(), "HIT");
+    assert_eq!(app.issued(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_misses_on_one_replica_make_one_upstream_call() {
+    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    app.idp.idp.set_latency(std::time::Duration::from_millis(200));
+    let url = app.proxy.token_url();
+    let replies = futures_join_all((0..50).map(|_| {
+        let url = url.clone();
+        async move { post_basic(&url, "app", "secret", None).await }
+    }))
+    .await;
+    let token = replies[0].access_token().to_owned();
+    assert!(replies.iter().all(|r| r.status == 200 && r.access_token() == token));
+    let misses = replies.iter().filter(|r| r.x_cache() == "MISS").count();
+    let coalesced = replies.iter().filter(|r| r.x_cache() == "COALESCED").count();
+    assert_eq!(misses, 1);
+    assert_eq!(misses + coalesced, 50);
+    assert_eq!(app.issued(), 1);
+    assert_eq!(app.proxy.metric("token_proxy_coalesced_waiters_total").await, 49.0);
+}
+
+/// `join_all` without pulling in the futures crate: spawn and await each.
+pub async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}

@@ -1,0 +1,67 @@
+//! Invariant 2: never serve a token with less than the minimum left; `expires_in` is the
+//! time actually left; the Redis TTL ends before the token does.
+
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn expires_in_counts_down_and_no_token_is_served_under_the_minimum() {
+    // Tokens live 6 s; entries end 1 s early, and nothing under 2 s is served: so a token is
+    // served for 4 s, then a new one is fetched.
+    let app = TestApp::with_redis(
+        vec![client("app", "secret")],
+        &[("TOKEN_PROXY_EXPIRY_MARGIN", "1s"), ("TOKEN_PROXY_MIN_TOKEN_TTL", "2s"), ("TOKEN_PROXY_L1_MAX_AGE", "1s")],
+    )
+    .await;
+    app.idp.idp.set_token_lifetime(Duration::from_secs(6));
+    let url = app.proxy.token_url();
+    let first = post_basic(&url, "app", "secret", None).await;
+    assert!(first.expires_in() <= 6);
+    let mut previous = (first.access_token().to_owned(), first.expires_in());
+    let mut seen_expires_in = vec![first.expires_in()];
+    let started = Instant::now();
+    let mut tokens = 1;
+    while started.elapsed() < Duration::from_millis(5_500) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let reply = post_basic(&url, "app", "secret", None).await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.expires_in() >= 2, "served a token with {} s left", reply.expires_in());
+        if reply.access_token() == previous.0 {
+            assert!(reply.expires_in() <= previous.1, "expires_in went up for the same token");
+        } else {
+            tokens += 1;
+        }
+        seen_expires_in.push(reply.expires_in());
+        previous = (reply.access_token().to_owned(), reply.expires_in());
+    }
+    assert!(seen_expires_in.windows(2).any(|w| w[1] < w[0]), "expires_in never decreased: {seen_expires_in:?}");
+    assert_eq!(tokens, 2, "expected exactly one refresh in 5.5 s");
+    assert_eq!(app.issued(), 2);
+}
+
+#[tokio::test]
+async fn the_redis_ttl_ends_before_the_token() {
+    let app = TestApp::with_redis(vec![client("app", "secret")], &[("TOKEN_PROXY_EXPIRY_MARGIN", "60s")]).await;
+    app.idp.idp.set_token_lifetime(Duration::from_secs(300));
+    post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    let redis = app.redis().client().await;
+    let dump = app.redis().dump().await;
+    assert_eq!(dump.len(), 1);
+    let pttl: i64 = fred::prelude::KeysInterface::pttl(&redis, dump[0].0.clone()).await.unwrap();
+    assert!(pttl > 230_000 && pttl <= 240_000, "pttl {pttl} ms, expected at most 300 s - 60 s");
+}
+
+#[tokio::test]
+async fn tokens_too_short_lived_to_cache_are_relayed_but_not_cached() {
+    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    app.idp.idp.set_token_lifetime(Duration::from_secs(30));
+    let url = app.proxy.token_url();
+    let first = post_basic(&url, "app", "secret", None).await;
+    let second = post_basic(&url, "app", "secret", None).await;
+    assert_eq!((first.status, first.x_cache()), (200, "MISS"));
+    assert_eq!(second.x_cache(), "MISS");
+    assert!(first.expires_in() <= 30);
+    assert_eq!(app.issued(), 2);
+    assert!(app.redis().dump().await.is_empty());
+}

@@ -1,0 +1,14 @@
+//! Integration tests: real `redis-server`s, real HTTP over loopback, `mock-idp` as upstream.
+//! One binary, one module per capability.
+
+mod helpers;
+
+mod admin;
+mod binary;
+mod caching;
+mod freshness;
+mod leaks;
+mod redis_faults;
+mod sealing;
+mod strictness;
+mod upstream_errors;
