@@ -481,6 +481,14 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_documents_every_setting() {
+        let readme = include_str!("../../README.md");
+        for s in SETTINGS {
+            assert!(readme.contains(&format!("| `{}` |", s.name)), "README lacks {}", s.name);
+        }
+    }
+
+    #[test]
     fn help_lists_every_setting() {
         let text = help();
         for s in SETTINGS {
