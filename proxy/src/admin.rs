@@ -8,6 +8,7 @@ use http::{StatusCode, header};
 use serde_json::json;
 
 use crate::app::AppState;
+use crate::breaker::BreakerState;
 
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
@@ -26,15 +27,15 @@ async fn healthz() -> &'static str {
 /// upstream), so it stays ready: taking it out of the load balancer would only shed capacity.
 /// Only shutdown makes it unready, so the load balancer drains it first.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let redis = match state.service.store() {
-        None => "disabled",
-        Some(store) if store.is_connected() => "up",
-        Some(_) => "down",
+    let (redis, breaker) = match state.service.store() {
+        None => ("disabled", BreakerState::Closed),
+        Some(store) => (if store.is_connected() { "up" } else { "down" }, store.breaker_state()),
     };
     let ready = !state.is_shutting_down();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let mode = if redis == "down" { "degraded" } else { "normal" };
-    (status, Json(json!({ "ready": ready, "redis": redis, "mode": mode }))).into_response()
+    let degraded = redis == "down" || breaker != BreakerState::Closed;
+    let mode = if degraded { "degraded" } else { "normal" };
+    (status, Json(json!({ "ready": ready, "redis": redis, "breaker": breaker.label(), "mode": mode }))).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -21,8 +21,8 @@ use crate::handler::client_router;
 use crate::l1::L1;
 use crate::metrics::Metrics;
 use crate::normalize::RequestLimits;
-use crate::store::{RedisStore, StoreSetupError};
-use crate::token_service::{self, TokenService};
+use crate::store::{RedisStore, StoreSettings, StoreSetupError};
+use crate::token_service::{self, FlightSettings, TokenService};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// How often histogram buffers are drained between scrapes.
@@ -72,7 +72,14 @@ impl Application {
             None => Keys::random(),
         };
         let store = match &config.redis_url {
-            Some(url) => Some(RedisStore::connect(url, config.redis_timeout)?),
+            Some(url) => {
+                let settings = StoreSettings {
+                    command_timeout: config.redis_timeout,
+                    breaker_threshold: config.redis_breaker_threshold,
+                    breaker_cooldown: config.redis_breaker_cooldown,
+                };
+                Some(RedisStore::connect(url, settings, Arc::clone(&metrics))?)
+            }
             None => None,
         };
         let upstream = Upstream::new(
@@ -88,7 +95,12 @@ impl Application {
             upstream,
             store,
             keys,
-            freshness: Freshness { expiry_margin: config.expiry_margin, min_token_ttl: config.min_token_ttl },
+            freshness: Freshness {
+                expiry_margin: config.expiry_margin,
+                min_token_ttl: config.min_token_ttl,
+                refresh_at: config.refresh_at,
+            },
+            flight: FlightSettings { lock_ttl: config.lock_ttl, upstream_timeout: config.upstream_timeout },
             l1: L1::new(config.l1_capacity, l1_max_age),
             metrics: Arc::clone(&metrics),
         });

@@ -69,14 +69,34 @@ pub const SETTINGS: &[Setting] = &[
         help: "deadline of one Redis command; past it the request carries on without Redis",
     },
     Setting {
+        name: "TOKEN_PROXY_REDIS_BREAKER_THRESHOLD",
+        default: Some("5"),
+        help: "consecutive Redis failures that open the circuit breaker (degraded mode)",
+    },
+    Setting {
+        name: "TOKEN_PROXY_REDIS_BREAKER_COOLDOWN",
+        default: Some("2s"),
+        help: "time the breaker stays open before one probe command is let through",
+    },
+    Setting {
+        name: "TOKEN_PROXY_LOCK_TTL",
+        default: Some("5s"),
+        help: "lifetime of the per-key lock a leader holds while calling the upstream; waiters take over after it",
+    },
+    Setting {
         name: "TOKEN_PROXY_EXPIRY_MARGIN",
         default: Some("60s"),
-        help: "cache entries end this long before their token expires",
+        help: "a token with less than this left is no longer fresh: the next request fetches a new one",
     },
     Setting {
         name: "TOKEN_PROXY_MIN_TOKEN_TTL",
         default: Some("30s"),
-        help: "a token with less than this left is never served",
+        help: "a token with less than this left is never served, not even when the upstream fails",
+    },
+    Setting {
+        name: "TOKEN_PROXY_REFRESH_AT",
+        default: Some("0.75"),
+        help: "share of a token's lifetime after which a hit starts one background refresh (1 = never)",
     },
     Setting {
         name: "TOKEN_PROXY_L1_CAPACITY",
@@ -132,10 +152,18 @@ pub struct Config {
     pub upstream_headers_file: Option<PathBuf>,
     /// Deadline of one Redis command. Default 250 ms.
     pub redis_timeout: Duration,
-    /// Entries end this long before their token expires. Default 60 s.
+    /// Consecutive Redis failures that open the breaker. Default 5.
+    pub redis_breaker_threshold: u32,
+    /// Time the breaker stays open before a probe. Default 2 s.
+    pub redis_breaker_cooldown: Duration,
+    /// Lifetime of a leader's lock. Default 5 s.
+    pub lock_ttl: Duration,
+    /// A token with less than this left is no longer fresh. Default 60 s.
     pub expiry_margin: Duration,
-    /// No token with less than this left is served. Default 30 s.
+    /// No token with less than this left is served, even as a stale fallback. Default 30 s.
     pub min_token_ttl: Duration,
+    /// Share of a token's lifetime after which hits start a background refresh. Default 0.75.
+    pub refresh_at: f64,
     /// Entries in the in-process cache (L1); 0 disables it. Default 10 000.
     pub l1_capacity: usize,
     /// With Redis, the longest an entry lives in L1. Default 10 s.
@@ -221,8 +249,16 @@ impl Config {
             upstream_timeout: duration(&get, "TOKEN_PROXY_UPSTREAM_TIMEOUT")?,
             upstream_headers_file: get("TOKEN_PROXY_UPSTREAM_HEADERS_FILE").map(PathBuf::from),
             redis_timeout: duration(&get, "TOKEN_PROXY_REDIS_TIMEOUT")?,
+            redis_breaker_threshold: parse(
+                &required("TOKEN_PROXY_REDIS_BREAKER_THRESHOLD")?,
+                "TOKEN_PROXY_REDIS_BREAKER_THRESHOLD",
+                "a whole number",
+            )?,
+            redis_breaker_cooldown: duration(&get, "TOKEN_PROXY_REDIS_BREAKER_COOLDOWN")?,
+            lock_ttl: duration(&get, "TOKEN_PROXY_LOCK_TTL")?,
             expiry_margin: duration(&get, "TOKEN_PROXY_EXPIRY_MARGIN")?,
             min_token_ttl: duration(&get, "TOKEN_PROXY_MIN_TOKEN_TTL")?,
+            refresh_at: parse(&required("TOKEN_PROXY_REFRESH_AT")?, "TOKEN_PROXY_REFRESH_AT", "a number in (0, 1]")?,
             l1_capacity: parse(&required("TOKEN_PROXY_L1_CAPACITY")?, "TOKEN_PROXY_L1_CAPACITY", "a whole number")?,
             l1_max_age: duration(&get, "TOKEN_PROXY_L1_MAX_AGE")?,
             max_body_bytes: parse(
@@ -251,6 +287,15 @@ impl Config {
         }
         if self.redis_timeout.is_zero() {
             return Err(error("TOKEN_PROXY_REDIS_TIMEOUT", "must be more than zero"));
+        }
+        if !(self.refresh_at > 0.0 && self.refresh_at <= 1.0) {
+            return Err(error("TOKEN_PROXY_REFRESH_AT", "must be more than 0 and at most 1"));
+        }
+        if self.lock_ttl < Duration::from_millis(100) {
+            return Err(error("TOKEN_PROXY_LOCK_TTL", "must be at least 100ms"));
+        }
+        if self.redis_breaker_threshold == 0 {
+            return Err(error("TOKEN_PROXY_REDIS_BREAKER_THRESHOLD", "must be at least 1"));
         }
         if self.l1_capacity == 0 && self.redis_url.is_none() {
             return Err(error("TOKEN_PROXY_L1_CAPACITY", "must be more than zero without TOKEN_PROXY_REDIS_URL"));
@@ -452,6 +497,10 @@ mod tests {
             ("TOKEN_PROXY_L1_CAPACITY", "-1"),
             ("TOKEN_PROXY_ALLOW_QUERY_PARAMS", "yes please"),
             ("TOKEN_PROXY_UPSTREAM_URL", "ftp://x/"),
+            ("TOKEN_PROXY_REFRESH_AT", "1.5"),
+            ("TOKEN_PROXY_REFRESH_AT", "0"),
+            ("TOKEN_PROXY_LOCK_TTL", "10ms"),
+            ("TOKEN_PROXY_REDIS_BREAKER_THRESHOLD", "0"),
         ];
         for (variable, value) in cases {
             let err = Config::from_lookup(lookup(&[UPSTREAM, (variable, value)])).unwrap_err();

@@ -1,4 +1,5 @@
-//! The in-process cache (L1): bounded, and each entry lives no longer than its token allows.
+//! The in-process cache (L1): bounded, and each entry lives no longer than its token may be
+//! served (stale entries stay, as a fallback for when the upstream fails).
 //!
 //! With Redis behind it, an entry also lives at most `max_age`, so that a token refreshed or
 //! purged elsewhere in the cluster is picked up soon. Without Redis, L1 is the only cache.
@@ -45,8 +46,8 @@ impl L1 {
 
     pub fn insert(&self, key: CacheKey, token: Arc<CachedToken>, now: Instant, freshness: &Freshness) {
         let Some(cache) = &self.cache else { return };
-        let Some(usable) = token.usable_for(now, freshness) else { return };
-        let life = self.max_age.map_or(usable, |max| usable.min(max));
+        let Some(keep) = token.keep_for(now, freshness) else { return };
+        let life = self.max_age.map_or(keep, |max| keep.min(max));
         cache.insert(key, Slot { token, until: now + life });
     }
 
@@ -64,21 +65,21 @@ mod tests {
     use super::*;
 
     const FRESH: Freshness =
-        Freshness { expiry_margin: Duration::from_secs(10), min_token_ttl: Duration::from_secs(5) };
+        Freshness { expiry_margin: Duration::from_secs(10), min_token_ttl: Duration::from_secs(5), refresh_at: 0.75 };
 
     fn token(t0: Instant, expires_in: u64) -> Arc<CachedToken> {
         let body = format!(r#"{{"access_token":"x","expires_in":{expires_in},"token_type":"Bearer"}}"#);
-        Arc::new(CachedToken::from_upstream(body.as_bytes(), t0).unwrap())
+        Arc::new(CachedToken::from_upstream(body.as_bytes(), t0, &FRESH).unwrap())
     }
 
     #[test]
-    fn entries_live_until_their_token_cutoff() {
+    fn entries_live_until_their_token_reaches_the_minimum() {
         let t0 = Instant::now();
         let l1 = L1::new(10, None);
         let key = CacheKey::from_bytes([1; 32]);
         l1.insert(key, token(t0, 60), t0, &FRESH);
-        assert!(l1.get(&key, t0 + Duration::from_secs(49)).is_some());
-        assert!(l1.get(&key, t0 + Duration::from_secs(50)).is_none());
+        assert!(l1.get(&key, t0 + Duration::from_secs(54)).is_some());
+        assert!(l1.get(&key, t0 + Duration::from_secs(55)).is_none());
     }
 
     #[test]
@@ -95,7 +96,7 @@ mod tests {
     fn unusable_tokens_are_not_stored_and_capacity_bounds_size() {
         let t0 = Instant::now();
         let l1 = L1::new(100, None);
-        l1.insert(CacheKey::from_bytes([0; 32]), token(t0, 9), t0, &FRESH);
+        l1.insert(CacheKey::from_bytes([0; 32]), token(t0, 5), t0, &FRESH);
         assert!(l1.is_empty());
         for i in 0..1000u32 {
             let mut k = [0u8; 32];

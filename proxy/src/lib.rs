@@ -9,12 +9,14 @@
 //! - [`app`]: builds a replica from its config, binds both listeners, runs until shutdown.
 //! - [`handler`]: the client-facing HTTP surface (`POST /oauth2/token`).
 //! - [`normalize`]: HTTP request → [`normalize::TokenRequest`], or a 4xx rejection.
-//! - [`token_service`]: L1 → in-process single flight → Redis → upstream.
+//! - [`token_service`]: L1 → in-process single flight → Redis (lead or follow) → upstream.
 //!   - [`l1`]: the bounded in-process cache.
 //!   - [`single_flight`]: one fetch per key per replica.
-//!   - [`store`]: Redis, holding sealed entries under keyed-hash names.
+//!   - [`store`]: Redis: sealed entries, the per-key lock, outcome announcements.
+//!   - [`breaker`]: stops paying Redis timeouts while Redis keeps failing.
+//!   - [`flight_message`]: what a leader announces to followers on other replicas.
 //!   - [`upstream`]: the token endpoint client.
-//!   - [`entry`]: a cached token, its freshness rules and `expires_in` rewriting.
+//!   - [`entry`]: a cached token: freshness, refresh point, `expires_in` rewriting.
 //! - [`response`]: the one place where outcomes and errors become HTTP responses.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin listener.
 //! - [`metrics`], [`telemetry`], [`shutdown`]: operations.
@@ -25,8 +27,10 @@
 
 pub mod admin;
 pub mod app;
+pub mod breaker;
 pub mod config;
 pub mod entry;
+pub mod flight_message;
 pub mod handler;
 pub mod l1;
 pub mod metrics;

@@ -11,6 +11,10 @@ use http::StatusCode;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::breaker::BreakerState;
+
+const BREAKER_STATES: [BreakerState; 3] = [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen];
+
 /// What happened to a client request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -101,8 +105,13 @@ pub struct Metrics {
     upstream_calls_avoided: Counter,
     redis_errors: Counter,
     redis_breaker_open: Gauge,
+    breaker_transitions: [Counter; 3],
     coalesced_waiters: Counter,
+    lock_acquisitions: Counter,
     lock_takeovers: Counter,
+    notification_misses: Counter,
+    refreshes: Counter,
+    upstream_held_back: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -138,8 +147,14 @@ impl Metrics {
             upstream_calls_avoided: counter("token_proxy_upstream_calls_avoided_total", vec![]),
             redis_errors: counter("token_proxy_redis_errors_total", vec![]),
             redis_breaker_open: recorder.register_gauge(&Key::from_name("token_proxy_redis_breaker_open"), &META),
+            breaker_transitions: BREAKER_STATES
+                .map(|s| counter("token_proxy_redis_breaker_transitions_total", vec![Label::new("to", s.label())])),
             coalesced_waiters: counter("token_proxy_coalesced_waiters_total", vec![]),
+            lock_acquisitions: counter("token_proxy_lock_acquisitions_total", vec![]),
             lock_takeovers: counter("token_proxy_lock_takeovers_total", vec![]),
+            notification_misses: counter("token_proxy_notification_misses_total", vec![]),
+            refreshes: counter("token_proxy_refreshes_total", vec![]),
+            upstream_held_back: counter("token_proxy_upstream_held_back_total", vec![]),
             handle,
             recorder,
         }
@@ -166,16 +181,41 @@ impl Metrics {
         self.redis_errors.increment(1);
     }
 
-    pub fn set_redis_breaker_open(&self, open: bool) {
-        self.redis_breaker_open.set(if open { 1.0 } else { 0.0 });
+    /// The Redis circuit breaker changed state; the gauge is 1 unless it is closed.
+    pub fn breaker_transition(&self, to: BreakerState) {
+        let i = BREAKER_STATES.iter().position(|s| *s == to).unwrap_or(0);
+        self.breaker_transitions[i].increment(1);
+        self.redis_breaker_open.set(if to == BreakerState::Closed { 0.0 } else { 1.0 });
     }
 
+    /// A request on this replica waited for an identical one in flight here.
     pub fn coalesced_waiter(&self) {
         self.coalesced_waiters.increment(1);
     }
 
+    /// This replica took the cluster-wide lock for a key and will call the upstream.
+    pub fn lock_acquired(&self) {
+        self.lock_acquisitions.increment(1);
+    }
+
+    /// The lock was taken after its holder let it expire without a word.
     pub fn lock_takeover(&self) {
         self.lock_takeovers.increment(1);
+    }
+
+    /// A follower learned the outcome from its periodic check, not from the notification.
+    pub fn notification_miss(&self) {
+        self.notification_misses.increment(1);
+    }
+
+    /// A background refresh (refresh-ahead) called the upstream.
+    pub fn refresh(&self) {
+        self.refreshes.increment(1);
+    }
+
+    /// An upstream call was not made because the upstream asked to wait (429 + Retry-After).
+    pub fn upstream_held_back(&self) {
+        self.upstream_held_back.increment(1);
     }
 
     /// Drains histogram buffers; call periodically so they do not grow between scrapes.
@@ -219,6 +259,11 @@ mod tests {
             "token_proxy_redis_breaker_open 0",
             "token_proxy_coalesced_waiters_total 0",
             "token_proxy_lock_takeovers_total 0",
+            "token_proxy_lock_acquisitions_total 0",
+            "token_proxy_notification_misses_total 0",
+            "token_proxy_refreshes_total 0",
+            "token_proxy_upstream_held_back_total 0",
+            "token_proxy_redis_breaker_transitions_total{to=\"open\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

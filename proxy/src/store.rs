@@ -1,20 +1,61 @@
-//! The shared cache (L2): sealed entries in Redis under keyed-hash names.
+//! The shared cache (L2) and the cluster-wide single-flight primitives, in Redis.
 //!
 //! Redis is an accelerator, never a dependency (DESIGN.md invariant 5): every command has a
-//! short deadline, the client reconnects by itself in the background, and any failure is
-//! reported as a [`StoreError`] that the caller counts and then carries on without Redis.
-//! fred's defaults would wait forever across a Redis restart, hence the explicit settings.
+//! short deadline, a [`Breaker`] stops paying that deadline while Redis keeps failing, the
+//! client reconnects by itself, and any failure is a [`StoreError`] after which the caller
+//! carries on without Redis. fred's defaults would wait forever across a Redis restart, hence
+//! the explicit settings.
 //!
-//! Key layout: `tp:{<base64url cache key>}`. The braces are a Redis Cluster hash tag, so an
-//! entry and anything else later stored beside it (its lock) live in one slot.
+//! Key layout, all in one Redis Cluster slot per entry thanks to the `{...}` hash tag:
+//! `tp:{<base64url cache key>}` holds the sealed entry, `tp:{...}:lock` the single-flight lock
+//! (`SET NX PX` with a random owner). Outcomes are announced on one channel, [`CHANNEL`], as
+//! `cache key ‖ sealed message`; each replica holds one subscription and routes messages to the
+//! local [`Waiter`] of that key.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::config::UnresponsiveConfig;
+use fred::types::scripts::Script;
 use shared::keys::CacheKey;
+use tokio::sync::mpsc;
+
+use crate::breaker::{Breaker, BreakerState};
+use crate::metrics::Metrics;
+
+/// The channel every replica subscribes to for flight outcomes.
+pub const CHANNEL: &str = "tp:flights";
+
+/// Looks up an entry, or takes the lock when there is no fresh entry, in one round trip.
+/// KEYS: entry, lock. ARGV: owner, lock TTL (ms), the entry TTL (ms) above which it is fresh.
+/// Returns {0, ttl, value} (fresh), {1, ttl, value or ''} (locked by us; a stale value, if any,
+/// comes along as a fallback) or {2, lock ttl, value or '', ttl} (locked by someone else).
+const LOOKUP_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+local t = -2
+if v then t = redis.call('PTTL', KEYS[1]) end
+if v and t > tonumber(ARGV[3]) then return {0, t, v} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, t, v or ''} end
+return {2, redis.call('PTTL', KEYS[2]), v or '', t}
+";
+
+/// Finishes a flight: stores the value (if any), releases the lock only if it is still ours
+/// (compare-and-delete, so a late leader never frees its successor's lock), and announces the
+/// outcome. KEYS: entry, lock. ARGV: owner, value or '', value TTL (ms), channel, message.
+/// Returns 1 if the lock was still ours.
+const COMPLETE_LUA: &str = r"
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+local mine = 0
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]); mine = 1 end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return mine
+";
 
 /// A Redis failure; the request goes on without Redis.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +64,8 @@ pub enum StoreError {
     Redis(#[from] fred::error::Error),
     #[error("redis returned an unexpected reply")]
     UnexpectedReply,
+    #[error("redis circuit breaker is open")]
+    BreakerOpen,
 }
 
 /// Why the store could not be set up.
@@ -30,34 +73,76 @@ pub enum StoreError {
 #[error("TOKEN_PROXY_REDIS_URL: {0}")]
 pub struct StoreSetupError(String);
 
+/// Store settings.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSettings {
+    pub command_timeout: Duration,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
+}
+
 /// A sealed value and its remaining time to live.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StoredValue {
     pub sealed: Bytes,
     pub ttl: Duration,
 }
 
-/// The Redis-backed shared cache.
+/// What [`RedisStore::lookup`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A fresh entry.
+    Fresh(StoredValue),
+    /// No fresh entry; we hold the lock now. A stale entry, if any, is a fallback.
+    Acquired { stale: Option<StoredValue> },
+    /// No fresh entry; another flight holds the lock for `lock_ttl` more.
+    Held { lock_ttl: Duration, stale: Option<StoredValue> },
+}
+
+/// The random identity of one lock holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockOwner(String);
+
+impl LockOwner {
+    pub fn random() -> LockOwner {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).expect("the OS random source is available");
+        LockOwner(hex::encode(bytes))
+    }
+}
+
+/// The Redis-backed shared cache and flight coordination.
 #[derive(Clone)]
 pub struct RedisStore {
     client: Client,
+    subscriber: SubscriberClient,
+    lookup_script: Arc<Script>,
+    complete_script: Arc<Script>,
+    breaker: Arc<Breaker>,
+    waiters: Arc<Waiters>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("connected", &self.client.is_connected()).finish()
+        f.debug_struct("RedisStore")
+            .field("connected", &self.client.is_connected())
+            .field("breaker", &self.breaker.state())
+            .finish()
     }
 }
 
 impl RedisStore {
-    /// Creates the client and starts connecting in the background. Start-up does not wait
+    /// Creates the clients and starts connecting in the background. Start-up does not wait
     /// for Redis: a replica whose Redis is down still serves, from L1 and the upstream.
-    pub fn connect(url: &str, command_timeout: Duration) -> Result<RedisStore, StoreSetupError> {
+    pub fn connect(url: &str, settings: StoreSettings, metrics: Arc<Metrics>) -> Result<RedisStore, StoreSetupError> {
         // fred's parse errors may quote the URL, which may hold a password: keep only the kind.
         let config =
             Config::from_url(url).map_err(|e| StoreSetupError(format!("invalid Redis URL ({:?})", e.kind())))?;
-        let client = Builder::from_config(config)
-            .with_performance_config(|perf| perf.default_command_timeout = command_timeout)
+        let timeout = settings.command_timeout;
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_performance_config(|perf| perf.default_command_timeout = timeout)
             .with_connection_config(|conn| {
                 conn.connection_timeout = Duration::from_secs(1);
                 conn.internal_command_timeout = Duration::from_secs(1);
@@ -65,17 +150,34 @@ impl RedisStore {
                 conn.max_command_attempts = 1;
                 // Detect a frozen server (e.g. SIGSTOP) and reconnect instead of waiting forever.
                 conn.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some((command_timeout * 4).max(Duration::from_secs(1))),
+                    max_timeout: Some((timeout * 4).max(Duration::from_secs(1))),
                     interval: Duration::from_millis(250),
                 };
             })
             // Retry forever, 50 ms doubling to 2 s between attempts.
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
-            .build()
-            .map_err(|e| StoreSetupError(format!("cannot create the Redis client ({:?})", e.kind())))?;
-        // The handle is not needed: the connection task lives as long as the client.
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+        let setup = |e: fred::error::Error| StoreSetupError(format!("cannot create the Redis client ({:?})", e.kind()));
+        let client = builder.build().map_err(setup)?;
+        let subscriber = builder.build_subscriber_client().map_err(setup)?;
+        // The handles are not needed: the connection tasks live as long as the clients.
         drop(client.connect());
-        Ok(RedisStore { client })
+        drop(subscriber.connect());
+        drop(subscriber.manage_subscriptions());
+
+        let waiters = Arc::new(Waiters::default());
+        tokio::spawn(subscribe(subscriber.clone()));
+        tokio::spawn(route_messages(subscriber.clone(), Arc::clone(&waiters)));
+        let breaker =
+            Arc::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown, Arc::clone(&metrics)));
+        Ok(RedisStore {
+            client,
+            subscriber,
+            lookup_script: Arc::new(Script::from_lua(LOOKUP_LUA)),
+            complete_script: Arc::new(Script::from_lua(COMPLETE_LUA)),
+            breaker,
+            waiters,
+            metrics,
+        })
     }
 
     /// The Redis key of an entry.
@@ -83,40 +185,220 @@ impl RedisStore {
         format!("tp:{{{}}}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes()))
     }
 
-    /// Reads an entry and its remaining TTL in one round trip (a pipeline of GET and PTTL).
-    pub async fn get(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
-        let name = RedisStore::entry_key(key);
-        let pipeline = self.client.pipeline();
-        let () = pipeline.get(name.as_str()).await?;
-        let () = pipeline.pttl(name.as_str()).await?;
-        let (value, pttl): (Option<Bytes>, i64) = pipeline.all().await?;
-        match (value, pttl) {
-            // Expired between the two commands, or (never written by us) without a TTL.
-            (None, _) | (Some(_), ..=0) => Ok(None),
-            (Some(sealed), ms) => {
-                let ms = u64::try_from(ms).map_err(|_| StoreError::UnexpectedReply)?;
-                Ok(Some(StoredValue { sealed, ttl: Duration::from_millis(ms) }))
-            }
+    fn lock_key(key: &CacheKey) -> String {
+        format!("{}:lock", RedisStore::entry_key(key))
+    }
+
+    /// Runs one command through the breaker, counting failures.
+    async fn guarded<T>(&self, command: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        if !self.breaker.allow() {
+            return Err(StoreError::BreakerOpen);
         }
+        let result = command.await;
+        self.breaker.record(result.is_ok());
+        if let Err(error) = &result {
+            self.metrics.redis_error();
+            tracing::warn!(%error, "redis command failed; continuing without it");
+        }
+        result
     }
 
-    /// Writes an entry that Redis drops after `ttl`.
-    pub async fn put(&self, key: &CacheKey, sealed: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
-        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let () = self
-            .client
-            .set(RedisStore::entry_key(key), sealed.as_slice(), Some(Expiration::PX(ms)), None, false)
+    /// Reads the entry, or takes the lock if there is no fresh entry: see [`LOOKUP_LUA`].
+    /// An entry is fresh while its TTL exceeds `fresh_ttl`; pass `None` to ignore entries
+    /// (a refresh, or after an entry that would not open).
+    pub async fn lookup(
+        &self,
+        key: &CacheKey,
+        owner: &LockOwner,
+        lock_ttl: Duration,
+        fresh_ttl: Option<Duration>,
+    ) -> Result<Lookup, StoreError> {
+        let keys = vec![RedisStore::entry_key(key), RedisStore::lock_key(key)];
+        let fresh_ms = fresh_ttl.map_or(i64::MAX, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let args: Vec<Value> = vec![owner.0.as_str().into(), millis(lock_ttl).into(), fresh_ms.into()];
+        let reply: Vec<Value> =
+            self.guarded(async { Ok(self.lookup_script.evalsha_with_reload(&self.client, keys, args).await?) }).await?;
+        parse_lookup(reply).ok_or(StoreError::UnexpectedReply)
+    }
+
+    /// Announces a flight's outcome: see [`COMPLETE_LUA`]. `value` is stored with its TTL when
+    /// given. Returns whether the lock was still ours.
+    pub async fn complete(
+        &self,
+        key: &CacheKey,
+        owner: &LockOwner,
+        value: Option<(Vec<u8>, Duration)>,
+        message: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let keys = vec![RedisStore::entry_key(key), RedisStore::lock_key(key)];
+        let (value, ttl) = value.unwrap_or_default();
+        let mut announcement = Vec::with_capacity(32 + message.len());
+        announcement.extend_from_slice(key.as_bytes());
+        announcement.extend_from_slice(&message);
+        let args: Vec<Value> = vec![
+            owner.0.as_str().into(),
+            Bytes::from(value).into(),
+            millis(ttl).max(1).into(),
+            CHANNEL.into(),
+            Bytes::from(announcement).into(),
+        ];
+        let mine: i64 = self
+            .guarded(async { Ok(self.complete_script.evalsha_with_reload(&self.client, keys, args).await?) })
             .await?;
-        Ok(())
+        Ok(mine == 1)
     }
 
-    /// Whether the connection is up right now.
+    /// Registers for the outcome messages of `key`. Register *before* looking the key up,
+    /// so that no message published after the look can be missed.
+    pub fn subscribe(&self, key: CacheKey) -> Waiter {
+        self.waiters.register(key)
+    }
+
+    /// Whether the command connection is up right now.
     pub fn is_connected(&self) -> bool {
         self.client.is_connected()
     }
 
-    /// Closes the connection.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Closes the connections.
     pub async fn quit(&self) {
+        let _ = self.subscriber.quit().await;
         let _ = self.client.quit().await;
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn bytes_of(value: Value) -> Option<Bytes> {
+    match value {
+        Value::Bytes(b) => Some(b),
+        Value::String(s) => Some(s.into_inner()),
+        _ => None,
+    }
+}
+
+/// A value that is present (non-empty) with a positive TTL.
+fn stored(value: Option<Value>, ttl: Option<&Value>) -> Option<StoredValue> {
+    let sealed = bytes_of(value?)?;
+    let ttl = ttl?.as_i64()?;
+    (!sealed.is_empty() && ttl > 0).then(|| StoredValue { sealed, ttl: Duration::from_millis(ttl.unsigned_abs()) })
+}
+
+fn parse_lookup(reply: Vec<Value>) -> Option<Lookup> {
+    let mut reply = reply.into_iter();
+    let code = reply.next()?.as_i64()?;
+    let ttl = reply.next()?;
+    let value = reply.next();
+    Some(match code {
+        0 => Lookup::Fresh(stored(value, Some(&ttl))?),
+        1 => Lookup::Acquired { stale: stored(value, Some(&ttl)) },
+        2 => {
+            let lock_ttl = Duration::from_millis(ttl.as_i64().unwrap_or(0).max(1).unsigned_abs());
+            let value_ttl = reply.next();
+            Lookup::Held { lock_ttl, stale: stored(value, value_ttl.as_ref()) }
+        }
+        _ => return None,
+    })
+}
+
+/// Subscribes to [`CHANNEL`], retrying until Redis answers; after that fred re-subscribes on
+/// every reconnect by itself (`manage_subscriptions`).
+async fn subscribe(subscriber: SubscriberClient) {
+    loop {
+        match subscriber.subscribe(CHANNEL).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::debug!(%error, "cannot subscribe yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Routes each outcome message to the waiter of its key on this replica, if any.
+async fn route_messages(subscriber: SubscriberClient, waiters: Arc<Waiters>) {
+    let mut messages = subscriber.message_rx();
+    loop {
+        match messages.recv().await {
+            Ok(message) => {
+                let Some(payload) = bytes_of(message.value) else { continue };
+                if payload.len() < 32 {
+                    continue;
+                }
+                let key = CacheKey::from_bytes(payload[..32].try_into().expect("32 bytes"));
+                waiters.deliver(&key, payload.slice(32..));
+            }
+            // Messages were dropped for a slow reader: the followers' periodic check covers it.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// The senders of one key's local waiters, each with its id.
+type KeyWaiters = Vec<(u64, mpsc::Sender<Bytes>)>;
+
+/// The local waiters, by key.
+#[derive(Debug, Default)]
+struct Waiters {
+    by_key: Mutex<HashMap<CacheKey, KeyWaiters>>,
+    next_id: AtomicU64,
+}
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, KeyWaiters>> {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(self: &Arc<Self>, key: CacheKey) -> Waiter {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::channel(4);
+        self.lock().entry(key).or_default().push((id, sender));
+        Waiter { key, id, receiver, waiters: Arc::clone(self) }
+    }
+
+    fn deliver(&self, key: &CacheKey, payload: Bytes) {
+        if let Some(senders) = self.lock().get(key) {
+            for (_, sender) in senders {
+                let _ = sender.try_send(payload.clone());
+            }
+        }
+    }
+
+    fn remove(&self, key: &CacheKey, id: u64) {
+        let mut by_key = self.lock();
+        if let Some(senders) = by_key.get_mut(key) {
+            senders.retain(|(i, _)| *i != id);
+            if senders.is_empty() {
+                by_key.remove(key);
+            }
+        }
+    }
+}
+
+/// Receives the outcome messages of one key until dropped.
+#[derive(Debug)]
+pub struct Waiter {
+    key: CacheKey,
+    id: u64,
+    receiver: mpsc::Receiver<Bytes>,
+    waiters: Arc<Waiters>,
+}
+
+impl Waiter {
+    /// The next message, or `None` after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Bytes> {
+        tokio::time::timeout(timeout, self.receiver.recv()).await.ok().flatten()
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.waiters.remove(&self.key, self.id);
     }
 }

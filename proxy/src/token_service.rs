@@ -1,14 +1,24 @@
 //! The token service: answers a normalized request from the caches or the upstream.
 //!
-//! Lookup order for a cacheable request (DESIGN.md §5): L1 (in-process) → in-process single
-//! flight (one fetch per key per replica) → L2 (Redis) → upstream. A fetch runs as its own task,
-//! so a caller that disconnects cannot cancel the work its followers are waiting for. Only a
-//! well-formed 200 is cached; every other answer is handed to the waiting callers and forgotten.
+//! Lookup order for a cacheable request (DESIGN.md §5):
 //!
-//! This module knows nothing of axum: it takes a [`TokenRequest`] and returns a [`Reply`].
+//! 1. **L1**, the in-process cache. A fresh token is a HIT; past its refresh point the hit
+//!    also starts one background refresh, so hot keys never wait at expiry.
+//! 2. **In-process single flight**: one fetch per key per replica, run as its own task so a
+//!    caller that disconnects cannot cancel what its followers wait for.
+//! 3. **Redis**: one script reads the entry or, if there is no fresh one, takes the key's lock.
+//! 4. The lock holder (**leader**) calls the upstream, then one script stores the sealed entry,
+//!    releases its own lock and announces the outcome. Everyone else (**followers**, on any
+//!    replica) waits for that announcement, looks again periodically in case it was lost
+//!    (pub/sub delivers at most once), and takes the lock over if it expires.
+//!
+//! The lock only saves work: when Redis fails, the fetch goes straight to the upstream
+//! (at most one call per replica per key, thanks to step 2). When the upstream fails and an
+//! older token is still servable, that token is served (STALE). Only a well-formed 200 is
+//! cached. This module knows nothing of axum: it takes a [`TokenRequest`], returns a [`Reply`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use http::header::HeaderValue;
@@ -19,24 +29,73 @@ use shared::form;
 use shared::keys::{CacheKey, Keys};
 
 use crate::entry::{CachedToken, Freshness};
+use crate::flight_message::{self, FlightMessage};
 use crate::l1::L1;
 use crate::metrics::Metrics;
 use crate::normalize::{PassThrough, TokenRequest};
 use crate::response::{Answer, CacheStatus, ProxyError, Reply, UpstreamFailure};
 use crate::single_flight::{Flights, Role};
-use crate::store::RedisStore;
-use crate::upstream::{Upstream, UpstreamResponse};
+use crate::store::{LockOwner, Lookup, RedisStore, StoredValue, Waiter};
+use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
-/// What one fetch produced; shared by every caller of the flight.
+/// How often a follower looks at Redis itself, in case the announcement was lost.
+const BACKSTOP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Where a fetch's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// An entry in Redis (or the token a refresh found still current).
+    Cache,
+    /// This replica called the upstream.
+    Upstream,
+    /// Another replica called the upstream and announced the outcome.
+    Peer,
+    /// The upstream failed; an older, still servable token stands in.
+    Stale,
+}
+
+/// What one fetch produced; shared by every caller of the flight on this replica.
 #[derive(Debug, Clone)]
-enum Fetched {
-    /// Found in Redis.
-    Stored(Arc<CachedToken>),
-    /// A token the upstream just issued.
-    Issued(Arc<CachedToken>),
+struct Fetched {
+    source: Source,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    Token(Arc<CachedToken>),
     /// The upstream's answer, relayed as is (never cached).
     Relayed(UpstreamResponse),
     Failed(UpstreamFailure),
+}
+
+impl Outcome {
+    /// Failures after which a still-servable older token is served instead (stale-if-error).
+    fn is_upstream_trouble(&self) -> bool {
+        match self {
+            Outcome::Failed(_) => true,
+            Outcome::Relayed(response) => response.status == StatusCode::TOO_MANY_REQUESTS,
+            Outcome::Token(_) => false,
+        }
+    }
+}
+
+/// Why a fetch runs.
+#[derive(Debug)]
+enum Purpose {
+    /// A request found no fresh token.
+    Miss,
+    /// A hit passed its refresh point: fetch a successor unless someone else already is.
+    Refresh,
+}
+
+/// Timing of the cluster-wide single flight.
+#[derive(Debug, Clone, Copy)]
+pub struct FlightSettings {
+    /// How long a leader's lock lasts before followers may take it over.
+    pub lock_ttl: Duration,
+    /// The upstream's own deadline; bounds how long a follower waits in all.
+    pub upstream_timeout: Duration,
 }
 
 /// The parts the service is built from.
@@ -46,6 +105,7 @@ pub struct Parts {
     pub store: Option<RedisStore>,
     pub keys: Keys,
     pub freshness: Freshness,
+    pub flight: FlightSettings,
     pub l1: L1,
     pub metrics: Arc<Metrics>,
 }
@@ -70,7 +130,7 @@ impl TokenService {
         TokenService { inner: Arc::new(Inner { parts, upstream_id, flights: Arc::default() }) }
     }
 
-    /// Whether a Redis store is configured.
+    /// The Redis store, if one is configured.
     pub fn store(&self) -> Option<&RedisStore> {
         self.inner.parts.store.as_ref()
     }
@@ -85,14 +145,21 @@ impl TokenService {
 
     async fn cacheable(&self, request: CanonicalRequest) -> Reply {
         let inner = &self.inner;
+        let freshness = &inner.parts.freshness;
         let key = inner.parts.keys.hasher.cache_key(&inner.upstream_id, &request);
         let now = Instant::now();
-        if let Some(body) = inner.parts.l1.get(&key, now).and_then(|t| t.render(now, &inner.parts.freshness)) {
-            return Reply { cache: CacheStatus::Hit, answer: Ok(Answer::Token(body)) };
+        let cached = inner.parts.l1.get(&key, now);
+        if let Some(token) = cached.as_ref().filter(|t| t.is_fresh(now, freshness)) {
+            if token.claim_refresh(now) {
+                inner.start_refresh(key, request.clone());
+            }
+            return Reply { cache: CacheStatus::Hit, answer: Ok(Answer::Token(token.render(now))) };
         }
+        let stale = cached.filter(|t| t.is_servable(now, freshness));
 
         let fetcher = Arc::clone(inner);
-        let flight = inner.flights.join(key, move || fetcher.fetch(key, request));
+        let refresh_request = request.clone();
+        let flight = inner.flights.join(key, move || fetcher.fetch(key, request, Purpose::Miss, stale));
         let role = flight.role;
         if role == Role::Follower {
             inner.parts.metrics.coalesced_waiter();
@@ -101,57 +168,203 @@ impl TokenService {
             return Reply { cache: CacheStatus::Miss, answer: Err(ProxyError::Internal) };
         };
         let now = Instant::now();
-        let (cache, answer) = match fetched {
-            Fetched::Stored(token) => (CacheStatus::Hit, Ok(Answer::Token(token.render_unchecked(now)))),
-            Fetched::Issued(token) => (CacheStatus::Miss, Ok(Answer::Token(token.render_unchecked(now)))),
-            Fetched::Relayed(response) => (CacheStatus::Miss, Ok(Answer::Relayed(response))),
-            Fetched::Failed(failure) => (CacheStatus::Miss, Err(ProxyError::Upstream(failure))),
+        let cache = match (role, fetched.source) {
+            (Role::Follower, _) | (_, Source::Peer) => CacheStatus::Coalesced,
+            (_, Source::Cache) => CacheStatus::Hit,
+            (_, Source::Upstream) => CacheStatus::Miss,
+            (_, Source::Stale) => CacheStatus::Stale,
         };
-        let cache = if role == Role::Follower { CacheStatus::Coalesced } else { cache };
+        let answer = match fetched.outcome {
+            Outcome::Token(token) => {
+                if fetched.source == Source::Cache && token.claim_refresh(now) {
+                    inner.start_refresh(key, refresh_request);
+                }
+                Ok(Answer::Token(token.render(now)))
+            }
+            Outcome::Relayed(response) => Ok(Answer::Relayed(response)),
+            Outcome::Failed(failure) => Err(ProxyError::Upstream(failure)),
+        };
         Reply { cache, answer }
     }
 
     async fn pass_through(&self, request: PassThrough) -> Reply {
         let result = self.inner.parts.upstream.exchange(request.form_body, request.authorization).await;
         let answer = match classify(result) {
-            Fetched::Relayed(response) => Ok(Answer::Relayed(response)),
-            Fetched::Failed(failure) => Err(ProxyError::Upstream(failure)),
-            Fetched::Stored(_) | Fetched::Issued(_) => unreachable!("classify never caches"),
+            Outcome::Failed(failure) => Err(ProxyError::Upstream(failure)),
+            Outcome::Relayed(response) => Ok(Answer::Relayed(response)),
+            Outcome::Token(_) => unreachable!("classify never builds a token"),
         };
         Reply { cache: CacheStatus::Bypass, answer }
     }
 }
 
-/// Sorts an upstream result into relayed answers and failures (nothing is cached here).
-fn classify(result: Result<UpstreamResponse, crate::upstream::UpstreamError>) -> Fetched {
+/// Sorts an upstream result that is not a cacheable token into relayed answers and failures.
+fn classify(result: Result<UpstreamResponse, UpstreamError>) -> Outcome {
     match result {
-        Err(error) => Fetched::Failed(UpstreamFailure::Unreachable(error)),
-        Ok(response) if response.status.is_success() || response.status.is_client_error() => Fetched::Relayed(response),
-        Ok(response) => Fetched::Failed(UpstreamFailure::BadStatus(response)),
+        Err(error) => Outcome::Failed(UpstreamFailure::Unreachable(error)),
+        Ok(response) if response.status.is_success() || response.status.is_client_error() => Outcome::Relayed(response),
+        Ok(response) => Outcome::Failed(UpstreamFailure::BadStatus(response)),
     }
 }
 
 impl Inner {
-    /// One fetch for `key`: Redis, then the upstream. Runs as its own task.
-    async fn fetch(self: Arc<Self>, key: CacheKey, request: CanonicalRequest) -> Fetched {
+    /// Starts one background refresh of `key`, single-flighted on this replica and, through
+    /// the lock, across the cluster.
+    fn start_refresh(self: &Arc<Self>, key: CacheKey, request: CanonicalRequest) {
+        let fetcher = Arc::clone(self);
+        // The flight runs on its own; nobody waits for it here.
+        drop(self.flights.join(key, move || fetcher.fetch(key, request, Purpose::Refresh, None)));
+    }
+
+    /// One fetch for `key`, run as its own task: Redis (lead or follow), else the upstream.
+    async fn fetch(
+        self: Arc<Self>,
+        key: CacheKey,
+        request: CanonicalRequest,
+        purpose: Purpose,
+        mut stale: Option<Arc<CachedToken>>,
+    ) -> Fetched {
         let secret = request.client_secret.expose_secret().as_bytes();
-        if let Some(token) = self.read_store(&key, secret).await {
-            return Fetched::Stored(token);
+        let Some(store) = &self.parts.store else {
+            return self.lead(key, &request, None, purpose, stale).await;
+        };
+        let freshness = &self.parts.freshness;
+        let settings = self.parts.flight;
+        let owner = LockOwner::random();
+        // Register before the first look, so no announcement published after it is missed.
+        let mut waiter = store.subscribe(key);
+        // A refresh wants a successor, so it ignores the current entry.
+        let mut accept_entries = matches!(purpose, Purpose::Miss);
+        let mut seen_held = false;
+        let give_up_at = Instant::now() + settings.lock_ttl + settings.upstream_timeout;
+        loop {
+            // Entries with more than this TTL left in Redis are fresh (see `CachedToken::from_redis`).
+            let fresh_ttl = accept_entries.then(|| freshness.fresh_cutoff().saturating_sub(freshness.min_token_ttl));
+            let lookup = match store.lookup(&key, &owner, settings.lock_ttl, fresh_ttl).await {
+                Ok(lookup) => lookup,
+                // Degraded: Redis is failing, so this replica goes on its own.
+                Err(_) => return self.lead(key, &request, None, purpose, stale).await,
+            };
+            match lookup {
+                Lookup::Fresh(value) => match self.open_entry(&key, secret, &value) {
+                    Some(token) if token.is_fresh(Instant::now(), freshness) => {
+                        if seen_held {
+                            self.parts.metrics.notification_miss();
+                        }
+                        self.remember_locally(key, &token);
+                        let source = if seen_held { Source::Peer } else { Source::Cache };
+                        return Fetched { source, outcome: Outcome::Token(token) };
+                    }
+                    // Unreadable (tampered, foreign) or not fresh after all: replace it.
+                    _ => accept_entries = false,
+                },
+                Lookup::Acquired { stale: old } => {
+                    stale = stale.or_else(|| self.servable(&key, secret, old));
+                    self.parts.metrics.lock_acquired();
+                    if seen_held {
+                        self.parts.metrics.lock_takeover();
+                    }
+                    return self.lead(key, &request, Some(owner), purpose, stale).await;
+                }
+                Lookup::Held { lock_ttl, stale: old } => {
+                    stale = stale.or_else(|| self.servable(&key, secret, old));
+                    if let Purpose::Refresh = purpose {
+                        // Someone else is refreshing this key already.
+                        return match stale {
+                            Some(token) => Fetched { source: Source::Cache, outcome: Outcome::Token(token) },
+                            None => self.lead(key, &request, None, purpose, None).await,
+                        };
+                    }
+                    seen_held = true;
+                    if Instant::now() >= give_up_at {
+                        tracing::warn!(?key, "gave up waiting for the lock holder; calling the upstream directly");
+                        return self.lead(key, &request, None, purpose, stale).await;
+                    }
+                    if let Some(fetched) = self.follow(&key, secret, &mut waiter, lock_ttl.min(BACKSTOP_INTERVAL)).await
+                    {
+                        return fetched;
+                    }
+                }
+            }
         }
-        let (form_body, authorization) = upstream_request(&request);
+    }
+
+    /// Waits up to `wait` for the leader's announcement.
+    async fn follow(&self, key: &CacheKey, secret: &[u8], waiter: &mut Waiter, wait: Duration) -> Option<Fetched> {
+        let deadline = Instant::now() + wait;
+        while let Some(message) = waiter.next(deadline.saturating_duration_since(Instant::now())).await {
+            let Ok(plain) = self.parts.keys.sealer.open(key, secret, &message) else { continue };
+            let now = Instant::now();
+            let outcome = match flight_message::decode(&plain, now, &self.parts.freshness)? {
+                FlightMessage::Token(token) => {
+                    let token = Arc::new(token);
+                    self.remember_locally(*key, &token);
+                    Outcome::Token(token)
+                }
+                FlightMessage::Relayed(response) => Outcome::Relayed(response),
+                FlightMessage::Failed(failure) => Outcome::Failed(failure),
+            };
+            return Some(Fetched { source: Source::Peer, outcome });
+        }
+        None
+    }
+
+    /// Calls the upstream. With `owner`, this replica holds the key's lock: it then stores the
+    /// entry, releases the lock and announces the outcome. Without, it only fills L1.
+    async fn lead(
+        &self,
+        key: CacheKey,
+        request: &CanonicalRequest,
+        owner: Option<LockOwner>,
+        purpose: Purpose,
+        stale: Option<Arc<CachedToken>>,
+    ) -> Fetched {
+        if let Purpose::Refresh = purpose {
+            self.parts.metrics.refresh();
+        }
+        let secret = request.client_secret.expose_secret().as_bytes();
+        let (form_body, authorization) = upstream_request(request);
         let sent_at = Instant::now();
         let result = self.parts.upstream.exchange(form_body, authorization).await;
+        let mut fetched = Fetched { source: Source::Upstream, outcome: self.outcome_of(result, sent_at) };
+        let now = Instant::now();
+        if fetched.outcome.is_upstream_trouble() {
+            if let Some(token) = stale.filter(|t| t.is_servable(now, &self.parts.freshness)) {
+                tracing::info!(?key, "upstream failed; serving a still-valid token (stale-if-error)");
+                fetched = Fetched { source: Source::Stale, outcome: Outcome::Token(token) };
+            }
+        }
+        let new_entry = match (&fetched.source, &fetched.outcome) {
+            (Source::Upstream, Outcome::Token(token)) => {
+                self.remember_locally(key, token);
+                token
+                    .keep_for(now, &self.parts.freshness)
+                    .map(|ttl| (self.parts.keys.sealer.seal(&key, secret, &token.to_stored()), ttl))
+            }
+            _ => None,
+        };
+        if let (Some(store), Some(owner)) = (&self.parts.store, owner) {
+            let message = match &fetched.outcome {
+                Outcome::Token(token) => flight_message::encode_token(token, now),
+                Outcome::Relayed(response) => flight_message::encode_relayed(response),
+                Outcome::Failed(failure) => flight_message::encode_failure(failure),
+            };
+            let sealed_message = self.parts.keys.sealer.seal(&key, secret, &message);
+            if let Ok(false) = store.complete(&key, &owner, new_entry, sealed_message).await {
+                tracing::info!(?key, "the lock expired before the upstream answered; another flight may have run");
+            }
+        }
+        fetched
+    }
+
+    fn outcome_of(&self, result: Result<UpstreamResponse, UpstreamError>, sent_at: Instant) -> Outcome {
         match result {
             Ok(response) if response.status == StatusCode::OK => {
-                match CachedToken::from_upstream(&response.body, sent_at) {
-                    Some(token) => {
-                        let token = Arc::new(token);
-                        self.remember(key, &token, secret).await;
-                        Fetched::Issued(token)
-                    }
+                match CachedToken::from_upstream(&response.body, sent_at, &self.parts.freshness) {
+                    Some(token) => Outcome::Token(Arc::new(token)),
                     None => {
                         tracing::warn!("upstream 200 is not a cacheable token response; relayed without caching");
-                        Fetched::Relayed(response)
+                        Outcome::Relayed(response)
                     }
                 }
             }
@@ -159,48 +372,25 @@ impl Inner {
         }
     }
 
-    /// A usable entry from Redis, if there is one. Every Redis fault and every entry that
-    /// does not open is a miss.
-    async fn read_store(&self, key: &CacheKey, secret: &[u8]) -> Option<Arc<CachedToken>> {
-        let store = self.parts.store.as_ref()?;
-        let stored = match store.get(key).await {
-            Ok(stored) => stored?,
-            Err(error) => {
-                self.parts.metrics.redis_error();
-                tracing::warn!(%error, "redis read failed; continuing without it");
-                return None;
-            }
-        };
-        let plaintext = match self.parts.keys.sealer.open(key, secret, &stored.sealed) {
+    /// Opens an entry read from Redis; a value that does not open is treated as absent.
+    fn open_entry(&self, key: &CacheKey, secret: &[u8], value: &StoredValue) -> Option<Arc<CachedToken>> {
+        let plaintext = match self.parts.keys.sealer.open(key, secret, &value.sealed) {
             Ok(plaintext) => plaintext,
             Err(error) => {
                 tracing::warn!(?key, %error, "unreadable cache entry treated as a miss");
                 return None;
             }
         };
-        let now = Instant::now();
-        let token = CachedToken::from_stored(&plaintext, stored.ttl, now, &self.parts.freshness)?;
-        token.usable_for(now, &self.parts.freshness)?;
-        let token = Arc::new(token);
-        self.parts.l1.insert(*key, Arc::clone(&token), now, &self.parts.freshness);
-        Some(token)
+        CachedToken::from_redis(&plaintext, value.ttl, Instant::now(), &self.parts.freshness).map(Arc::new)
     }
 
-    /// Stores a fresh token in Redis (sealed) and in L1, if it lives long enough to cache.
-    async fn remember(&self, key: CacheKey, token: &Arc<CachedToken>, secret: &[u8]) {
-        let now = Instant::now();
-        let Some(ttl) = token.usable_for(now, &self.parts.freshness) else {
-            tracing::debug!(?key, "token too short-lived to cache");
-            return;
-        };
-        if let Some(store) = &self.parts.store {
-            let sealed = self.parts.keys.sealer.seal(&key, secret, &token.to_stored());
-            if let Err(error) = store.put(&key, sealed, ttl).await {
-                self.parts.metrics.redis_error();
-                tracing::warn!(%error, "redis write failed; continuing without it");
-            }
-        }
-        self.parts.l1.insert(key, Arc::clone(token), now, &self.parts.freshness);
+    /// A stale entry from Redis, if it opens and may still be served.
+    fn servable(&self, key: &CacheKey, secret: &[u8], value: Option<StoredValue>) -> Option<Arc<CachedToken>> {
+        self.open_entry(key, secret, &value?).filter(|t| t.is_servable(Instant::now(), &self.parts.freshness))
+    }
+
+    fn remember_locally(&self, key: CacheKey, token: &Arc<CachedToken>) {
+        self.parts.l1.insert(key, Arc::clone(token), Instant::now(), &self.parts.freshness);
     }
 }
 

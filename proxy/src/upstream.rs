@@ -7,7 +7,7 @@
 //! headers a token client needs are kept: never `Set-Cookie` or hop-by-hop headers.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -18,6 +18,8 @@ use crate::metrics::{Metrics, UpstreamClass};
 
 /// Largest upstream response body read; a larger one is a bad gateway.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Longest hold-back honoured from a `Retry-After`.
+const MAX_HOLD_BACK: Duration = Duration::from_secs(60);
 /// How often the extra-headers file is checked for changes.
 const HEADERS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 const USER_AGENT: &str = concat!("token-proxy/", env!("CARGO_PKG_VERSION"));
@@ -58,6 +60,8 @@ pub struct Upstream {
     client: reqwest::Client,
     url: reqwest::Url,
     extra_headers: Arc<ExtraHeaders>,
+    /// After a 429 with `Retry-After`, no call is made before this instant.
+    hold_until: Arc<Mutex<Option<Instant>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -80,7 +84,7 @@ impl Upstream {
             .build()
             .map_err(|e| UpstreamSetupError::Client(e.to_string()))?;
         let extra_headers = ExtraHeaders::load(headers_file)?;
-        Ok(Upstream { client, url, extra_headers, metrics })
+        Ok(Upstream { client, url, extra_headers, hold_until: Arc::default(), metrics })
     }
 
     /// The token endpoint URL.
@@ -88,14 +92,22 @@ impl Upstream {
         &self.url
     }
 
-    /// Posts a form body to the token endpoint.
+    /// Posts a form body to the token endpoint. While the endpoint has asked us to wait
+    /// (429 with `Retry-After`), answers 429 itself without calling it.
     pub async fn exchange(
         &self,
         form_body: String,
         authorization: Option<HeaderValue>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
+        if let Some(held) = self.held_back(started) {
+            self.metrics.upstream_held_back();
+            return Ok(held);
+        }
         let result = self.send(form_body, authorization).await;
+        if let Ok(response) = &result {
+            self.note_retry_after(response);
+        }
         let class = match &result {
             Ok(response) => UpstreamClass::of(response.status),
             Err(UpstreamError::Timeout) => UpstreamClass::Timeout,
@@ -106,6 +118,36 @@ impl Upstream {
             tracing::warn!(%error, "upstream exchange failed");
         }
         result
+    }
+
+    /// A synthesized 429 while a `Retry-After` is running, else `None`.
+    fn held_back(&self, now: Instant) -> Option<UpstreamResponse> {
+        let until = (*self.hold_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let left = until.checked_duration_since(now).filter(|d| !d.is_zero())?;
+        let body = shared::wire::OAuthError::new(
+            "temporarily_unavailable",
+            "the token endpoint asked for a pause (429 Retry-After); retry later",
+        );
+        Some(UpstreamResponse {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            body: body.to_json().into(),
+            content_type: Some(HeaderValue::from_static("application/json;charset=UTF-8")),
+            retry_after: Some(HeaderValue::from(left.as_secs_f64().ceil() as u64)),
+            www_authenticate: None,
+        })
+    }
+
+    fn note_retry_after(&self, response: &UpstreamResponse) {
+        if response.status != StatusCode::TOO_MANY_REQUESTS {
+            return;
+        }
+        // Only the delay-seconds form; an HTTP date would mean comparing clocks.
+        let Some(secs) = response.retry_after.as_ref().and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok()) else {
+            return;
+        };
+        let pause = Duration::from_secs(secs).min(MAX_HOLD_BACK);
+        tracing::warn!(?pause, "the token endpoint answered 429; holding calls back");
+        *self.hold_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + pause);
     }
 
     async fn send(

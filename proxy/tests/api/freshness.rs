@@ -40,9 +40,15 @@ async fn expires_in_counts_down_and_no_token_is_served_under_the_minimum() {
     assert_eq!(app.issued(), 2);
 }
 
+/// Entries stay in Redis until the token has `MIN_TOKEN_TTL` left (the stale window after
+/// `EXPIRY_MARGIN` serves only when the upstream fails).
 #[tokio::test]
 async fn the_redis_ttl_ends_before_the_token() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[("TOKEN_PROXY_EXPIRY_MARGIN", "60s")]).await;
+    let app = TestApp::with_redis(
+        vec![client("app", "secret")],
+        &[("TOKEN_PROXY_EXPIRY_MARGIN", "90s"), ("TOKEN_PROXY_MIN_TOKEN_TTL", "60s")],
+    )
+    .await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(300));
     post_basic(&app.proxy.token_url(), "app", "secret", None).await;
     let redis = app.redis().client().await;
