@@ -1,8 +1,10 @@
 //! The in-process cache (L1): bounded, and each entry lives no longer than its token may be
 //! served (stale entries stay, as a fallback for when the upstream fails).
 //!
-//! With Redis behind it, an entry also lives at most `max_age`, so that a token refreshed or
-//! purged elsewhere in the cluster is picked up soon. Without Redis, L1 is the only cache.
+//! With Redis behind it, an entry is *current* for at most `max_age`; after that it must be
+//! revalidated against Redis, so that a token refreshed elsewhere in the cluster is picked up
+//! soon. An entry past `max_age` is not thrown away: if Redis cannot answer, it still serves.
+//! Without Redis, L1 is the only cache and entries are current as long as they live.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +18,16 @@ struct Slot {
     token: Arc<CachedToken>,
     /// After this the slot is ignored (and eventually evicted).
     until: Instant,
+    /// After this the slot must be revalidated against Redis before it is served as a hit.
+    current_until: Instant,
+}
+
+/// An entry found in L1.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub token: Arc<CachedToken>,
+    /// False once the entry is older than the max age: ask Redis before serving it.
+    pub current: bool,
 }
 
 /// The in-process cache. Capacity 0 disables it.
@@ -39,16 +51,16 @@ impl L1 {
         L1 { cache: (capacity > 0).then(|| quick_cache::sync::Cache::new(capacity)), max_age }
     }
 
-    pub fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<CachedToken>> {
+    pub fn get(&self, key: &CacheKey, now: Instant) -> Option<Found> {
         let slot = self.cache.as_ref()?.get(key)?;
-        (now < slot.until).then_some(slot.token)
+        (now < slot.until).then(|| Found { token: slot.token, current: now < slot.current_until })
     }
 
     pub fn insert(&self, key: CacheKey, token: Arc<CachedToken>, now: Instant, freshness: &Freshness) {
         let Some(cache) = &self.cache else { return };
         let Some(keep) = token.keep_for(now, freshness) else { return };
-        let life = self.max_age.map_or(keep, |max| keep.min(max));
-        cache.insert(key, Slot { token, until: now + life });
+        let current = self.max_age.map_or(keep, |max| keep.min(max));
+        cache.insert(key, Slot { token, until: now + keep, current_until: now + current });
     }
 
     pub fn len(&self) -> usize {
@@ -83,13 +95,15 @@ mod tests {
     }
 
     #[test]
-    fn max_age_caps_entries() {
+    fn max_age_asks_for_revalidation_but_keeps_the_entry() {
         let t0 = Instant::now();
         let l1 = L1::new(10, Some(Duration::from_secs(2)));
         let key = CacheKey::from_bytes([1; 32]);
         l1.insert(key, token(t0, 3600), t0, &FRESH);
-        assert!(l1.get(&key, t0 + Duration::from_secs(1)).is_some());
-        assert!(l1.get(&key, t0 + Duration::from_secs(2)).is_none());
+        assert!(l1.get(&key, t0 + Duration::from_secs(1)).unwrap().current);
+        assert!(!l1.get(&key, t0 + Duration::from_secs(2)).unwrap().current);
+        assert!(l1.get(&key, t0 + Duration::from_secs(3594)).is_some());
+        assert!(l1.get(&key, t0 + Duration::from_secs(3595)).is_none());
     }
 
     #[test]

@@ -40,6 +40,9 @@ use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 /// How often a follower looks at Redis itself, in case the announcement was lost.
 const BACKSTOP_INTERVAL: Duration = Duration::from_millis(200);
+/// A refresh accepts an entry in Redis as the successor of its token when the entry outlives
+/// that token by at least this much (the token's own entry differs by milliseconds).
+const SUCCESSOR_MARGIN: Duration = Duration::from_secs(1);
 
 /// Where a fetch's answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,18 +151,20 @@ impl TokenService {
         let freshness = &inner.parts.freshness;
         let key = inner.parts.keys.hasher.cache_key(&inner.upstream_id, &request);
         let now = Instant::now();
-        let cached = inner.parts.l1.get(&key, now);
-        if let Some(token) = cached.as_ref().filter(|t| t.is_fresh(now, freshness)) {
-            if token.claim_refresh(now) {
-                inner.start_refresh(key, request.clone());
+        let found = inner.parts.l1.get(&key, now);
+        if let Some(found) = found.as_ref().filter(|f| f.current && f.token.is_fresh(now, freshness)) {
+            if found.token.claim_refresh(now) {
+                inner.start_refresh(key, request.clone(), Arc::clone(&found.token));
             }
-            return Reply { cache: CacheStatus::Hit, answer: Ok(Answer::Token(token.render(now))) };
+            return Reply { cache: CacheStatus::Hit, answer: Ok(Answer::Token(found.token.render(now))) };
         }
-        let stale = cached.filter(|t| t.is_servable(now, freshness));
+        // Not current (to be revalidated) or no longer fresh: still useful if Redis or the
+        // upstream cannot answer.
+        let local = found.map(|f| f.token).filter(|t| t.is_servable(now, freshness));
 
         let fetcher = Arc::clone(inner);
         let refresh_request = request.clone();
-        let flight = inner.flights.join(key, move || fetcher.fetch(key, request, Purpose::Miss, stale));
+        let flight = inner.flights.join(key, move || fetcher.fetch(key, request, Purpose::Miss, local));
         let role = flight.role;
         if role == Role::Follower {
             inner.parts.metrics.coalesced_waiter();
@@ -177,7 +182,7 @@ impl TokenService {
         let answer = match fetched.outcome {
             Outcome::Token(token) => {
                 if fetched.source == Source::Cache && token.claim_refresh(now) {
-                    inner.start_refresh(key, refresh_request);
+                    inner.start_refresh(key, refresh_request, Arc::clone(&token));
                 }
                 Ok(Answer::Token(token.render(now)))
             }
@@ -210,40 +215,57 @@ fn classify(result: Result<UpstreamResponse, UpstreamError>) -> Outcome {
 impl Inner {
     /// Starts one background refresh of `key`, single-flighted on this replica and, through
     /// the lock, across the cluster.
-    fn start_refresh(self: &Arc<Self>, key: CacheKey, request: CanonicalRequest) {
+    fn start_refresh(self: &Arc<Self>, key: CacheKey, request: CanonicalRequest, current: Arc<CachedToken>) {
         let fetcher = Arc::clone(self);
         // The flight runs on its own; nobody waits for it here.
-        drop(self.flights.join(key, move || fetcher.fetch(key, request, Purpose::Refresh, None)));
+        drop(self.flights.join(key, move || fetcher.fetch(key, request, Purpose::Refresh, Some(current))));
     }
 
     /// One fetch for `key`, run as its own task: Redis (lead or follow), else the upstream.
+    /// `local` is this replica's own token for the key, if it has one that is still servable:
+    /// the token being refreshed, or an L1 entry due for revalidation.
     async fn fetch(
         self: Arc<Self>,
         key: CacheKey,
         request: CanonicalRequest,
         purpose: Purpose,
-        mut stale: Option<Arc<CachedToken>>,
+        local: Option<Arc<CachedToken>>,
     ) -> Fetched {
         let secret = request.client_secret.expose_secret().as_bytes();
+        let freshness = &self.parts.freshness;
+        let now = Instant::now();
+        let local_fresh = local.as_ref().filter(|t| t.is_fresh(now, freshness)).cloned();
+        let mut stale = local;
         let Some(store) = &self.parts.store else {
             return self.lead(key, &request, None, purpose, stale).await;
         };
-        let freshness = &self.parts.freshness;
         let settings = self.parts.flight;
         let owner = LockOwner::random();
         // Register before the first look, so no announcement published after it is missed.
         let mut waiter = store.subscribe(key);
-        // A refresh wants a successor, so it ignores the current entry.
-        let mut accept_entries = matches!(purpose, Purpose::Miss);
+        // Entries with more than this TTL left in Redis are fresh (see `CachedToken::from_redis`).
+        // A refresh wants a successor: only an entry that outlives the token being refreshed.
+        let mut fresh_ttl = match (&purpose, &local_fresh) {
+            (Purpose::Refresh, Some(current)) => {
+                Some(current.keep_for(now, freshness).unwrap_or_default() + SUCCESSOR_MARGIN)
+            }
+            (Purpose::Refresh, None) => None,
+            (Purpose::Miss, _) => Some(freshness.fresh_cutoff().saturating_sub(freshness.min_token_ttl)),
+        };
         let mut seen_held = false;
-        let give_up_at = Instant::now() + settings.lock_ttl + settings.upstream_timeout;
+        let give_up_at = now + settings.lock_ttl + settings.upstream_timeout;
         loop {
-            // Entries with more than this TTL left in Redis are fresh (see `CachedToken::from_redis`).
-            let fresh_ttl = accept_entries.then(|| freshness.fresh_cutoff().saturating_sub(freshness.min_token_ttl));
             let lookup = match store.lookup(&key, &owner, settings.lock_ttl, fresh_ttl).await {
                 Ok(lookup) => lookup,
-                // Degraded: Redis is failing, so this replica goes on its own.
-                Err(_) => return self.lead(key, &request, None, purpose, stale).await,
+                // Degraded: Redis is failing, so this replica goes on its own, from its own
+                // fresh token if it has one.
+                Err(_) => match local_fresh {
+                    Some(token) => {
+                        self.remember_locally(key, &token);
+                        return Fetched { source: Source::Cache, outcome: Outcome::Token(token) };
+                    }
+                    None => return self.lead(key, &request, None, purpose, stale).await,
+                },
             };
             match lookup {
                 Lookup::Fresh(value) => match self.open_entry(&key, secret, &value) {
@@ -256,13 +278,20 @@ impl Inner {
                         return Fetched { source, outcome: Outcome::Token(token) };
                     }
                     // Unreadable (tampered, foreign) or not fresh after all: replace it.
-                    _ => accept_entries = false,
+                    _ => fresh_ttl = None,
                 },
                 Lookup::Acquired { stale: old } => {
                     stale = stale.or_else(|| self.servable(&key, secret, old));
                     self.parts.metrics.lock_acquired();
                     if seen_held {
                         self.parts.metrics.lock_takeover();
+                    }
+                    if let (Purpose::Miss, Some(token)) = (&purpose, local_fresh) {
+                        // Redis lost the entry (e.g. it restarted empty) but this replica still
+                        // holds a fresh token: put it back instead of calling the upstream.
+                        let fetched = Fetched { source: Source::Cache, outcome: Outcome::Token(token) };
+                        self.complete(store, key, secret, &owner, &fetched).await;
+                        return fetched;
                     }
                     return self.lead(key, &request, Some(owner), purpose, stale).await;
                 }
@@ -334,27 +363,37 @@ impl Inner {
                 fetched = Fetched { source: Source::Stale, outcome: Outcome::Token(token) };
             }
         }
-        let new_entry = match (&fetched.source, &fetched.outcome) {
-            (Source::Upstream, Outcome::Token(token)) => {
-                self.remember_locally(key, token);
-                token
-                    .keep_for(now, &self.parts.freshness)
-                    .map(|ttl| (self.parts.keys.sealer.seal(&key, secret, &token.to_stored()), ttl))
-            }
-            _ => None,
-        };
+        if let (Source::Upstream, Outcome::Token(token)) = (&fetched.source, &fetched.outcome) {
+            self.remember_locally(key, token);
+        }
         if let (Some(store), Some(owner)) = (&self.parts.store, owner) {
-            let message = match &fetched.outcome {
-                Outcome::Token(token) => flight_message::encode_token(token, now),
-                Outcome::Relayed(response) => flight_message::encode_relayed(response),
-                Outcome::Failed(failure) => flight_message::encode_failure(failure),
-            };
-            let sealed_message = self.parts.keys.sealer.seal(&key, secret, &message);
-            if let Ok(false) = store.complete(&key, &owner, new_entry, sealed_message).await {
-                tracing::info!(?key, "the lock expired before the upstream answered; another flight may have run");
-            }
+            self.complete(store, key, secret, &owner, &fetched).await;
         }
         fetched
+    }
+
+    /// Ends a flight this replica led: stores a new token, releases the lock, announces the
+    /// outcome. Only a token from the upstream or put back from L1 is stored; never a stale one.
+    async fn complete(&self, store: &RedisStore, key: CacheKey, secret: &[u8], owner: &LockOwner, fetched: &Fetched) {
+        let now = Instant::now();
+        let sealer = &self.parts.keys.sealer;
+        let (entry, message) = match &fetched.outcome {
+            Outcome::Token(token) => {
+                let entry = match fetched.source {
+                    Source::Upstream | Source::Cache => token
+                        .keep_for(now, &self.parts.freshness)
+                        .map(|ttl| (sealer.seal(&key, secret, &token.to_stored()), ttl)),
+                    Source::Stale | Source::Peer => None,
+                };
+                (entry, flight_message::encode_token(token, now))
+            }
+            Outcome::Relayed(response) => (None, flight_message::encode_relayed(response)),
+            Outcome::Failed(failure) => (None, flight_message::encode_failure(failure)),
+        };
+        let sealed_message = sealer.seal(&key, secret, &message);
+        if let Ok(false) = store.complete(&key, owner, entry, sealed_message).await {
+            tracing::info!(?key, "the lock expired before the flight ended; another flight may have run");
+        }
     }
 
     fn outcome_of(&self, result: Result<UpstreamResponse, UpstreamError>, sent_at: Instant) -> Outcome {

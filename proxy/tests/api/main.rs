@@ -6,6 +6,7 @@ mod helpers;
 mod admin;
 mod binary;
 mod caching;
+mod cluster;
 mod freshness;
 mod leaks;
 mod redis_faults;
