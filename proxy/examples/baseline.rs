@@ -20,17 +20,16 @@ const HEADERS: [(HeaderName, HeaderValue); 4] = [
     (HeaderName::from_static("x-cache"), HeaderValue::from_static("HIT")),
 ];
 
-/// A mock-idp token response: an RS256 JWT (header, claims, 256-byte signature, base64url)
-/// with `token_type` and `expires_in`, about 760 bytes in all.
+/// A token response exactly as mock-idp issues it (an RS256 JWT: header, claims, a 256-byte
+/// signature, base64url), 764 bytes, with the field order of token-proxy's hits.
 fn token_body() -> Bytes {
-    let header = "eyJhbGciOiJSUzI1NiIsImtpZCI6Im1vY2staWRwLWRldi0xIiwidHlwIjoiSldUIn0";
-    let claims = "eyJzdWIiOiJkZW1vLWNsaWVudCIsInRva2VuX3VzZSI6ImFjY2VzcyIsInNjb3BlIjoiYXBpL3JlYWQgYXBpL3dyaXRlIiwi\
-                  YXV0aF90aW1lIjoxNzAwMDAwMDAwLCJpc3MiOiJodHRwOi8vbG9jYWxob3N0L21vY2staWRwIiwiZXhwIjoxNzAwMDAzNjAw\
-                  LCJpYXQiOjE3MDAwMDAwMDAsInZlcnNpb24iOjIsImp0aSI6IjAxMjM0NTY3LTg5YWItY2RlZi0wMTIzLTQ1Njc4OWFiY2Rl\
-                  ZiIsImNsaWVudF9pZCI6ImRlbW8tY2xpZW50In0";
-    let signature: String = (0..342)
-        .map(|i| char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[i * 7 % 64]))
-        .collect();
+    let header = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImJiM2NhMmJiMDIzNDI0ZjMiLCJ0eXAiOiJKV1QifQ";
+    let claims = "eyJzdWIiOiJkZW1vLWNsaWVudCIsImNsaWVudF9pZCI6ImRlbW8tY2xpZW50IiwidG9rZW5fdXNlIjoiYWNjZXNzIiwic2Nv\
+                  cGUiOiJhcGkvcmVhZCBhcGkvd3JpdGUiLCJpc3MiOiJodHRwOi8vbG9jYWxob3N0L21vY2staWRwIiwiaWF0IjoxNzk1MjQy\
+                  NDY0LCJleHAiOjE3OTUyNDYwNjQsImp0aSI6IjM5YWJiY2FjODJiMjc4MDNiMmE1YTgyNjdhNzQ1OWE2IiwidmVyc2lvbiI6\
+                  Mn0";
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let signature: String = (0..342).map(|i| char::from(alphabet[i * 37 % 64])).collect();
     let body =
         format!("{{\"access_token\":\"{header}.{claims}.{signature}\",\"token_type\":\"Bearer\",\"expires_in\":3600}}");
     Bytes::from(body)

@@ -45,6 +45,13 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, t, v
 return {2, redis.call('PTTL', KEYS[2]), v or '', t}
 ";
 
+/// Reads an entry and its TTL in one round trip. KEYS: entry. Returns {value, ttl} or nil.
+const READ_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return nil end
+return {v, redis.call('PTTL', KEYS[1])}
+";
+
 /// Finishes a flight: stores the value (if any), releases the lock only if it is still ours
 /// (compare-and-delete, so a late leader never frees its successor's lock), and announces the
 /// outcome. KEYS: entry, lock. ARGV: owner, value or '', value TTL (ms), channel, message.
@@ -116,6 +123,7 @@ impl LockOwner {
 pub struct RedisStore {
     client: Client,
     subscriber: SubscriberClient,
+    read_script: Arc<Script>,
     lookup_script: Arc<Script>,
     complete_script: Arc<Script>,
     breaker: Arc<Breaker>,
@@ -172,6 +180,7 @@ impl RedisStore {
         Ok(RedisStore {
             client,
             subscriber,
+            read_script: Arc::new(Script::from_lua(READ_LUA)),
             lookup_script: Arc::new(Script::from_lua(LOOKUP_LUA)),
             complete_script: Arc::new(Script::from_lua(COMPLETE_LUA)),
             breaker,
@@ -201,6 +210,16 @@ impl RedisStore {
             tracing::warn!(%error, "redis command failed; continuing without it");
         }
         result
+    }
+
+    /// Reads an entry and its remaining TTL, one round trip, no lock: the hit path.
+    pub async fn read(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
+        let keys = vec![RedisStore::entry_key(key)];
+        let reply: Option<Vec<Value>> =
+            self.guarded(async { Ok(self.read_script.evalsha_with_reload(&self.client, keys, ()).await?) }).await?;
+        let Some(reply) = reply else { return Ok(None) };
+        let mut reply = reply.into_iter();
+        Ok(stored(reply.next(), reply.next().as_ref()))
     }
 
     /// Reads the entry, or takes the lock if there is no fresh entry: see [`LOOKUP_LUA`].

@@ -92,6 +92,22 @@ enum Purpose {
     Refresh,
 }
 
+/// What the hit path's Redis read found.
+#[derive(Debug)]
+enum Read {
+    Hit(Arc<CachedToken>),
+    Miss,
+    /// Redis did not answer (or the breaker is open).
+    Unavailable,
+}
+
+/// Whether a fetch may still use Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redis {
+    Use,
+    Skip,
+}
+
 /// Timing of the cluster-wide single flight.
 #[derive(Debug, Clone, Copy)]
 pub struct FlightSettings {
@@ -162,9 +178,22 @@ impl TokenService {
         // upstream cannot answer.
         let local = found.map(|f| f.token).filter(|t| t.is_servable(now, freshness));
 
+        // The L2 hit path: one read, inline, no flight. Only a miss pays for the machinery.
+        let redis = match inner.read_fresh(&key, &request).await {
+            Read::Hit(token) => {
+                if token.claim_refresh(Instant::now()) {
+                    inner.start_refresh(key, request.clone(), Arc::clone(&token));
+                }
+                return Reply { cache: CacheStatus::Hit, answer: Ok(Answer::Token(token.render(Instant::now()))) };
+            }
+            Read::Miss => Redis::Use,
+            // Already paid one Redis deadline: the flight goes on without Redis.
+            Read::Unavailable => Redis::Skip,
+        };
+
         let fetcher = Arc::clone(inner);
         let refresh_request = request.clone();
-        let flight = inner.flights.join(key, move || fetcher.fetch(key, request, Purpose::Miss, local));
+        let flight = inner.flights.join(key, move || fetcher.fetch(key, request, Purpose::Miss, redis, local));
         let role = flight.role;
         if role == Role::Follower {
             inner.parts.metrics.coalesced_waiter();
@@ -218,7 +247,25 @@ impl Inner {
     fn start_refresh(self: &Arc<Self>, key: CacheKey, request: CanonicalRequest, current: Arc<CachedToken>) {
         let fetcher = Arc::clone(self);
         // The flight runs on its own; nobody waits for it here.
-        drop(self.flights.join(key, move || fetcher.fetch(key, request, Purpose::Refresh, Some(current))));
+        drop(self.flights.join(key, move || fetcher.fetch(key, request, Purpose::Refresh, Redis::Use, Some(current))));
+    }
+
+    /// A fresh entry read straight from Redis (and put in L1), if there is one. Redis faults
+    /// are misses here: the flight that follows copes with them.
+    async fn read_fresh(&self, key: &CacheKey, request: &CanonicalRequest) -> Read {
+        let Some(store) = &self.parts.store else { return Read::Miss };
+        let stored = match store.read(key).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Read::Miss,
+            Err(_) => return Read::Unavailable,
+        };
+        match self.open_entry(key, request.client_secret.expose_secret().as_bytes(), &stored) {
+            Some(token) if token.is_fresh(Instant::now(), &self.parts.freshness) => {
+                self.remember_locally(*key, &token);
+                Read::Hit(token)
+            }
+            _ => Read::Miss,
+        }
     }
 
     /// One fetch for `key`, run as its own task: Redis (lead or follow), else the upstream.
@@ -229,6 +276,7 @@ impl Inner {
         key: CacheKey,
         request: CanonicalRequest,
         purpose: Purpose,
+        redis: Redis,
         local: Option<Arc<CachedToken>>,
     ) -> Fetched {
         let secret = request.client_secret.expose_secret().as_bytes();
@@ -236,8 +284,10 @@ impl Inner {
         let now = Instant::now();
         let local_fresh = local.as_ref().filter(|t| t.is_fresh(now, freshness)).cloned();
         let mut stale = local;
-        let Some(store) = &self.parts.store else {
-            return self.lead(key, &request, None, purpose, stale).await;
+        let store = match (&self.parts.store, redis) {
+            (Some(store), Redis::Use) => store,
+            (None, _) => return self.lead(key, &request, None, purpose, stale).await,
+            (Some(_), Redis::Skip) => return self.degraded(key, &request, purpose, local_fresh, stale).await,
         };
         let settings = self.parts.flight;
         let owner = LockOwner::random();
@@ -257,15 +307,7 @@ impl Inner {
         loop {
             let lookup = match store.lookup(&key, &owner, settings.lock_ttl, fresh_ttl).await {
                 Ok(lookup) => lookup,
-                // Degraded: Redis is failing, so this replica goes on its own, from its own
-                // fresh token if it has one.
-                Err(_) => match local_fresh {
-                    Some(token) => {
-                        self.remember_locally(key, &token);
-                        return Fetched { source: Source::Cache, outcome: Outcome::Token(token) };
-                    }
-                    None => return self.lead(key, &request, None, purpose, stale).await,
-                },
+                Err(_) => return self.degraded(key, &request, purpose, local_fresh, stale).await,
             };
             match lookup {
                 Lookup::Fresh(value) => match self.open_entry(&key, secret, &value) {
@@ -315,6 +357,25 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// Redis is failing, so this replica goes on its own: from its own fresh token if it has
+    /// one, else to the upstream (at most one call per key per replica: the in-process flight).
+    async fn degraded(
+        &self,
+        key: CacheKey,
+        request: &CanonicalRequest,
+        purpose: Purpose,
+        local_fresh: Option<Arc<CachedToken>>,
+        stale: Option<Arc<CachedToken>>,
+    ) -> Fetched {
+        match local_fresh {
+            Some(token) => {
+                self.remember_locally(key, &token);
+                Fetched { source: Source::Cache, outcome: Outcome::Token(token) }
+            }
+            None => self.lead(key, request, None, purpose, stale).await,
         }
     }
 

@@ -37,9 +37,10 @@ impl Form {
     /// their names still count for the repetition check.
     pub fn parse(body: &[u8]) -> Result<Form, FormError> {
         let mut form = Form::default();
-        let mut seen: Vec<String> = Vec::new();
+        // Names sent with an empty value: absent, but they still count as sent.
+        let mut empty: Vec<String> = Vec::new();
         for segment in body.split(|&b| b == b'&').filter(|s| !s.is_empty()) {
-            if seen.len() == MAX_PARAMETERS {
+            if form.pairs.len() + empty.len() == MAX_PARAMETERS {
                 return Err(FormError::TooManyParameters);
             }
             let (raw_name, raw_value) = match segment.iter().position(|&b| b == b'=') {
@@ -50,12 +51,13 @@ impl Form {
             if name.is_empty() {
                 return Err(FormError::EmptyName);
             }
-            if seen.contains(&name) {
+            if empty.contains(&name) || form.pairs.iter().any(|(n, _)| *n == name) {
                 return Err(FormError::Repeated(name));
             }
             let value = decode_component(raw_value)?;
-            seen.push(name.clone());
-            if !value.is_empty() {
+            if value.is_empty() {
+                empty.push(name);
+            } else {
                 form.pairs.push((name, value));
             }
         }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 
+use crate::fault_proxy::FaultProxy;
 use crate::helpers::*;
 
 const LATENCY: Duration = Duration::from_millis(200);
@@ -98,6 +99,34 @@ async fn a_leader_slower_than_the_lock_costs_at_most_two_calls_and_never_frees_t
     assert!(holder.is_some(), "the late leader's release deleted its successor's lock");
     assert_eq!(second.await.unwrap().status, 200);
     assert_eq!(cluster.idp.idp.issued_total(), 2);
+}
+
+#[tokio::test]
+async fn waiters_whose_announcement_is_lost_finish_through_the_periodic_look() {
+    let cluster = TestCluster::start(1, vec![client("app", "secret")], &[]).await;
+    cluster.idp.idp.set_latency(Duration::from_millis(400));
+    // A second replica reaches Redis through a fault proxy that drops every pub/sub push.
+    let redis_addr = format!("127.0.0.1:{}", cluster.redis.port).parse().unwrap();
+    let faults = FaultProxy::start(redis_addr).await;
+    faults.set_drop_downstream_matching(Some(b"message".to_vec()));
+    let deaf = TestCluster::replica(&format!("redis://{}", faults.addr), &cluster.idp, &[]).await;
+
+    // The first replica leads; the deaf one's requests arrive while the flight is under way.
+    let leader = tokio::spawn({
+        let url = cluster.urls()[0].clone();
+        async move { post_basic(&url, "app", "secret", None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let followers = burst(&[deaf.token_url()], 20, "app", "secret", &[]).await;
+    let elapsed = started.elapsed();
+    let leader = leader.await.unwrap();
+    assert!(followers.iter().all(|r| r.status == 200 && r.access_token() == leader.access_token()));
+    assert_eq!(cluster.idp.idp.issued_total(), 1);
+    assert!(faults.dropped_chunks() >= 1, "the announcement was not dropped: the test proves nothing");
+    assert_eq!(deaf.metric("token_proxy_notification_misses_total").await, 1.0);
+    // The leader answers ~300 ms after the burst starts; the periodic look comes within 200 ms.
+    assert!(elapsed < Duration::from_millis(300 + 200 + 400), "followers took {elapsed:?}");
 }
 
 #[tokio::test]

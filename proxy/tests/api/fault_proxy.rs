@@ -189,7 +189,9 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     /// Stops the listener and closes every connection (FIN, not RST). This happens asynchronously:
-    /// the sockets close as soon as the runtime runs their tasks.
+    /// the port stops accepting and the sockets close as soon as the runtime runs the tasks
+    /// concerned (at the next await on a current-thread runtime). A connection the listener accepts
+    /// in the meantime is closed at once and never reaches the target.
     fn drop(&mut self) {
         self.listener.abort();
         let mut registry = self.shared.registry();
@@ -379,12 +381,14 @@ mod tests {
         .await;
     }
 
-    /// The target: echoes every byte back. It counts the connections it accepts and reports how each
-    /// one ended: `Ok(())` for an EOF (FIN), or the error kind (e.g. `ConnectionReset` for an RST).
+    /// The target: echoes every byte back. It counts the connections it accepts and the bytes it
+    /// receives, and reports how each connection ended: `Ok(())` for an EOF (FIN), or the error kind
+    /// (e.g. `ConnectionReset` for an RST).
     #[derive(Debug)]
     struct Echo {
         addr: SocketAddr,
         accepted: Arc<AtomicUsize>,
+        received: Arc<AtomicUsize>,
         ended: mpsc::UnboundedReceiver<Result<(), io::ErrorKind>>,
     }
 
@@ -393,19 +397,21 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let accepted = Arc::new(AtomicUsize::new(0));
+            let received = Arc::new(AtomicUsize::new(0));
             let (report, ended) = mpsc::unbounded_channel();
-            let counter = Arc::clone(&accepted);
+            let (connections, bytes) = (Arc::clone(&accepted), Arc::clone(&received));
             tokio::spawn(async move {
                 loop {
                     let (mut stream, _) = listener.accept().await.unwrap();
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let report = report.clone();
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let (report, bytes) = (report.clone(), Arc::clone(&bytes));
                     tokio::spawn(async move {
                         let mut buf = vec![0; CHUNK];
                         let outcome = loop {
                             match stream.read(&mut buf).await {
                                 Ok(0) => break Ok(()),
                                 Ok(n) => {
+                                    bytes.fetch_add(n, Ordering::SeqCst);
                                     if let Err(error) = stream.write_all(&buf[..n]).await {
                                         break Err(error.kind());
                                     }
@@ -417,7 +423,7 @@ mod tests {
                     });
                 }
             });
-            Echo { addr, accepted, ended }
+            Echo { addr, accepted, received, ended }
         }
 
         async fn next_end(&mut self) -> Result<(), io::ErrorKind> {
@@ -427,12 +433,26 @@ mod tests {
         fn accepted(&self) -> usize {
             self.accepted.load(Ordering::SeqCst)
         }
+
+        fn received(&self) -> usize {
+            self.received.load(Ordering::SeqCst)
+        }
     }
 
     async fn connect(addr: SocketAddr) -> TcpStream {
         let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
         stream.set_nodelay(true).unwrap();
         stream
+    }
+
+    /// Connects and asserts that the connection is closed or reset without delivering any byte. The
+    /// reset can come so fast that `connect` itself reports it.
+    async fn assert_closed_at_once(addr: SocketAddr) {
+        let Ok(mut stream) = within("connect", TcpStream::connect(addr)).await else { return };
+        // The write fails if the RST came first; the read then shows the end all the same.
+        stream.write_all(b"hello?").await.ok();
+        let read = read_once(&mut stream).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "the connection delivered data: {read:?}");
     }
 
     /// Sends `message` and asserts that exactly it comes back.
@@ -517,6 +537,7 @@ mod tests {
         let read = timeout(Duration::from_millis(300), talker.read(&mut buf)).await;
         assert!(read.is_err(), "a partition delivers nothing, not even an EOF; the read gave {read:?}");
         assert!(echo.ended.try_recv().is_err(), "the target saw a connection end through a partition");
+        assert_eq!(echo.received(), 2 * b"before".len(), "bytes reached the target through a partition");
         assert_eq!(proxy.connections(), 2, "a partition closes no connection");
 
         proxy.set_blackhole(false);
@@ -535,11 +556,7 @@ mod tests {
 
         proxy.set_refuse(true);
         for _ in 0..3 {
-            let mut refused = connect(proxy.addr).await;
-            // The write may already fail if the RST came first; the read then sees the end anyway.
-            refused.write_all(b"hello?").await.ok();
-            let read = read_once(&mut refused).await;
-            assert!(matches!(read, Ok(0) | Err(_)), "a refused connection delivered data: {read:?}");
+            assert_closed_at_once(proxy.addr).await;
         }
         round_trip(&mut open, b"during").await;
         assert_eq!(echo.accepted(), 1, "refused connections never reach the target");
@@ -559,20 +576,24 @@ mod tests {
         round_trip(&mut stream, b"connected").await;
 
         proxy.set_drop_downstream_matching(Some(b"message".to_vec()));
-        round_trip(&mut stream, b"*3\r\n$9\r\nsubscribe\r\n$4\r\nchan\r\n:1\r\n").await;
-        // A pub/sub push. Its echo is dropped on the way back to the client. The way out is not
-        // filtered: the echo server must have received the push for its echo to be dropped. Waiting
-        // for the count keeps the next message in a separate chunk.
-        stream.write_all(b"*3\r\n$7\r\nmessage\r\n$4\r\nchan\r\n$5\r\nhello\r\n").await.unwrap();
+        let subscribe = b"*3\r\n$9\r\nsubscribe\r\n$4\r\nchan\r\n:1\r\n";
+        round_trip(&mut stream, subscribe).await;
+        // A pub/sub push, then a chunk with the pattern in its middle. Their echoes are dropped on
+        // the way back to the client. Waiting for the count keeps each message in its own chunk.
+        let push = b"*3\r\n$7\r\nmessage\r\n$4\r\nchan\r\n$5\r\nhello\r\n";
+        stream.write_all(push).await.unwrap();
         wait_until("the push to be dropped", || proxy.dropped_chunks() == 1).await;
-        stream.write_all(b"some message in the middle").await.unwrap();
-        wait_until("the second push to be dropped", || proxy.dropped_chunks() == 2).await;
+        let middle = b"some message in the middle";
+        stream.write_all(middle).await.unwrap();
+        wait_until("the second chunk to be dropped", || proxy.dropped_chunks() == 2).await;
         // Had any dropped byte got through, these bytes would not be the first to arrive.
         round_trip(&mut stream, b"PONG").await;
+        let sent = [&b"connected"[..], subscribe, push, middle, b"PONG"].concat();
+        assert_eq!(echo.received(), sent.len(), "the way from client to target is never filtered");
         assert_eq!(proxy.connections(), 1, "dropping pushes leaves the connection up");
 
         proxy.set_drop_downstream_matching(None);
-        round_trip(&mut stream, b"*3\r\n$7\r\nmessage\r\n$4\r\nchan\r\n$5\r\nagain\r\n").await;
+        round_trip(&mut stream, push).await;
         assert_eq!(proxy.dropped_chunks(), 2);
     }
 
@@ -614,6 +635,7 @@ mod tests {
         drop(proxy);
         assert_eq!(read_once(&mut stream).await.unwrap(), 0, "the client sees a normal close");
         assert_eq!(echo.next_end().await, Ok(()), "the target sees a normal close");
+        // The listener task is cancelled asynchronously, so the port may accept for a moment longer.
         within("the listener to close", async {
             while TcpStream::connect(addr).await.is_ok() {
                 sleep(Duration::from_millis(10)).await;
@@ -629,9 +651,7 @@ mod tests {
         drop(unused);
         let proxy = FaultProxy::start(dead).await;
 
-        let mut stream = connect(proxy.addr).await;
-        let read = read_once(&mut stream).await;
-        assert!(matches!(read, Ok(0) | Err(_)), "a proxy in front of nothing delivered data: {read:?}");
+        assert_closed_at_once(proxy.addr).await;
         wait_until("the failed connection to leave the registry", || proxy.connections() == 0).await;
     }
 }

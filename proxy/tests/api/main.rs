@@ -7,6 +7,7 @@ mod admin;
 mod binary;
 mod caching;
 mod cluster;
+mod fault_proxy;
 mod freshness;
 mod leaks;
 mod redis_faults;
