@@ -7,7 +7,7 @@
 //! the explicit settings.
 //!
 //! Key layout, all in one Redis Cluster slot per entry thanks to the `{...}` hash tag:
-//! `tp:{<base64url cache key>}` holds the sealed entry, `tp:{...}:lock` the single-flight lock
+//! `tp:{<base64url of the cache key's first 128 bits>}` holds the sealed entry, `tp:{...}:lock` the single-flight lock
 //! (`SET NX PX` with a random owner). Outcomes are announced on one channel, [`CHANNEL`], as
 //! `cache key ‖ sealed message`; each replica holds one subscription and routes messages to the
 //! local [`Waiter`] of that key.
@@ -189,9 +189,11 @@ impl RedisStore {
         })
     }
 
-    /// The Redis key of an entry.
+    /// The Redis key of an entry: the first 128 bits of the cache key. Shorter names save
+    /// Redis memory, and isolation does not rest on them: a sealed value is bound to the full
+    /// 256-bit key, so even a colliding name could only ever be a miss.
     pub fn entry_key(key: &CacheKey) -> String {
-        format!("tp:{{{}}}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes()))
+        format!("tp:{{{}}}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&key.as_bytes()[..16]))
     }
 
     fn lock_key(key: &CacheKey) -> String {
