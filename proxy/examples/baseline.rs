@@ -48,7 +48,10 @@ fn main() -> ExitCode {
         }
     };
     let body = token_body();
-    let app = Router::new().route("/oauth2/token", post(move || std::future::ready((HEADERS, body.clone()))));
+    // Reading the request body is part of the minimum: without it hyper closes the connection
+    // after every response (no keep-alive), which would make this ceiling artificially low.
+    let app =
+        Router::new().route("/oauth2/token", post(move |_request: Bytes| std::future::ready((HEADERS, body.clone()))));
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {

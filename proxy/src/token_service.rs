@@ -30,7 +30,7 @@ use shared::keys::{CacheKey, Keys};
 
 use crate::entry::{CachedToken, Freshness};
 use crate::flight_message::{self, FlightMessage};
-use crate::l1::L1;
+use crate::l1::{L1, L1Hasher, L1Key};
 use crate::metrics::Metrics;
 use crate::normalize::{PassThrough, TokenRequest};
 use crate::response::{Answer, CacheStatus, ProxyError, Reply, UpstreamFailure};
@@ -92,6 +92,22 @@ enum Purpose {
     Refresh,
 }
 
+/// What L1 can do for a request.
+#[derive(Debug)]
+enum L1Lookup {
+    Hit(Reply),
+    Miss(L1Miss),
+}
+
+/// A request L1 could not answer, with what L1 had for it.
+#[derive(Debug)]
+struct L1Miss {
+    keys: EntryKeys,
+    request: CanonicalRequest,
+    /// A servable token L1 holds for the key (due for revalidation, or no longer fresh).
+    local: Option<Arc<CachedToken>>,
+}
+
 /// What the hit path's Redis read found.
 #[derive(Debug)]
 enum Read {
@@ -140,13 +156,23 @@ struct Inner {
     parts: Parts,
     /// The upstream URL as part of every cache key: entries never cross token endpoints.
     upstream_id: String,
+    l1_hasher: L1Hasher,
     flights: Arc<Flights<Fetched>>,
+}
+
+/// The two names of one entry: in L1 (cheap, process-local) and in Redis (keyed HMAC).
+#[derive(Debug, Clone, Copy)]
+struct EntryKeys {
+    cache: CacheKey,
+    l1: L1Key,
 }
 
 impl TokenService {
     pub fn new(parts: Parts) -> TokenService {
         let upstream_id = parts.upstream.url().as_str().to_owned();
-        TokenService { inner: Arc::new(Inner { parts, upstream_id, flights: Arc::default() }) }
+        TokenService {
+            inner: Arc::new(Inner { parts, upstream_id, l1_hasher: L1Hasher::default(), flights: Arc::default() }),
+        }
     }
 
     /// The Redis store, if one is configured.
@@ -155,34 +181,53 @@ impl TokenService {
     }
 
     /// Answers one request.
+    ///
+    /// An L1 hit is answered without awaiting anything. Everything else runs in a boxed future:
+    /// the slow path's state (Redis calls, flights) is kilobytes, and keeping it out of this
+    /// future keeps the hit path from copying it around.
     pub async fn handle(&self, request: TokenRequest) -> Reply {
         match request {
-            TokenRequest::Cacheable(request) => self.cacheable(request).await,
-            TokenRequest::PassThrough(request) => self.pass_through(request).await,
+            TokenRequest::Cacheable(request) => match self.l1_lookup(request) {
+                L1Lookup::Hit(reply) => reply,
+                L1Lookup::Miss(miss) => Box::pin(self.cacheable(miss)).await,
+            },
+            TokenRequest::PassThrough(request) => Box::pin(self.pass_through(request)).await,
         }
     }
 
-    async fn cacheable(&self, request: CanonicalRequest) -> Reply {
+    /// Answers from L1 when it holds a current, fresh token.
+    fn l1_lookup(&self, request: CanonicalRequest) -> L1Lookup {
         let inner = &self.inner;
         let freshness = &inner.parts.freshness;
-        let key = inner.parts.keys.hasher.cache_key(&inner.upstream_id, &request);
+        let l1 = inner.l1_hasher.key(&inner.upstream_id, &request);
         let now = Instant::now();
-        let found = inner.parts.l1.get(&key, now);
+        let found = inner.parts.l1.get(&l1, now);
         if let Some(found) = found.as_ref().filter(|f| f.current && f.token.is_fresh(now, freshness)) {
             if found.token.claim_refresh(now) {
-                inner.start_refresh(key, request.clone(), Arc::clone(&found.token));
+                let keys = EntryKeys { cache: inner.parts.keys.hasher.cache_key(&inner.upstream_id, &request), l1 };
+                inner.start_refresh(keys, request, Arc::clone(&found.token));
             }
-            return Reply { cache: CacheStatus::Hit, answer: Ok(Answer::Token(found.token.render(now))) };
+            return L1Lookup::Hit(Reply {
+                cache: CacheStatus::Hit,
+                answer: Ok(Answer::Token(found.token.render(now))),
+            });
         }
         // Not current (to be revalidated) or no longer fresh: still useful if Redis or the
         // upstream cannot answer.
         let local = found.map(|f| f.token).filter(|t| t.is_servable(now, freshness));
+        let keys = EntryKeys { cache: inner.parts.keys.hasher.cache_key(&inner.upstream_id, &request), l1 };
+        L1Lookup::Miss(L1Miss { keys, request, local })
+    }
+
+    async fn cacheable(&self, miss: L1Miss) -> Reply {
+        let inner = &self.inner;
+        let L1Miss { keys, request, local } = miss;
 
         // The L2 hit path: one read, inline, no flight. Only a miss pays for the machinery.
-        let redis = match inner.read_fresh(&key, &request).await {
+        let redis = match inner.read_fresh(keys, &request).await {
             Read::Hit(token) => {
                 if token.claim_refresh(Instant::now()) {
-                    inner.start_refresh(key, request.clone(), Arc::clone(&token));
+                    inner.start_refresh(keys, request.clone(), Arc::clone(&token));
                 }
                 return Reply { cache: CacheStatus::Hit, answer: Ok(Answer::Token(token.render(Instant::now()))) };
             }
@@ -193,7 +238,7 @@ impl TokenService {
 
         let fetcher = Arc::clone(inner);
         let refresh_request = request.clone();
-        let flight = inner.flights.join(key, move || fetcher.fetch(key, request, Purpose::Miss, redis, local));
+        let flight = inner.flights.join(keys.cache, move || fetcher.fetch(keys, request, Purpose::Miss, redis, local));
         let role = flight.role;
         if role == Role::Follower {
             inner.parts.metrics.coalesced_waiter();
@@ -211,7 +256,7 @@ impl TokenService {
         let answer = match fetched.outcome {
             Outcome::Token(token) => {
                 if fetched.source == Source::Cache && token.claim_refresh(now) {
-                    inner.start_refresh(key, refresh_request, Arc::clone(&token));
+                    inner.start_refresh(keys, refresh_request, Arc::clone(&token));
                 }
                 Ok(Answer::Token(token.render(now)))
             }
@@ -244,15 +289,19 @@ fn classify(result: Result<UpstreamResponse, UpstreamError>) -> Outcome {
 impl Inner {
     /// Starts one background refresh of `key`, single-flighted on this replica and, through
     /// the lock, across the cluster.
-    fn start_refresh(self: &Arc<Self>, key: CacheKey, request: CanonicalRequest, current: Arc<CachedToken>) {
+    fn start_refresh(self: &Arc<Self>, keys: EntryKeys, request: CanonicalRequest, current: Arc<CachedToken>) {
         let fetcher = Arc::clone(self);
         // The flight runs on its own; nobody waits for it here.
-        drop(self.flights.join(key, move || fetcher.fetch(key, request, Purpose::Refresh, Redis::Use, Some(current))));
+        drop(
+            self.flights
+                .join(keys.cache, move || fetcher.fetch(keys, request, Purpose::Refresh, Redis::Use, Some(current))),
+        );
     }
 
     /// A fresh entry read straight from Redis (and put in L1), if there is one. Redis faults
     /// are misses here: the flight that follows copes with them.
-    async fn read_fresh(&self, key: &CacheKey, request: &CanonicalRequest) -> Read {
+    async fn read_fresh(&self, keys: EntryKeys, request: &CanonicalRequest) -> Read {
+        let key = &keys.cache;
         let Some(store) = &self.parts.store else { return Read::Miss };
         let stored = match store.read(key).await {
             Ok(Some(stored)) => stored,
@@ -261,7 +310,7 @@ impl Inner {
         };
         match self.open_entry(key, request.client_secret.expose_secret().as_bytes(), &stored) {
             Some(token) if token.is_fresh(Instant::now(), &self.parts.freshness) => {
-                self.remember_locally(*key, &token);
+                self.remember_locally(keys.l1, &token);
                 Read::Hit(token)
             }
             _ => Read::Miss,
@@ -273,12 +322,13 @@ impl Inner {
     /// the token being refreshed, or an L1 entry due for revalidation.
     async fn fetch(
         self: Arc<Self>,
-        key: CacheKey,
+        keys: EntryKeys,
         request: CanonicalRequest,
         purpose: Purpose,
         redis: Redis,
         local: Option<Arc<CachedToken>>,
     ) -> Fetched {
+        let key = keys.cache;
         let secret = request.client_secret.expose_secret().as_bytes();
         let freshness = &self.parts.freshness;
         let now = Instant::now();
@@ -286,8 +336,8 @@ impl Inner {
         let mut stale = local;
         let store = match (&self.parts.store, redis) {
             (Some(store), Redis::Use) => store,
-            (None, _) => return self.lead(key, &request, None, purpose, stale).await,
-            (Some(_), Redis::Skip) => return self.degraded(key, &request, purpose, local_fresh, stale).await,
+            (None, _) => return self.lead(keys, &request, None, purpose, stale).await,
+            (Some(_), Redis::Skip) => return self.degraded(keys, &request, purpose, local_fresh, stale).await,
         };
         let settings = self.parts.flight;
         let owner = LockOwner::random();
@@ -307,7 +357,7 @@ impl Inner {
         loop {
             let lookup = match store.lookup(&key, &owner, settings.lock_ttl, fresh_ttl).await {
                 Ok(lookup) => lookup,
-                Err(_) => return self.degraded(key, &request, purpose, local_fresh, stale).await,
+                Err(_) => return self.degraded(keys, &request, purpose, local_fresh, stale).await,
             };
             match lookup {
                 Lookup::Fresh(value) => match self.open_entry(&key, secret, &value) {
@@ -315,7 +365,7 @@ impl Inner {
                         if seen_held {
                             self.parts.metrics.notification_miss();
                         }
-                        self.remember_locally(key, &token);
+                        self.remember_locally(keys.l1, &token);
                         let source = if seen_held { Source::Peer } else { Source::Cache };
                         return Fetched { source, outcome: Outcome::Token(token) };
                     }
@@ -335,7 +385,7 @@ impl Inner {
                         self.complete(store, key, secret, &owner, &fetched).await;
                         return fetched;
                     }
-                    return self.lead(key, &request, Some(owner), purpose, stale).await;
+                    return self.lead(keys, &request, Some(owner), purpose, stale).await;
                 }
                 Lookup::Held { lock_ttl, stale: old } => {
                     stale = stale.or_else(|| self.servable(&key, secret, old));
@@ -343,15 +393,15 @@ impl Inner {
                         // Someone else is refreshing this key already.
                         return match stale {
                             Some(token) => Fetched { source: Source::Cache, outcome: Outcome::Token(token) },
-                            None => self.lead(key, &request, None, purpose, None).await,
+                            None => self.lead(keys, &request, None, purpose, None).await,
                         };
                     }
                     seen_held = true;
                     if Instant::now() >= give_up_at {
                         tracing::warn!(?key, "gave up waiting for the lock holder; calling the upstream directly");
-                        return self.lead(key, &request, None, purpose, stale).await;
+                        return self.lead(keys, &request, None, purpose, stale).await;
                     }
-                    if let Some(fetched) = self.follow(&key, secret, &mut waiter, lock_ttl.min(BACKSTOP_INTERVAL)).await
+                    if let Some(fetched) = self.follow(keys, secret, &mut waiter, lock_ttl.min(BACKSTOP_INTERVAL)).await
                     {
                         return fetched;
                     }
@@ -364,7 +414,7 @@ impl Inner {
     /// one, else to the upstream (at most one call per key per replica: the in-process flight).
     async fn degraded(
         &self,
-        key: CacheKey,
+        keys: EntryKeys,
         request: &CanonicalRequest,
         purpose: Purpose,
         local_fresh: Option<Arc<CachedToken>>,
@@ -372,15 +422,16 @@ impl Inner {
     ) -> Fetched {
         match local_fresh {
             Some(token) => {
-                self.remember_locally(key, &token);
+                self.remember_locally(keys.l1, &token);
                 Fetched { source: Source::Cache, outcome: Outcome::Token(token) }
             }
-            None => self.lead(key, request, None, purpose, stale).await,
+            None => self.lead(keys, request, None, purpose, stale).await,
         }
     }
 
     /// Waits up to `wait` for the leader's announcement.
-    async fn follow(&self, key: &CacheKey, secret: &[u8], waiter: &mut Waiter, wait: Duration) -> Option<Fetched> {
+    async fn follow(&self, keys: EntryKeys, secret: &[u8], waiter: &mut Waiter, wait: Duration) -> Option<Fetched> {
+        let key = &keys.cache;
         let deadline = Instant::now() + wait;
         while let Some(message) = waiter.next(deadline.saturating_duration_since(Instant::now())).await {
             let Ok(plain) = self.parts.keys.sealer.open(key, secret, &message) else { continue };
@@ -388,7 +439,7 @@ impl Inner {
             let outcome = match flight_message::decode(&plain, now, &self.parts.freshness)? {
                 FlightMessage::Token(token) => {
                     let token = Arc::new(token);
-                    self.remember_locally(*key, &token);
+                    self.remember_locally(keys.l1, &token);
                     Outcome::Token(token)
                 }
                 FlightMessage::Relayed(response) => Outcome::Relayed(response),
@@ -403,12 +454,13 @@ impl Inner {
     /// entry, releases the lock and announces the outcome. Without, it only fills L1.
     async fn lead(
         &self,
-        key: CacheKey,
+        keys: EntryKeys,
         request: &CanonicalRequest,
         owner: Option<LockOwner>,
         purpose: Purpose,
         stale: Option<Arc<CachedToken>>,
     ) -> Fetched {
+        let key = keys.cache;
         if let Purpose::Refresh = purpose {
             self.parts.metrics.refresh();
         }
@@ -425,7 +477,7 @@ impl Inner {
             }
         }
         if let (Source::Upstream, Outcome::Token(token)) = (&fetched.source, &fetched.outcome) {
-            self.remember_locally(key, token);
+            self.remember_locally(keys.l1, token);
         }
         if let (Some(store), Some(owner)) = (&self.parts.store, owner) {
             self.complete(store, key, secret, &owner, &fetched).await;
@@ -489,7 +541,7 @@ impl Inner {
         self.open_entry(key, secret, &value?).filter(|t| t.is_servable(Instant::now(), &self.parts.freshness))
     }
 
-    fn remember_locally(&self, key: CacheKey, token: &Arc<CachedToken>) {
+    fn remember_locally(&self, key: L1Key, token: &Arc<CachedToken>) {
         self.parts.l1.insert(key, Arc::clone(token), Instant::now(), &self.parts.freshness);
     }
 }

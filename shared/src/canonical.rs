@@ -89,18 +89,29 @@ const TAG_SCOPE_OMITTED: u8 = 5;
 const TAG_SCOPE_SET: u8 = 6;
 const TAG_EXTRA: u8 = 7;
 
+/// Where a canonical encoding goes: a buffer, or straight into a hash (no copy).
+pub trait CanonicalSink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl CanonicalSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
 impl CanonicalRequest {
     /// Writes the unambiguous encoding that the cache key is computed over: a version prefix,
     /// then each field as `tag, u32 length, bytes` (collections as `tag, u32 count, items`), so
     /// no two different requests can encode alike, whatever bytes their fields contain.
-    pub fn encode(&self, upstream: &str, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"token-proxy/canonical/v1");
+    pub fn encode(&self, upstream: &str, out: &mut impl CanonicalSink) {
+        out.put(b"token-proxy/canonical/v1");
         field(out, TAG_UPSTREAM, upstream.as_bytes());
         field(out, TAG_CLIENT_ID, self.client_id.as_bytes());
         field(out, TAG_CLIENT_SECRET, self.client_secret.expose_secret().as_bytes());
         field(out, TAG_GRANT_TYPE, self.grant_type.as_bytes());
         match &self.scope {
-            Scope::Omitted => out.push(TAG_SCOPE_OMITTED),
+            Scope::Omitted => out.put(&[TAG_SCOPE_OMITTED]),
             Scope::Set(set) => {
                 count(out, TAG_SCOPE_SET, set.len());
                 for scope in set {
@@ -116,20 +127,20 @@ impl CanonicalRequest {
     }
 }
 
-fn field(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
-    out.push(tag);
+fn field(out: &mut impl CanonicalSink, tag: u8, value: &[u8]) {
+    out.put(&[tag]);
     bytes(out, value);
 }
 
-fn count(out: &mut Vec<u8>, tag: u8, n: usize) {
-    out.push(tag);
-    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
+fn count(out: &mut impl CanonicalSink, tag: u8, n: usize) {
+    out.put(&[tag]);
+    out.put(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
 }
 
-fn bytes(out: &mut Vec<u8>, value: &[u8]) {
+fn bytes(out: &mut impl CanonicalSink, value: &[u8]) {
     // Inputs are bounded far below 4 GiB by the request size limits.
-    out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(value);
+    out.put(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.put(value);
 }
 
 #[cfg(test)]

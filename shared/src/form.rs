@@ -114,6 +114,10 @@ impl fmt::Debug for Form {
 
 /// Decodes one form-encoded component: `+` is a space, `%XX` a byte, and the result must be UTF-8.
 pub fn decode_component(raw: &[u8]) -> Result<String, FormError> {
+    if !raw.iter().any(|&b| b == b'+' || b == b'%') {
+        // Nothing to decode (the common case): one copy and a UTF-8 check.
+        return String::from_utf8(raw.to_vec()).map_err(|_| FormError::NotUtf8);
+    }
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {

@@ -10,7 +10,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::canonical::CanonicalRequest;
+use crate::canonical::{CanonicalRequest, CanonicalSink};
 use crate::seal::Sealer;
 
 /// Shortest root secret accepted, in bytes.
@@ -68,11 +68,18 @@ impl KeyHasher {
 
     /// The cache key of `request` sent to `upstream`.
     pub fn cache_key(&self, upstream: &str, request: &CanonicalRequest) -> CacheKey {
-        let mut encoded = Vec::with_capacity(256);
-        request.encode(upstream, &mut encoded);
-        let mut mac = self.keyed.clone();
-        mac.update(&encoded);
-        CacheKey(mac.finalize().into_bytes().into())
+        let mut mac = MacSink(self.keyed.clone());
+        request.encode(upstream, &mut mac);
+        CacheKey(mac.0.finalize().into_bytes().into())
+    }
+}
+
+/// Streams the canonical encoding into the MAC.
+struct MacSink(Hmac<Sha256>);
+
+impl CanonicalSink for MacSink {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
     }
 }
 
