@@ -50,6 +50,13 @@ pub struct PassThrough {
 
 /// Checks the request head before the body is read.
 pub fn check_head(headers: &HeaderMap, limits: &RequestLimits) -> Result<(), Rejection> {
+    // hyper refuses conflicting Content-Lengths and, given Content-Length with
+    // Transfer-Encoding, frames by the latter and closes the connection (RFC 9112 §6.1). It does
+    // accept a repeated Transfer-Encoding (`chunked, chunked`), which another hop may read
+    // differently: refuse that here. tests/api/raw_socket.rs holds both to it.
+    if headers.get_all(header::TRANSFER_ENCODING).iter().count() > 1 {
+        return Err(Rejection::ambiguous_framing());
+    }
     let header_bytes: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
     if header_bytes > limits.max_header_bytes {
         return Err(Rejection::new(

@@ -72,15 +72,23 @@ pub struct Rejection {
     /// The OAuth error code (RFC 6749 §5.2).
     pub error: &'static str,
     pub description: Cow<'static, str>,
+    /// Close the connection after answering: its framing can no longer be trusted.
+    pub close: bool,
 }
 
 impl Rejection {
     pub fn invalid_request(description: impl Into<Cow<'static, str>>) -> Rejection {
-        Rejection { status: StatusCode::BAD_REQUEST, error: "invalid_request", description: description.into() }
+        Rejection::new(StatusCode::BAD_REQUEST, "invalid_request", description)
     }
 
     pub fn new(status: StatusCode, error: &'static str, description: impl Into<Cow<'static, str>>) -> Rejection {
-        Rejection { status, error, description: description.into() }
+        Rejection { status, error, description: description.into(), close: false }
+    }
+
+    /// A request whose body framing is ambiguous (the start of request smuggling): answered,
+    /// then the connection is closed, since where the next request starts is unknown.
+    pub fn ambiguous_framing() -> Rejection {
+        Rejection { close: true, ..Rejection::invalid_request("ambiguous message framing") }
     }
 }
 
@@ -108,7 +116,13 @@ fn oauth_json(status: StatusCode, error: &str, description: impl Into<String>) -
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut response = match self {
-            ProxyError::Rejected(r) => oauth_json(r.status, r.error, r.description),
+            ProxyError::Rejected(r) => {
+                let mut response = oauth_json(r.status, r.error, r.description);
+                if r.close {
+                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
+            }
             ProxyError::Upstream(UpstreamFailure::Unreachable(e @ UpstreamError::Timeout)) => {
                 oauth_json(StatusCode::GATEWAY_TIMEOUT, "temporarily_unavailable", e.to_string())
             }

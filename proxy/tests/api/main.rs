@@ -10,6 +10,7 @@ mod cluster;
 mod fault_proxy;
 mod freshness;
 mod leaks;
+mod raw_socket;
 mod redis_faults;
 mod sealing;
 mod strictness;
