@@ -1,20 +1,28 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics`. Keep it off the public network.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and, when `TOKEN_PROXY_ADMIN_TOKEN`
+//! is set, the admin API (`POST /admin/purge`) behind that bearer token. Keep the listener off
+//! the public network either way.
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use http::{StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
+use shared::canonical::Scope;
 
 use crate::app::AppState;
 use crate::breaker::BreakerState;
+use crate::purge::PurgeTarget;
 
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/admin/purge", post(purge))
         .with_state(state)
 }
 
@@ -40,4 +48,117 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+/// SHA-256 of an admin token. Comparing digests keeps the comparison's time independent of
+/// where, or whether, the presented token differs, and of its length.
+pub fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn authorized(headers: &HeaderMap, expected: &[u8; 32]) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|token| digest(token.trim()));
+    let Some(presented) = presented else { return false };
+    presented.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+}
+
+fn admin_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (status, Json(json!({ "error": error, "error_description": description }))).into_response()
+}
+
+/// A refused admin request: `(status, error, description)`.
+type Refusal = (StatusCode, &'static str, String);
+
+/// What to purge: `{"client_id": "..."}`, optionally with `"scope"`, or `{"all": true}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    client_id: Option<String>,
+    scope: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+impl PurgeRequest {
+    fn target(self) -> Result<PurgeTarget, Refusal> {
+        match self {
+            PurgeRequest { all: true, client_id: None, scope: None } => Ok(PurgeTarget::All),
+            PurgeRequest { all: false, client_id: Some(id), scope } if !id.is_empty() => match scope {
+                None => Ok(PurgeTarget::Client(id)),
+                Some(scope) => Scope::parse(Some(&scope))
+                    .map(|scope| PurgeTarget::ClientScope(id, scope))
+                    .map_err(|e| (StatusCode::BAD_REQUEST, "invalid_scope", e.to_string())),
+            },
+            _ => Err((
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "give client_id (and optionally scope), or all".into(),
+            )),
+        }
+    }
+}
+
+/// Drops the covered cached tokens on every replica (see [`crate::purge`]).
+async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(expected) = &state.admin_token_digest else {
+        return admin_error(StatusCode::NOT_FOUND, "not_found", "the admin API is off (set TOKEN_PROXY_ADMIN_TOKEN)");
+    };
+    if !authorized(&headers, expected) {
+        let mut response =
+            admin_error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin bearer token is required");
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let Ok(request) = serde_json::from_slice::<PurgeRequest>(&body) else {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            r#"expected {"client_id": "..."} or {"all": true}"#,
+        );
+    };
+    let target = match request.target() {
+        Ok(target) => target,
+        Err((status, error, description)) => return admin_error(status, error, &description),
+    };
+    let what = match &target {
+        PurgeTarget::All => "all",
+        PurgeTarget::Client(_) => "client",
+        PurgeTarget::ClientScope(..) => "client_scope",
+    };
+    match state.service.purge(&target).await {
+        Ok(epoch) => (StatusCode::OK, Json(json!({ "purged": what, "epoch": epoch }))).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "purge failed");
+            admin_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "Redis did not take the purge; retry",
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_token_is_authorized() {
+        let expected = digest("the-admin-token-0123");
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            authorized(&headers, &expected)
+        };
+        assert!(with("Bearer the-admin-token-0123"));
+        assert!(!with("Bearer the-admin-token-012"));
+        assert!(!with("Bearer the-admin-token-01234"));
+        assert!(!with("Basic the-admin-token-0123"));
+        assert!(!with("the-admin-token-0123"));
+        assert!(!authorized(&HeaderMap::new(), &expected));
+    }
 }

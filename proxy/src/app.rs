@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
 use shared::keys::Keys;
 use tokio::net::TcpListener;
 
@@ -47,6 +48,9 @@ pub struct AppState {
     pub service: TokenService,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<RequestLimits>,
+    /// SHA-256 of the admin token; `None` = admin API off. Only the digest is kept, and
+    /// compared in constant time.
+    pub admin_token_digest: Option<[u8; 32]>,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -114,7 +118,8 @@ impl Application {
         };
         let client_listener = bind("TOKEN_PROXY_LISTEN", config.listen).await?;
         let admin_listener = bind("TOKEN_PROXY_ADMIN_LISTEN", config.admin_listen).await?;
-        let state = AppState { service, metrics, limits, shutting_down: Arc::default() };
+        let admin_token_digest = config.admin_token.as_ref().map(|t| crate::admin::digest(t.expose_secret()));
+        let state = AppState { service, metrics, limits, admin_token_digest, shutting_down: Arc::default() };
         Ok(Application { client_listener, admin_listener, state })
     }
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
-use secrecy::{ExposeSecret, SecretBox};
+use secrecy::{ExposeSecret, SecretBox, SecretString};
 use shared::keys::MIN_ROOT_SECRET_LEN;
 
 /// One setting: its variable name, default and help text. The flag is derived from the name.
@@ -46,6 +46,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "root secret, base64, at least 32 bytes; required with Redis, random per process without",
     },
     Setting { name: "TOKEN_PROXY_SECRET_FILE", default: None, help: "file holding TOKEN_PROXY_SECRET" },
+    Setting {
+        name: "TOKEN_PROXY_ADMIN_TOKEN",
+        default: None,
+        help: "bearer token of the admin API (POST /admin/purge); unset = admin API off",
+    },
+    Setting { name: "TOKEN_PROXY_ADMIN_TOKEN_FILE", default: None, help: "file holding TOKEN_PROXY_ADMIN_TOKEN" },
     Setting { name: "TOKEN_PROXY_LOG", default: Some("info"), help: "log filter, e.g. info,token_proxy=debug" },
     Setting { name: "TOKEN_PROXY_LOG_FORMAT", default: Some("json"), help: "json or text" },
     Setting {
@@ -141,6 +147,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Root secret the cache keys and seal keys derive from; `None` = random per process.
     pub secret: Option<SecretBox<Vec<u8>>>,
+    /// Bearer token of the admin API; `None` turns the admin API off.
+    pub admin_token: Option<SecretString>,
     /// Tracing filter directive (`TOKEN_PROXY_LOG`).
     pub log_filter: String,
     pub log_format: LogFormat,
@@ -224,6 +232,7 @@ impl Config {
                 "is required when TOKEN_PROXY_REDIS_URL is set (every replica must share it)",
             ));
         }
+        let admin_token = parse_admin_token(get("TOKEN_PROXY_ADMIN_TOKEN"), get("TOKEN_PROXY_ADMIN_TOKEN_FILE"))?;
         let log_format = match required("TOKEN_PROXY_LOG_FORMAT")?.as_str() {
             "json" => LogFormat::Json,
             "text" => LogFormat::Text,
@@ -243,6 +252,7 @@ impl Config {
             upstream_url,
             redis_url,
             secret,
+            admin_token,
             log_filter: required("TOKEN_PROXY_LOG")?,
             log_format,
             upstream_connect_timeout: duration(&get, "TOKEN_PROXY_UPSTREAM_CONNECT_TIMEOUT")?,
@@ -391,6 +401,31 @@ fn parse_secret(inline: Option<String>, file: Option<String>) -> Result<Option<S
     Ok(Some(SecretBox::new(Box::new(bytes))))
 }
 
+/// Shortest admin token accepted: it guards purges of the whole cache.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+fn parse_admin_token(inline: Option<String>, file: Option<String>) -> Result<Option<SecretString>, ConfigError> {
+    let (variable, token) = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err(error(
+                "TOKEN_PROXY_ADMIN_TOKEN_FILE",
+                "set either TOKEN_PROXY_ADMIN_TOKEN or TOKEN_PROXY_ADMIN_TOKEN_FILE, not both",
+            ));
+        }
+        (Some(inline), None) => ("TOKEN_PROXY_ADMIN_TOKEN", inline),
+        (None, Some(path)) => {
+            let contents = std::fs::read_to_string(&path)
+                .map_err(|e| error("TOKEN_PROXY_ADMIN_TOKEN_FILE", format!("cannot read {path}: {e}")))?;
+            ("TOKEN_PROXY_ADMIN_TOKEN_FILE", contents.trim().to_owned())
+        }
+        (None, None) => return Ok(None),
+    };
+    if token.len() < MIN_ADMIN_TOKEN_LEN {
+        return Err(error(variable, format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters")));
+    }
+    Ok(Some(SecretString::from(token)))
+}
+
 /// Maps `--kebab-case value` and `--kebab-case=value` to variable names. `None` means `--help`.
 fn parse_flags(args: impl IntoIterator<Item = String>) -> Result<Option<HashMap<&'static str, String>>, ConfigError> {
     let mut flags = HashMap::new();
@@ -501,6 +536,7 @@ mod tests {
             ("TOKEN_PROXY_REFRESH_AT", "0"),
             ("TOKEN_PROXY_LOCK_TTL", "10ms"),
             ("TOKEN_PROXY_REDIS_BREAKER_THRESHOLD", "0"),
+            ("TOKEN_PROXY_ADMIN_TOKEN", "short"),
         ];
         for (variable, value) in cases {
             let err = Config::from_lookup(lookup(&[UPSTREAM, (variable, value)])).unwrap_err();

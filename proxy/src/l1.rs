@@ -10,7 +10,7 @@ use std::hash::Hasher as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shared::canonical::CanonicalRequest;
+use shared::canonical::{CanonicalRequest, PurgeEpochs};
 use siphasher::sip128::{Hasher128 as _, SipHasher24};
 
 use crate::entry::{CachedToken, Freshness};
@@ -43,10 +43,10 @@ impl Default for L1Hasher {
 }
 
 impl L1Hasher {
-    pub fn key(&self, upstream: &str, request: &CanonicalRequest) -> L1Key {
+    pub fn key(&self, upstream: &str, request: &CanonicalRequest, epochs: PurgeEpochs) -> L1Key {
         // One write of the whole encoding: SipHash pays a fixed cost per write call.
         let mut encoded = Vec::with_capacity(256);
-        request.encode(upstream, &mut encoded);
+        request.encode_with(upstream, epochs, &mut encoded);
         let mut hasher = SipHasher24::new_with_key(&self.key);
         hasher.write(&encoded);
         L1Key(hasher.finish128().as_u128())

@@ -18,7 +18,8 @@
 //!   - [`upstream`]: the token endpoint client.
 //!   - [`entry`]: a cached token: freshness, refresh point, `expires_in` rewriting.
 //! - [`response`]: the one place where outcomes and errors become HTTP responses.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the authenticated admin API.
+//! - [`purge`]: purge epochs: how an operator drops a client's cached tokens everywhere.
 //! - [`metrics`], [`telemetry`], [`shutdown`]: operations.
 //!
 //! Cache keys and sealing live in the `shared` crate (`shared::keys`, `shared::seal`).
@@ -35,6 +36,7 @@ pub mod handler;
 pub mod l1;
 pub mod metrics;
 pub mod normalize;
+pub mod purge;
 pub mod response;
 pub mod shutdown;
 pub mod single_flight;

@@ -24,13 +24,26 @@ use fred::prelude::*;
 use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
 use shared::keys::CacheKey;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::metrics::Metrics;
+use crate::purge::EPOCHS_KEY;
 
 /// The channel every replica subscribes to for flight outcomes.
 pub const CHANNEL: &str = "tp:flights";
+/// The channel on which purges are announced (the message is the purged field).
+pub const PURGE_CHANNEL: &str = "tp:purge";
+
+/// Bumps one purge epoch and announces it. KEYS: epochs hash. ARGV: field, channel.
+const PURGE_LUA: &str = r"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return n
+";
+
+/// Reads every purge epoch. KEYS: epochs hash.
+const EPOCHS_LUA: &str = r"return redis.call('HGETALL', KEYS[1])";
 
 /// Looks up an entry, or takes the lock when there is no fresh entry, in one round trip.
 /// KEYS: entry, lock. ARGV: owner, lock TTL (ms), the entry TTL (ms) above which it is fresh.
@@ -126,6 +139,10 @@ pub struct RedisStore {
     read_script: Arc<Script>,
     lookup_script: Arc<Script>,
     complete_script: Arc<Script>,
+    purge_script: Arc<Script>,
+    epochs_script: Arc<Script>,
+    /// Woken when a purge is announced.
+    purged: Arc<Notify>,
     breaker: Arc<Breaker>,
     waiters: Arc<Waiters>,
     metrics: Arc<Metrics>,
@@ -173,8 +190,9 @@ impl RedisStore {
         drop(subscriber.manage_subscriptions());
 
         let waiters = Arc::new(Waiters::default());
+        let purged = Arc::new(Notify::new());
         tokio::spawn(subscribe(subscriber.clone()));
-        tokio::spawn(route_messages(subscriber.clone(), Arc::clone(&waiters)));
+        tokio::spawn(route_messages(subscriber.clone(), Arc::clone(&waiters), Arc::clone(&purged)));
         let breaker =
             Arc::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown, Arc::clone(&metrics)));
         Ok(RedisStore {
@@ -183,6 +201,9 @@ impl RedisStore {
             read_script: Arc::new(Script::from_lua(READ_LUA)),
             lookup_script: Arc::new(Script::from_lua(LOOKUP_LUA)),
             complete_script: Arc::new(Script::from_lua(COMPLETE_LUA)),
+            purge_script: Arc::new(Script::from_lua(PURGE_LUA)),
+            epochs_script: Arc::new(Script::from_lua(EPOCHS_LUA)),
+            purged,
             breaker,
             waiters,
             metrics,
@@ -269,6 +290,37 @@ impl RedisStore {
         Ok(mine == 1)
     }
 
+    /// Bumps the purge epoch `field` and announces it to every replica. Returns the new epoch.
+    pub async fn purge(&self, field: &str) -> Result<u64, StoreError> {
+        let args: Vec<Value> = vec![field.into(), PURGE_CHANNEL.into()];
+        let epoch: i64 = self
+            .guarded(async { Ok(self.purge_script.evalsha_with_reload(&self.client, vec![EPOCHS_KEY], args).await?) })
+            .await?;
+        u64::try_from(epoch).map_err(|_| StoreError::UnexpectedReply)
+    }
+
+    /// Every purge epoch, by field.
+    pub async fn purge_epochs(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let flat: Vec<Value> = self
+            .guarded(async { Ok(self.epochs_script.evalsha_with_reload(&self.client, vec![EPOCHS_KEY], ()).await?) })
+            .await?;
+        let mut fields = HashMap::new();
+        let mut flat = flat.into_iter();
+        while let (Some(field), Some(epoch)) = (flat.next(), flat.next()) {
+            let field = bytes_of(field).and_then(|b| String::from_utf8(b.to_vec()).ok());
+            let epoch = bytes_of(epoch).and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok());
+            if let (Some(field), Some(epoch)) = (field, epoch) {
+                fields.insert(field, epoch);
+            }
+        }
+        Ok(fields)
+    }
+
+    /// Resolves when a purge is announced.
+    pub async fn purge_announced(&self) {
+        self.purged.notified().await;
+    }
+
     /// Registers for the outcome messages of `key`. Register *before* looking the key up,
     /// so that no message published after the look can be missed.
     pub fn subscribe(&self, key: CacheKey) -> Waiter {
@@ -331,7 +383,7 @@ fn parse_lookup(reply: Vec<Value>) -> Option<Lookup> {
 /// every reconnect by itself (`manage_subscriptions`).
 async fn subscribe(subscriber: SubscriberClient) {
     loop {
-        match subscriber.subscribe(CHANNEL).await {
+        match subscriber.subscribe(vec![CHANNEL, PURGE_CHANNEL]).await {
             Ok(()) => return,
             Err(error) => {
                 tracing::debug!(%error, "cannot subscribe yet; retrying");
@@ -341,11 +393,13 @@ async fn subscribe(subscriber: SubscriberClient) {
     }
 }
 
-/// Routes each outcome message to the waiter of its key on this replica, if any.
-async fn route_messages(subscriber: SubscriberClient, waiters: Arc<Waiters>) {
+/// Routes each outcome message to the waiter of its key on this replica, if any, and wakes
+/// the purge watcher on a purge announcement.
+async fn route_messages(subscriber: SubscriberClient, waiters: Arc<Waiters>, purged: Arc<Notify>) {
     let mut messages = subscriber.message_rx();
     loop {
         match messages.recv().await {
+            Ok(message) if &*message.channel == PURGE_CHANNEL => purged.notify_waiters(),
             Ok(message) => {
                 let Some(payload) = bytes_of(message.value) else { continue };
                 if payload.len() < 32 {

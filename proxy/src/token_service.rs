@@ -33,9 +33,10 @@ use crate::flight_message::{self, FlightMessage};
 use crate::l1::{L1, L1Hasher, L1Key};
 use crate::metrics::Metrics;
 use crate::normalize::{PassThrough, TokenRequest};
+use crate::purge::{Epochs, PurgeTarget};
 use crate::response::{Answer, CacheStatus, ProxyError, Reply, UpstreamFailure};
 use crate::single_flight::{Flights, Role};
-use crate::store::{LockOwner, Lookup, RedisStore, StoredValue, Waiter};
+use crate::store::{LockOwner, Lookup, RedisStore, StoreError, StoredValue, Waiter};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 /// How often a follower looks at Redis itself, in case the announcement was lost.
@@ -157,6 +158,8 @@ struct Inner {
     /// The upstream URL as part of every cache key: entries never cross token endpoints.
     upstream_id: String,
     l1_hasher: L1Hasher,
+    /// Purge epochs, part of every key.
+    epochs: Epochs,
     flights: Arc<Flights<Fetched>>,
 }
 
@@ -170,9 +173,30 @@ struct EntryKeys {
 impl TokenService {
     pub fn new(parts: Parts) -> TokenService {
         let upstream_id = parts.upstream.url().as_str().to_owned();
-        TokenService {
-            inner: Arc::new(Inner { parts, upstream_id, l1_hasher: L1Hasher::default(), flights: Arc::default() }),
+        let inner = Arc::new(Inner {
+            parts,
+            upstream_id,
+            l1_hasher: L1Hasher::default(),
+            epochs: Epochs::default(),
+            flights: Arc::default(),
+        });
+        if inner.parts.store.is_some() {
+            tokio::spawn(follow_purges(Arc::downgrade(&inner)));
         }
+        TokenService { inner }
+    }
+
+    /// Drops the cached tokens `target` covers, on every replica (L1 included): bumps its purge
+    /// epoch in Redis and announces it; without Redis, here only. Returns the new epoch.
+    pub async fn purge(&self, target: &PurgeTarget) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let field = target.field(&inner.parts.keys.hasher);
+        let Some(store) = &inner.parts.store else { return Ok(inner.epochs.bump_local(&field)) };
+        let epoch = store.purge(&field).await?;
+        // Apply it here at once rather than on the announcement.
+        inner.epochs.replace(store.purge_epochs().await?);
+        tracing::info!(epoch, "purged");
+        Ok(epoch)
     }
 
     /// The Redis store, if one is configured.
@@ -199,12 +223,14 @@ impl TokenService {
     fn l1_lookup(&self, request: CanonicalRequest) -> L1Lookup {
         let inner = &self.inner;
         let freshness = &inner.parts.freshness;
-        let l1 = inner.l1_hasher.key(&inner.upstream_id, &request);
+        let hasher = &inner.parts.keys.hasher;
+        let epochs = inner.epochs.for_request(hasher, &request);
+        let l1 = inner.l1_hasher.key(&inner.upstream_id, &request, epochs);
         let now = Instant::now();
         let found = inner.parts.l1.get(&l1, now);
         if let Some(found) = found.as_ref().filter(|f| f.current && f.token.is_fresh(now, freshness)) {
             if found.token.claim_refresh(now) {
-                let keys = EntryKeys { cache: inner.parts.keys.hasher.cache_key(&inner.upstream_id, &request), l1 };
+                let keys = EntryKeys { cache: hasher.cache_key_with(&inner.upstream_id, &request, epochs), l1 };
                 inner.start_refresh(keys, request, Arc::clone(&found.token));
             }
             return L1Lookup::Hit(Reply {
@@ -215,7 +241,7 @@ impl TokenService {
         // Not current (to be revalidated) or no longer fresh: still useful if Redis or the
         // upstream cannot answer.
         let local = found.map(|f| f.token).filter(|t| t.is_servable(now, freshness));
-        let keys = EntryKeys { cache: inner.parts.keys.hasher.cache_key(&inner.upstream_id, &request), l1 };
+        let keys = EntryKeys { cache: hasher.cache_key_with(&inner.upstream_id, &request, epochs), l1 };
         L1Lookup::Miss(L1Miss { keys, request, local })
     }
 
@@ -274,6 +300,23 @@ impl TokenService {
             Outcome::Token(_) => unreachable!("classify never builds a token"),
         };
         Reply { cache: CacheStatus::Bypass, answer }
+    }
+}
+
+/// Keeps this replica's purge epochs in step with Redis: on every announcement, and once a
+/// second in case one was lost. Ends with the service.
+async fn follow_purges(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(store) = inner.upgrade().and_then(|i| i.parts.store.clone()) else { return };
+        tokio::select! {
+            () = store.purge_announced() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let Ok(fields) = store.purge_epochs().await else { continue };
+        match inner.upgrade() {
+            Some(inner) => inner.epochs.replace(fields),
+            None => return,
+        }
     }
 }
 

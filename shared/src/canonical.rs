@@ -88,6 +88,19 @@ const TAG_GRANT_TYPE: u8 = 4;
 const TAG_SCOPE_OMITTED: u8 = 5;
 const TAG_SCOPE_SET: u8 = 6;
 const TAG_EXTRA: u8 = 7;
+const TAG_PURGE: u8 = 8;
+
+/// Purge generations that apply to a request: every purge bumps one, which changes the key of
+/// every entry it covers (so they are never found again and expire by TTL).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeEpochs {
+    /// Bumped by "purge everything".
+    pub all: u64,
+    /// Bumped by a purge of this client.
+    pub client: u64,
+    /// Bumped by a purge of this client and scope.
+    pub scope: u64,
+}
 
 /// Where a canonical encoding goes: a buffer, or straight into a hash (no copy).
 pub trait CanonicalSink {
@@ -123,6 +136,18 @@ impl CanonicalRequest {
         for (name, value) in &self.extra {
             bytes(out, name.as_bytes());
             bytes(out, value.as_bytes());
+        }
+    }
+
+    /// [`CanonicalRequest::encode`] followed by the purge epochs, if any purge ever applied
+    /// (so keys from before the first purge stay as they were).
+    pub fn encode_with(&self, upstream: &str, epochs: PurgeEpochs, out: &mut impl CanonicalSink) {
+        self.encode(upstream, out);
+        if epochs != PurgeEpochs::default() {
+            out.put(&[TAG_PURGE]);
+            for epoch in [epochs.all, epochs.client, epochs.scope] {
+                out.put(&epoch.to_be_bytes());
+            }
         }
     }
 }

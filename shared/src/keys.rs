@@ -10,7 +10,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::canonical::{CanonicalRequest, CanonicalSink};
+use crate::canonical::{CanonicalRequest, CanonicalSink, PurgeEpochs, Scope};
 use crate::seal::Sealer;
 
 /// Shortest root secret accepted, in bytes.
@@ -20,6 +20,11 @@ const HKDF_SALT: &[u8] = b"token-proxy/v1";
 const LABEL_INDEX: &[u8] = b"token-proxy/v1/index-key";
 const LABEL_SEAL: &[u8] = b"token-proxy/v1/seal-key";
 const LABEL_KEY_ID: &[u8] = b"token-proxy/v1/key-id";
+const LABEL_PURGE_CLIENT: &[u8] = b"token-proxy/v1/purge-client";
+const LABEL_PURGE_SCOPE: &[u8] = b"token-proxy/v1/purge-scope";
+
+/// Names a client (or client and scope) in the purge table without revealing it.
+pub type PurgeTag = [u8; 16];
 
 /// The fixed-width name of a cache entry.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,9 +73,37 @@ impl KeyHasher {
 
     /// The cache key of `request` sent to `upstream`.
     pub fn cache_key(&self, upstream: &str, request: &CanonicalRequest) -> CacheKey {
+        self.cache_key_with(upstream, request, PurgeEpochs::default())
+    }
+
+    /// The cache key of `request` under the given purge epochs.
+    pub fn cache_key_with(&self, upstream: &str, request: &CanonicalRequest, epochs: PurgeEpochs) -> CacheKey {
         let mut mac = MacSink(self.keyed.clone());
-        request.encode(upstream, &mut mac);
+        request.encode_with(upstream, epochs, &mut mac);
         CacheKey(mac.0.finalize().into_bytes().into())
+    }
+
+    fn tag(&self, label: &[u8], parts: &[&[u8]]) -> PurgeTag {
+        let mut mac = self.keyed.clone();
+        mac.update(label);
+        for part in parts {
+            mac.update(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
+            mac.update(part);
+        }
+        let full: [u8; 32] = mac.finalize().into_bytes().into();
+        full[..16].try_into().expect("16 of 32 bytes")
+    }
+
+    /// The purge tag of a client.
+    pub fn client_tag(&self, client_id: &str) -> PurgeTag {
+        self.tag(LABEL_PURGE_CLIENT, &[client_id.as_bytes()])
+    }
+
+    /// The purge tag of a client's entries for one scope (omitted scope included).
+    pub fn scope_tag(&self, client_id: &str, scope: &Scope) -> PurgeTag {
+        let scope = scope.to_param();
+        let marker: &[u8] = if scope.is_some() { b"set" } else { b"omitted" };
+        self.tag(LABEL_PURGE_SCOPE, &[client_id.as_bytes(), marker, scope.as_deref().unwrap_or("").as_bytes()])
     }
 }
 
@@ -151,6 +184,35 @@ mod tests {
         let key = keys.hasher.cache_key("https://idp.example/oauth2/token", &request("client", "secret", Some("b a")));
         assert_eq!(key.to_hex(), "a72f898030a471e4a0f39865d1627ffa4d87e81ad268ee319bb1252ba3c842a1");
         assert_eq!(keys.sealer.key_id(), 50);
+    }
+
+    #[test]
+    fn purge_epochs_change_the_key_only_when_set() {
+        let keys = Keys::derive(ROOT).unwrap();
+        let r = request("c", "s", Some("a"));
+        let plain = keys.hasher.cache_key("u", &r);
+        assert_eq!(keys.hasher.cache_key_with("u", &r, PurgeEpochs::default()), plain);
+        let mut seen = std::collections::HashSet::from([plain]);
+        for epochs in [
+            PurgeEpochs { all: 1, ..PurgeEpochs::default() },
+            PurgeEpochs { client: 1, ..PurgeEpochs::default() },
+            PurgeEpochs { scope: 1, ..PurgeEpochs::default() },
+            PurgeEpochs { all: 2, client: 1, scope: 0 },
+        ] {
+            assert!(seen.insert(keys.hasher.cache_key_with("u", &r, epochs)), "{epochs:?}");
+        }
+    }
+
+    #[test]
+    fn purge_tags_separate_clients_and_scopes() {
+        let keys = Keys::derive(ROOT).unwrap();
+        let h = &keys.hasher;
+        assert_ne!(h.client_tag("a"), h.client_tag("b"));
+        let (some, none) = (Scope::parse(Some("x y")).unwrap(), Scope::Omitted);
+        assert_ne!(h.scope_tag("a", &some), h.scope_tag("a", &none));
+        assert_ne!(h.scope_tag("a", &some), h.scope_tag("b", &some));
+        assert_eq!(h.scope_tag("a", &some), h.scope_tag("a", &Scope::parse(Some("y x")).unwrap()));
+        assert_ne!(h.scope_tag("a", &none), h.client_tag("a"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod cluster;
 mod fault_proxy;
 mod freshness;
 mod leaks;
+mod purge;
 mod raw_socket;
 mod redis_faults;
 mod sealing;
