@@ -42,10 +42,19 @@ pub enum TokenRequest {
 }
 
 /// A request forwarded without caching.
-#[derive(Debug)]
 pub struct PassThrough {
     pub form_body: String,
     pub authorization: Option<HeaderValue>,
+}
+
+/// The body and header carry credentials: never print them.
+impl std::fmt::Debug for PassThrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassThrough")
+            .field("form_body_len", &self.form_body.len())
+            .field("authorization", &self.authorization.is_some())
+            .finish()
+    }
 }
 
 /// Checks the request head before the body is read.
@@ -116,6 +125,10 @@ pub fn normalize(
         }
         for (name, value) in Form::parse(query.as_bytes()).map_err(form_rejection)?.into_pairs() {
             form.insert(name, value).map_err(form_rejection)?;
+        }
+        // The limit holds for the body and the query together.
+        if form.len() > form::MAX_PARAMETERS {
+            return Err(form_rejection(FormError::TooManyParameters));
         }
         merged_query = true;
     }
@@ -285,6 +298,25 @@ mod tests {
         assert_eq!(r.client_id, "a");
         let err = normalize(Some("grant_type=x"), &h, &body, &compat).unwrap_err();
         assert!(err.description.contains("repeated"));
+    }
+
+    #[test]
+    fn the_parameter_limit_covers_body_and_query_together() {
+        let compat = RequestLimits { allow_query_params: true, ..LIMITS };
+        let body: Vec<String> = (0..30).map(|i| format!("b{i}=1")).collect();
+        let query: Vec<String> = (0..30).map(|i| format!("q{i}=1")).collect();
+        let body = Bytes::from(format!("grant_type=client_credentials&{}", body.join("&")));
+        let err = normalize(Some(&query.join("&")), &headers(&[]), &body, &compat).unwrap_err();
+        assert!(err.description.contains("too many"), "{err:?}");
+    }
+
+    #[test]
+    fn pass_through_requests_never_print_credentials() {
+        let body = Bytes::from_static(b"grant_type=refresh_token&refresh_token=abc&client_id=hunter2");
+        let h = headers(&[("authorization", "Basic aHVudGVyMjpodW50ZXIy")]);
+        let request = normalize(None, &h, &body, &LIMITS).unwrap();
+        let printed = format!("{request:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains("aHVudGVy") && !printed.contains("abc"), "{printed}");
     }
 
     #[test]

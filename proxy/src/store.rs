@@ -58,13 +58,6 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, t, v
 return {2, redis.call('PTTL', KEYS[2]), v or '', t}
 ";
 
-/// Reads an entry and its TTL in one round trip. KEYS: entry. Returns {value, ttl} or nil.
-const READ_LUA: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return nil end
-return {v, redis.call('PTTL', KEYS[1])}
-";
-
 /// Finishes a flight: stores the value (if any), releases the lock only if it is still ours
 /// (compare-and-delete, so a late leader never frees its successor's lock), and announces the
 /// outcome. KEYS: entry, lock. ARGV: owner, value or '', value TTL (ms), channel, message.
@@ -136,7 +129,6 @@ impl LockOwner {
 pub struct RedisStore {
     client: Client,
     subscriber: SubscriberClient,
-    read_script: Arc<Script>,
     lookup_script: Arc<Script>,
     complete_script: Arc<Script>,
     purge_script: Arc<Script>,
@@ -198,7 +190,6 @@ impl RedisStore {
         Ok(RedisStore {
             client,
             subscriber,
-            read_script: Arc::new(Script::from_lua(READ_LUA)),
             lookup_script: Arc::new(Script::from_lua(LOOKUP_LUA)),
             complete_script: Arc::new(Script::from_lua(COMPLETE_LUA)),
             purge_script: Arc::new(Script::from_lua(PURGE_LUA)),
@@ -235,14 +226,22 @@ impl RedisStore {
         result
     }
 
-    /// Reads an entry and its remaining TTL, one round trip, no lock: the hit path.
+    /// Reads an entry and its remaining TTL, one round trip, no lock: the hit path. A pipeline
+    /// of GET and PTTL rather than a script: Redis runs it several times cheaper than Lua.
     pub async fn read(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
-        let keys = vec![RedisStore::entry_key(key)];
-        let reply: Option<Vec<Value>> =
-            self.guarded(async { Ok(self.read_script.evalsha_with_reload(&self.client, keys, ()).await?) }).await?;
-        let Some(reply) = reply else { return Ok(None) };
-        let mut reply = reply.into_iter();
-        Ok(stored(reply.next(), reply.next().as_ref()))
+        let name = RedisStore::entry_key(key);
+        let (value, ttl): (Option<Bytes>, i64) = self
+            .guarded(async {
+                let pipeline = self.client.pipeline();
+                let () = pipeline.get(name.as_str()).await?;
+                let () = pipeline.pttl(name.as_str()).await?;
+                Ok(pipeline.all().await?)
+            })
+            .await?;
+        // Absent, expired between the two commands, or without a TTL (never written by us).
+        Ok(value
+            .filter(|_| ttl > 0)
+            .map(|sealed| StoredValue { sealed, ttl: Duration::from_millis(ttl.unsigned_abs()) }))
     }
 
     /// Reads the entry, or takes the lock if there is no fresh entry: see [`LOOKUP_LUA`].

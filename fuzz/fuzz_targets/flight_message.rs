@@ -1,0 +1,64 @@
+//! `token_proxy::flight_message::decode`: what a follower replica reads from pub/sub after
+//! unsealing (and, through `CachedToken::from_stored`, what it reads from Redis).
+//!
+//! Properties: never panics, for a few valid freshness settings; whatever decodes re-encodes to
+//! a message that decodes to the same thing (for a token: the same rendered body and the same
+//! time left, to the millisecond the wire carries).
+#![no_main]
+
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use token_proxy::entry::Freshness;
+use token_proxy::flight_message::{self, FlightMessage};
+use token_proxy::response::UpstreamFailure;
+use token_proxy::upstream::UpstreamResponse;
+
+const FRESHNESS: [Freshness; 3] = [
+    Freshness { expiry_margin: Duration::from_secs(60), min_token_ttl: Duration::from_secs(30), refresh_at: 0.75 },
+    Freshness { expiry_margin: Duration::ZERO, min_token_ttl: Duration::ZERO, refresh_at: 1.0 },
+    Freshness { expiry_margin: Duration::from_secs(300), min_token_ttl: Duration::from_secs(600), refresh_at: 0.0 },
+];
+
+fn same_response(a: &UpstreamResponse, b: &UpstreamResponse) {
+    assert_eq!(a.status, b.status);
+    assert_eq!(a.body, b.body);
+    assert_eq!(a.content_type, b.content_type);
+    assert_eq!(a.retry_after, b.retry_after);
+    assert_eq!(a.www_authenticate, b.www_authenticate);
+}
+
+fuzz_target!(|data: &[u8]| {
+    let now = Instant::now();
+    for freshness in &FRESHNESS {
+        let Some(message) = flight_message::decode(data, now, freshness) else { continue };
+        match &message {
+            FlightMessage::Token(token) => {
+                let body = token.render(now);
+                assert!(body.starts_with(b"{\"access_token\":\"") && body.ends_with(b"}"));
+                let _ = (token.is_fresh(now, freshness), token.keep_for(now, freshness), token.to_stored());
+                let again = flight_message::decode(&flight_message::encode_token(token, now), now, freshness);
+                let Some(FlightMessage::Token(again)) = again else { panic!("a decoded token does not re-decode") };
+                assert_eq!(again.render(now), body);
+                assert_eq!(again.remaining(now).as_millis(), token.remaining(now).as_millis());
+            }
+            FlightMessage::Relayed(response) => {
+                let again = flight_message::decode(&flight_message::encode_relayed(response), now, freshness);
+                let Some(FlightMessage::Relayed(again)) = again else { panic!("a relayed answer does not re-decode") };
+                same_response(response, &again);
+            }
+            FlightMessage::Failed(failure) => {
+                let again = flight_message::decode(&flight_message::encode_failure(failure), now, freshness);
+                match (failure, again) {
+                    (UpstreamFailure::BadStatus(a), Some(FlightMessage::Failed(UpstreamFailure::BadStatus(b)))) => {
+                        same_response(a, &b)
+                    }
+                    (UpstreamFailure::Unreachable(a), Some(FlightMessage::Failed(UpstreamFailure::Unreachable(b)))) => {
+                        assert_eq!(*a, b)
+                    }
+                    _ => panic!("a failure does not re-decode"),
+                }
+            }
+        }
+    }
+});
