@@ -369,25 +369,33 @@ fn parse_redis_url(value: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn parse_secret(inline: Option<String>, file: Option<String>) -> Result<Option<SecretBox<Vec<u8>>>, ConfigError> {
-    let (variable, encoded) = match (inline, file) {
-        (Some(_), Some(_)) => {
-            return Err(error(
-                "TOKEN_PROXY_SECRET_FILE",
-                "set either TOKEN_PROXY_SECRET or TOKEN_PROXY_SECRET_FILE, not both",
-            ));
-        }
-        (Some(inline), None) => ("TOKEN_PROXY_SECRET", inline),
+/// A secret given inline (`NAME`) or in a file (`NAME_FILE`), trimmed, with the variable it came
+/// from (for error messages, which never echo the value).
+fn inline_or_file(
+    name: &'static str,
+    file_name: &'static str,
+    inline: Option<String>,
+    file: Option<String>,
+) -> Result<Option<(&'static str, String)>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(error(file_name, format!("set either {name} or {file_name}, not both"))),
+        (Some(inline), None) => Ok(Some((name, inline.trim().to_owned()))),
         (None, Some(path)) => {
-            let contents = std::fs::read_to_string(&path)
-                .map_err(|e| error("TOKEN_PROXY_SECRET_FILE", format!("cannot read {path}: {e}")))?;
-            ("TOKEN_PROXY_SECRET_FILE", contents)
+            let contents =
+                std::fs::read_to_string(&path).map_err(|e| error(file_name, format!("cannot read {path}: {e}")))?;
+            Ok(Some((file_name, contents.trim().to_owned())))
         }
-        (None, None) => return Ok(None),
+        (None, None) => Ok(None),
+    }
+}
+
+fn parse_secret(inline: Option<String>, file: Option<String>) -> Result<Option<SecretBox<Vec<u8>>>, ConfigError> {
+    let Some((variable, encoded)) = inline_or_file("TOKEN_PROXY_SECRET", "TOKEN_PROXY_SECRET_FILE", inline, file)?
+    else {
+        return Ok(None);
     };
-    // Never echo the value.
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
+        .decode(encoded)
         .map_err(|_| error(variable, "is not valid base64"))?;
     if bytes.len() < MIN_ROOT_SECRET_LEN {
         return Err(error(
@@ -405,20 +413,10 @@ fn parse_secret(inline: Option<String>, file: Option<String>) -> Result<Option<S
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 fn parse_admin_token(inline: Option<String>, file: Option<String>) -> Result<Option<SecretString>, ConfigError> {
-    let (variable, token) = match (inline, file) {
-        (Some(_), Some(_)) => {
-            return Err(error(
-                "TOKEN_PROXY_ADMIN_TOKEN_FILE",
-                "set either TOKEN_PROXY_ADMIN_TOKEN or TOKEN_PROXY_ADMIN_TOKEN_FILE, not both",
-            ));
-        }
-        (Some(inline), None) => ("TOKEN_PROXY_ADMIN_TOKEN", inline),
-        (None, Some(path)) => {
-            let contents = std::fs::read_to_string(&path)
-                .map_err(|e| error("TOKEN_PROXY_ADMIN_TOKEN_FILE", format!("cannot read {path}: {e}")))?;
-            ("TOKEN_PROXY_ADMIN_TOKEN_FILE", contents.trim().to_owned())
-        }
-        (None, None) => return Ok(None),
+    let Some((variable, token)) =
+        inline_or_file("TOKEN_PROXY_ADMIN_TOKEN", "TOKEN_PROXY_ADMIN_TOKEN_FILE", inline, file)?
+    else {
+        return Ok(None);
     };
     if token.len() < MIN_ADMIN_TOKEN_LEN {
         return Err(error(variable, format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters")));
@@ -551,6 +549,35 @@ mod tests {
         assert!(!err.to_string().contains("c2VjcmV0LXNob3J0"));
         let err = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_REDIS_URL", "tcp://:hunter2@x")])).unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn secrets_come_inline_or_from_a_file_but_not_both() {
+        let dir = std::env::temp_dir().join(format!("tp-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret_file = dir.join("secret");
+        std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "admin-token-from-a-file\n").unwrap();
+        let (secret_path, token_path) = (secret_file.to_str().unwrap(), token_file.to_str().unwrap());
+        let config = Config::from_lookup(lookup(&[
+            UPSTREAM,
+            ("TOKEN_PROXY_SECRET_FILE", secret_path),
+            ("TOKEN_PROXY_ADMIN_TOKEN_FILE", token_path),
+        ]))
+        .unwrap();
+        assert_eq!(config.secret_bytes().unwrap(), b"0123456789abcdef0123456789abcdef");
+        assert_eq!(config.admin_token.unwrap().expose_secret(), "admin-token-from-a-file");
+        for (inline, file, path) in [
+            ("TOKEN_PROXY_SECRET", "TOKEN_PROXY_SECRET_FILE", secret_path),
+            ("TOKEN_PROXY_ADMIN_TOKEN", "TOKEN_PROXY_ADMIN_TOKEN_FILE", token_path),
+        ] {
+            let both = Config::from_lookup(lookup(&[UPSTREAM, (inline, "x".repeat(44).as_str()), (file, path)]));
+            assert_eq!(both.unwrap_err().variable, file);
+        }
+        let missing = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_SECRET_FILE", "/nonexistent/secret")]));
+        assert_eq!(missing.unwrap_err().variable, "TOKEN_PROXY_SECRET_FILE");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
