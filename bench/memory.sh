@@ -30,11 +30,7 @@ ENTRIES=${MEM_ENTRIES:-5}
 BATCH=2000
 BATCH_TIMEOUT=300
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() {
-    printf 'FAIL: %s\n' "$*" >&2
-    exit 1
-}
+source "$ROOT/bench/lib.sh"
 
 for var in KEYS_SMALL KEYS_LARGE PARALLEL ENTRIES; do
     [[ ${!var} =~ ^[1-9][0-9]{0,6}$ ]] || die "$var must be a positive integer, got '${!var}'"
@@ -57,86 +53,7 @@ for bin in token-proxy mock-idp; do
     [[ -x $TARGET_DIR/release/$bin ]] || die "missing $TARGET_DIR/release/$bin (build it or unset BENCH_SKIP_BUILD)"
 done
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/token-proxy-mem.XXXXXX")
-declare -A PID=()
-WATCHDOG=
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    if [[ -n $WATCHDOG ]]; then kill "$WATCHDOG" 2>/dev/null || true; fi
-    local name
-    for name in "${!PID[@]}"; do
-        kill "${PID[$name]}" 2>/dev/null || true
-    done
-    for name in "${!PID[@]}"; do
-        wait "${PID[$name]}" 2>/dev/null || true
-    done
-    if [[ $status -ne 0 ]]; then
-        echo "logs kept in $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# The whole run is bounded: past MAX_SECONDS the script is stopped and cleans up.
-(
-    sleep "$MAX_SECONDS" &
-    sleeper=$!
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-    wait "$sleeper"
-    echo "FAIL: timed out after ${MAX_SECONDS}s" >&2
-    kill -TERM $$ 2>/dev/null
-) &
-WATCHDOG=$!
-
-# Distinct free loopback ports, all held open at once while they are picked.
-free_ports() {
-    python3 - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
-
-# start NAME COMMAND...: runs COMMAND in the background, bounded by MAX_SECONDS, output in
-# $WORK/NAME.log. Environment goes through `VAR=value start ...` (never on a command line).
-# PID[NAME] is the `timeout` wrapper; SERVER_PID[NAME] (after wait_until) the server itself.
-declare -A SERVER_PID=()
-start() {
-    local name=$1
-    shift
-    timeout --signal=TERM "$MAX_SECONDS" "$@" >"$WORK/$name.log" 2>&1 &
-    PID[$name]=$!
-}
-
-# wait_until NAME COMMAND...: polls COMMAND until it succeeds (30 s), failing if NAME exits.
-wait_until() {
-    local name=$1
-    shift
-    local deadline=$((SECONDS + 30))
-    until "$@" >/dev/null 2>&1; do
-        if ! kill -0 "${PID[$name]}" 2>/dev/null; then
-            tail -n 20 "$WORK/$name.log" >&2
-            die "$name exited during start-up"
-        fi
-        ((SECONDS < deadline)) || {
-            tail -n 20 "$WORK/$name.log" >&2
-            die "$name not ready after 30s"
-        }
-        sleep 0.1
-    done
-    SERVER_PID[$name]=$(ps -o pid= --ppid "${PID[$name]}" | tr -d ' ' | head -n 1)
-    [[ -n ${SERVER_PID[$name]} ]] || die "cannot find the process of $name"
-}
+bench_begin token-proxy-mem
 
 read -r P_REDIS P_IDP P_RP P_RP_ADMIN P_L1 P_L1_ADMIN <<<"$(free_ports 6)"
 UPSTREAM=http://127.0.0.1:$P_IDP/oauth2/token
@@ -160,10 +77,6 @@ TOKEN_PROXY_LISTEN=127.0.0.1:$P_L1 TOKEN_PROXY_ADMIN_LISTEN=127.0.0.1:$P_L1_ADMI
     start proxy-l1 "$TARGET_DIR/release/token-proxy"
 wait_until proxy-redis curl -sf --max-time 1 "http://127.0.0.1:$P_RP_ADMIN/readyz"
 wait_until proxy-l1 curl -sf --max-time 1 "http://127.0.0.1:$P_L1_ADMIN/readyz"
-
-issued() {
-    curl -sf --max-time 5 "http://127.0.0.1:$P_IDP/admin/stats" | grep -o '"issued_total":[0-9]*' | cut -d: -f2
-}
 
 # ---------------------------------------------------------------------------------------------
 # (a) Redis bytes per entry

@@ -41,11 +41,7 @@ THREADS=${BENCH_THREADS:-1}
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 KEYS=${BENCH_KEYS:-1}
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() {
-    printf 'FAIL: %s\n' "$*" >&2
-    exit 1
-}
+source "$ROOT/bench/lib.sh"
 
 # Seconds in a wrk-style duration: 10, 10s, 2m, 1h.
 seconds() {
@@ -88,82 +84,7 @@ for bin in token-proxy mock-idp examples/baseline; do
     [[ -x $TARGET_DIR/release/$bin ]] || die "missing $TARGET_DIR/release/$bin (build it or unset BENCH_SKIP_BUILD)"
 done
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/token-proxy-bench.XXXXXX")
-declare -A PID=()
-WATCHDOG=
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    if [[ -n $WATCHDOG ]]; then kill "$WATCHDOG" 2>/dev/null || true; fi
-    local name
-    for name in "${!PID[@]}"; do
-        kill "${PID[$name]}" 2>/dev/null || true
-    done
-    for name in "${!PID[@]}"; do
-        wait "${PID[$name]}" 2>/dev/null || true
-    done
-    if [[ $status -ne 0 ]]; then
-        echo "logs kept in $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# The whole run is bounded: past MAX_SECONDS the script is stopped and cleans up.
-(
-    sleep "$MAX_SECONDS" &
-    sleeper=$!
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-    wait "$sleeper"
-    echo "FAIL: timed out after ${MAX_SECONDS}s" >&2
-    kill -TERM $$ 2>/dev/null
-) &
-WATCHDOG=$!
-
-# Distinct free loopback ports, all held open at once while they are picked.
-free_ports() {
-    python3 - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
-
-# start NAME COMMAND...: runs COMMAND in the background, bounded by MAX_SECONDS, output in
-# $WORK/NAME.log. Environment goes through `VAR=value start ...` (never on a command line).
-start() {
-    local name=$1
-    shift
-    timeout --signal=TERM "$MAX_SECONDS" "$@" >"$WORK/$name.log" 2>&1 &
-    PID[$name]=$!
-}
-
-# wait_until NAME COMMAND...: polls COMMAND until it succeeds (30 s), failing if NAME exits.
-wait_until() {
-    local name=$1
-    shift
-    local deadline=$((SECONDS + 30))
-    until "$@" >/dev/null 2>&1; do
-        if ! kill -0 "${PID[$name]}" 2>/dev/null; then
-            tail -n 20 "$WORK/$name.log" >&2
-            die "$name exited during start-up"
-        fi
-        ((SECONDS < deadline)) || {
-            tail -n 20 "$WORK/$name.log" >&2
-            die "$name not ready after 30s"
-        }
-        sleep 0.1
-    done
-}
+bench_begin token-proxy-bench
 
 read -r P_REDIS P_IDP P_BASE P_L1 P_L1_ADMIN P_RH P_RH_ADMIN <<<"$(free_ports 7)"
 UPSTREAM=http://127.0.0.1:$P_IDP/oauth2/token
@@ -231,10 +152,6 @@ if ((KEYS > 1)); then
     warm_keys "127.0.0.1:$P_L1"
     warm_keys "127.0.0.1:$P_RH"
 fi
-
-issued() {
-    curl -sf --max-time 5 "http://127.0.0.1:$P_IDP/admin/stats" | grep -o '"issued_total":[0-9]*' | cut -d: -f2
-}
 
 # Milliseconds in a wrk latency figure (e.g. 512.00us, 1.20ms, 1.01s).
 to_ms() {
