@@ -217,7 +217,9 @@ impl RedisStore {
         if !self.breaker.allow() {
             return Err(StoreError::BreakerOpen);
         }
-        let result = command.await;
+        // fred's command futures are large: boxed once here, every await above moves a pointer
+        // instead of copying them.
+        let result = Box::pin(command).await;
         self.breaker.record(result.is_ok());
         if let Err(error) = &result {
             self.metrics.redis_error();
