@@ -94,6 +94,17 @@ wait_until() {
     [[ -n ${SERVER_PID[$name]} ]] || die "cannot find the process of $name"
 }
 
+# A private redis-server on P_REDIS and mock-idp (its default demo-client) on P_IDP.
+start_redis_and_idp() {
+    log "starting redis-server on 127.0.0.1:$P_REDIS"
+    start redis redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no --dir "$WORK" \
+        --protected-mode yes --loglevel warning
+    wait_until redis redis-cli -p "$P_REDIS" ping
+    log "starting mock-idp on 127.0.0.1:$P_IDP"
+    MOCK_IDP_LISTEN=127.0.0.1:$P_IDP MOCK_IDP_LOG=warn start mock-idp "$TARGET_DIR/release/mock-idp"
+    wait_until mock-idp curl -sf --max-time 1 "http://127.0.0.1:$P_IDP/.well-known/jwks.json"
+}
+
 # Tokens mock-idp has issued so far (P_IDP: its port).
 issued() {
     curl -sf --max-time 5 "http://127.0.0.1:$P_IDP/admin/stats" | grep -o '"issued_total":[0-9]*' | cut -d: -f2

@@ -58,14 +58,7 @@ bench_begin token-proxy-mem
 read -r P_REDIS P_IDP P_RP P_RP_ADMIN P_L1 P_L1_ADMIN <<<"$(free_ports 6)"
 UPSTREAM=http://127.0.0.1:$P_IDP/oauth2/token
 
-log "starting redis-server on 127.0.0.1:$P_REDIS"
-start redis redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no --dir "$WORK" \
-    --protected-mode yes --loglevel warning
-wait_until redis redis-cli -p "$P_REDIS" ping
-
-log "starting mock-idp on 127.0.0.1:$P_IDP"
-MOCK_IDP_LISTEN=127.0.0.1:$P_IDP MOCK_IDP_LOG=warn start mock-idp "$TARGET_DIR/release/mock-idp"
-wait_until mock-idp curl -sf --max-time 1 "http://127.0.0.1:$P_IDP/.well-known/jwks.json"
+start_redis_and_idp
 
 log "starting token-proxy with Redis on 127.0.0.1:$P_RP, without Redis on 127.0.0.1:$P_L1"
 TOKEN_PROXY_LISTEN=127.0.0.1:$P_RP TOKEN_PROXY_ADMIN_LISTEN=127.0.0.1:$P_RP_ADMIN \

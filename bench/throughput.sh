@@ -90,14 +90,7 @@ read -r P_REDIS P_IDP P_BASE P_L1 P_L1_ADMIN P_RH P_RH_ADMIN <<<"$(free_ports 7)
 UPSTREAM=http://127.0.0.1:$P_IDP/oauth2/token
 SECRET=$(openssl rand -base64 32)
 
-log "starting redis-server on 127.0.0.1:$P_REDIS"
-start redis redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no --dir "$WORK" \
-    --protected-mode yes --loglevel warning
-wait_until redis redis-cli -p "$P_REDIS" ping
-
-log "starting mock-idp on 127.0.0.1:$P_IDP"
-MOCK_IDP_LISTEN=127.0.0.1:$P_IDP MOCK_IDP_LOG=warn start mock-idp "$TARGET_DIR/release/mock-idp"
-wait_until mock-idp curl -sf --max-time 1 "http://127.0.0.1:$P_IDP/.well-known/jwks.json"
+start_redis_and_idp
 
 log "starting baseline on 127.0.0.1:$P_BASE"
 start baseline "$TARGET_DIR/release/examples/baseline" "127.0.0.1:$P_BASE"

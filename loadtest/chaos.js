@@ -23,7 +23,7 @@
 import { check } from 'k6';
 import { Counter } from 'k6/metrics';
 import {
-    TREND_STATS, checkToken, envFloat, envInt, idpFaults, idpStats, loadClient, newRunId, postToken, xCache,
+    arrivalRate, TREND_STATS, checkToken, envFloat, envInt, idpFaults, idpStats, loadClient, newRunId, postToken, xCache,
 } from './lib/common.js';
 
 const RATE = envInt('RATE', 300);
@@ -43,14 +43,7 @@ const outcome = {
 
 export const options = {
     scenarios: {
-        steady: {
-            executor: 'constant-arrival-rate',
-            rate: RATE,
-            timeUnit: '1s',
-            duration: DURATION,
-            preAllocatedVUs: 100,
-            maxVUs: 500,
-        },
+        steady: arrivalRate(RATE, DURATION, { maxVUs: 500 }),
     },
     thresholds: {
         // The point of the exercise: not one failed request through HAProxy.

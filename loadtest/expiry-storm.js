@@ -21,7 +21,7 @@ import http from 'k6/http';
 import { check, sleep } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
 import {
-    TREND_STATS, checkToken, envInt, idpFaults, idpStats, issuedDelta, json, loadClient, newRunId, postToken,
+    arrivalRate, TREND_STATS, checkToken, envInt, idpFaults, idpStats, issuedDelta, json, loadClient, newRunId, postToken,
     tokenRequest, xCache,
 } from './lib/common.js';
 
@@ -52,15 +52,7 @@ const misses = new Counter('x_cache_miss');
 
 export const options = {
     scenarios: {
-        load: {
-            executor: 'constant-arrival-rate',
-            rate: RATE,
-            timeUnit: '1s',
-            duration: DURATION,
-            preAllocatedVUs: 100,
-            maxVUs: 400,
-            exec: 'load',
-        },
+        load: arrivalRate(RATE, DURATION, { exec: 'load' }),
         monitor: {
             executor: 'constant-arrival-rate',
             rate: 1,

@@ -14,7 +14,7 @@
 
 import { check, sleep } from 'k6';
 import { Counter, Rate } from 'k6/metrics';
-import { TREND_STATS, checkToken, envInt, idpStats, issuedDelta, loadClient, postToken, xCache } from './lib/common.js';
+import {arrivalRate, TREND_STATS, checkToken, envInt, idpStats, issuedDelta, loadClient, postToken, xCache } from './lib/common.js';
 
 const RATE = envInt('RATE', 1000);
 const DURATION = __ENV.DURATION || '30s';
@@ -36,14 +36,7 @@ const unexpected = new Counter('upstream_tokens_unexpected');
 
 export const options = {
     scenarios: {
-        hits: {
-            executor: 'constant-arrival-rate',
-            rate: RATE,
-            timeUnit: '1s',
-            duration: DURATION,
-            preAllocatedVUs: 100,
-            maxVUs: 400,
-        },
+        hits: arrivalRate(RATE, DURATION),
     },
     thresholds: {
         checks: ['rate==1'],

@@ -16,7 +16,7 @@
 import { check } from 'k6';
 import { Counter, Rate } from 'k6/metrics';
 import {
-    TREND_STATS, checkToken, envFloat, envInt, idpStats, issuedDelta, loadClient, postToken, xCache, zipfSampler,
+    arrivalRate, TREND_STATS, checkToken, envFloat, envInt, idpStats, issuedDelta, loadClient, postToken, xCache, zipfSampler,
 } from './lib/common.js';
 
 const RATE = envInt('RATE', 800);
@@ -36,14 +36,7 @@ const overIssued = new Counter('upstream_tokens_unexpected');
 
 export const options = {
     scenarios: {
-        fleet: {
-            executor: 'constant-arrival-rate',
-            rate: RATE,
-            timeUnit: '1s',
-            duration: DURATION,
-            preAllocatedVUs: 100,
-            maxVUs: 400,
-        },
+        fleet: arrivalRate(RATE, DURATION),
     },
     thresholds: {
         checks: ['rate==1'],

@@ -20,6 +20,19 @@ export const TREND_STATS = ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max
 // Cognito's price per machine-to-machine token request (USD), for the summaries.
 export const PRICE_PER_TOKEN = 0.00225;
 
+/** A k6 scenario sending `rate` requests a second for `duration`, whatever the latency. */
+export function arrivalRate(rate, duration, { maxVUs = 400, ...rest } = {}) {
+    return {
+        executor: 'constant-arrival-rate',
+        rate,
+        timeUnit: '1s',
+        duration,
+        preAllocatedVUs: 100,
+        maxVUs,
+        ...rest,
+    };
+}
+
 export function envInt(name, fallback) {
     const raw = __ENV[name];
     if (raw === undefined || raw === '') return fallback;
