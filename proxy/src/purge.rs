@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shared::canonical::{CanonicalRequest, PurgeEpochs, Scope};
 use shared::keys::{KeyHasher, PurgeTag};
@@ -44,16 +44,19 @@ pub struct Epochs {
     /// Epochs of purged clients and client scopes, by tag. Empty until the first such purge,
     /// and then the only reason a request computes its tags (two HMACs).
     tagged: RwLock<HashMap<PurgeTag, u64>>,
+    /// Whether `tagged` has anything: lets every request skip the lock until a purge of a
+    /// client happened (the lock's reader count would be a cache line both cores write).
+    any_tagged: AtomicBool,
 }
 
 impl Epochs {
     /// The epochs that apply to `request`.
     pub fn for_request(&self, hasher: &KeyHasher, request: &CanonicalRequest) -> PurgeEpochs {
         let all = self.all.load(Ordering::Acquire);
-        let tagged = self.tagged.read().unwrap_or_else(|p| p.into_inner());
-        if tagged.is_empty() {
+        if !self.any_tagged.load(Ordering::Acquire) {
             return PurgeEpochs { all, ..PurgeEpochs::default() };
         }
+        let tagged = self.tagged.read().unwrap_or_else(|p| p.into_inner());
         let epoch = |tag: PurgeTag| tagged.get(&tag).copied().unwrap_or(0);
         PurgeEpochs {
             all,
@@ -73,7 +76,9 @@ impl Epochs {
                 tagged.insert(tag, epoch);
             }
         }
+        let any = !tagged.is_empty();
         *self.tagged.write().unwrap_or_else(|p| p.into_inner()) = tagged;
+        self.any_tagged.store(any, Ordering::Release);
         self.all.store(all, Ordering::Release);
     }
 
@@ -86,6 +91,7 @@ impl Epochs {
         let mut tagged = self.tagged.write().unwrap_or_else(|p| p.into_inner());
         let epoch = tagged.entry(tag).or_default();
         *epoch += 1;
+        self.any_tagged.store(true, Ordering::Release);
         *epoch
     }
 }
