@@ -22,6 +22,7 @@ use crate::handler::client_router;
 use crate::l1::L1;
 use crate::metrics::Metrics;
 use crate::normalize::RequestLimits;
+use crate::source::SourcePolicy;
 use crate::store::{RedisStore, StoreSettings, StoreSetupError};
 use crate::token_service::{self, FlightSettings, TokenService};
 use crate::upstream::{Upstream, UpstreamSetupError};
@@ -51,6 +52,8 @@ pub struct AppState {
     /// SHA-256 of the admin token; `None` = admin API off. Only the digest is kept, and
     /// compared in constant time.
     pub admin_token_digest: Option<[u8; 32]>,
+    /// Which source addresses may call, and how to tell them behind a load balancer.
+    pub sources: Arc<SourcePolicy>,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -119,7 +122,11 @@ impl Application {
         let client_listener = bind("TOKEN_PROXY_LISTEN", config.listen).await?;
         let admin_listener = bind("TOKEN_PROXY_ADMIN_LISTEN", config.admin_listen).await?;
         let admin_token_digest = config.admin_token.as_ref().map(|t| crate::admin::digest(t.expose_secret()));
-        let state = AppState { service, metrics, limits, admin_token_digest, shutting_down: Arc::default() };
+        let sources = Arc::new(SourcePolicy {
+            allowed: config.allowed_networks.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+        });
+        let state = AppState { service, metrics, limits, admin_token_digest, sources, shutting_down: Arc::default() };
         Ok(Application { client_listener, admin_listener, state })
     }
 
@@ -161,7 +168,11 @@ impl Application {
                 }
             }
         });
-        let client = axum::serve(client_listener, client_router(state.clone())).with_graceful_shutdown(stopped());
+        let client = axum::serve(
+            client_listener,
+            client_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped());
         let admin = axum::serve(admin_listener, admin_router(state.clone())).with_graceful_shutdown(stopped());
         let signal = {
             let state = state.clone();

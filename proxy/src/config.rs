@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
+use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use shared::keys::MIN_ROOT_SECRET_LEN;
 
@@ -121,6 +122,77 @@ pub const SETTINGS: &[Setting] = &[
         help: "largest total size of request headers (431 above)",
     },
     Setting {
+        name: "TOKEN_PROXY_PREVIOUS_SECRETS",
+        default: None,
+        help: "earlier root secrets, base64, comma-separated: their entries are still read (key rotation)",
+    },
+    Setting {
+        name: "TOKEN_PROXY_PREVIOUS_SECRETS_FILE",
+        default: None,
+        help: "file holding TOKEN_PROXY_PREVIOUS_SECRETS, one per line",
+    },
+    Setting {
+        name: "TOKEN_PROXY_AUTH_FAILURE_LIMIT",
+        default: Some("5"),
+        help: "failed authentications (invalid_client) per client_id and source address in a window before 429; 0 = off",
+    },
+    Setting {
+        name: "TOKEN_PROXY_AUTH_FAILURE_CLIENT_LIMIT",
+        default: Some("50"),
+        help: "failed authentications per client_id from all sources in a window before 429; 0 = off",
+    },
+    Setting {
+        name: "TOKEN_PROXY_AUTH_FAILURE_WINDOW",
+        default: Some("60s"),
+        help: "the window in which failed authentications are counted",
+    },
+    Setting {
+        name: "TOKEN_PROXY_UPSTREAM_RATE_LIMIT",
+        default: Some("0"),
+        help: "upstream calls per second for the whole cluster (per replica when Redis is down); 0 = no cap",
+    },
+    Setting {
+        name: "TOKEN_PROXY_UPSTREAM_QUEUE_TIMEOUT",
+        default: Some("1s"),
+        help: "how long a call over the upstream rate cap waits for a slot before 429",
+    },
+    Setting {
+        name: "TOKEN_PROXY_MAX_CONCURRENT_REQUESTS",
+        default: Some("1024"),
+        help: "requests handled at once per replica; more are shed at once with 503",
+    },
+    Setting {
+        name: "TOKEN_PROXY_REQUEST_TIMEOUT",
+        default: Some("30s"),
+        help: "longest time one request may take, body included (503 past it)",
+    },
+    Setting {
+        name: "TOKEN_PROXY_HEADER_READ_TIMEOUT",
+        default: Some("5s"),
+        help: "time a client has to send a request's headers; idle keep-alive connections close after it too",
+    },
+    Setting {
+        name: "TOKEN_PROXY_TLS_CERT_FILE",
+        default: None,
+        help: "PEM certificate chain: serve TLS on the client listener (re-read when it changes)",
+    },
+    Setting { name: "TOKEN_PROXY_TLS_KEY_FILE", default: None, help: "PEM private key of TOKEN_PROXY_TLS_CERT_FILE" },
+    Setting {
+        name: "TOKEN_PROXY_TLS_CLIENT_CA_FILE",
+        default: None,
+        help: "PEM CA bundle: require client certificates signed by it (mTLS); needs TLS",
+    },
+    Setting {
+        name: "TOKEN_PROXY_ALLOWED_NETWORKS",
+        default: None,
+        help: "comma-separated networks (CIDR) allowed to call the client listener; unset = any",
+    },
+    Setting {
+        name: "TOKEN_PROXY_TRUSTED_PROXIES",
+        default: None,
+        help: "comma-separated networks of load balancers whose X-Forwarded-For names the source address",
+    },
+    Setting {
         name: "TOKEN_PROXY_ALLOW_QUERY_PARAMS",
         default: Some("false"),
         help: "accept parameters in the query string like the API Gateway sample (discouraged: URLs get logged)",
@@ -182,6 +254,45 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Accept parameters in the query string. Default false.
     pub allow_query_params: bool,
+    /// Earlier root secrets whose entries are still read (never written).
+    pub previous_secrets: Vec<SecretBox<Vec<u8>>>,
+    /// Failed-authentication throttling.
+    pub auth_failures: AuthFailureLimits,
+    /// Upstream calls per second for the whole cluster; 0 = no cap.
+    pub upstream_rate_limit: u32,
+    /// How long a call over the rate cap waits for a slot. Default 1 s.
+    pub upstream_queue_timeout: Duration,
+    /// Requests handled at once; more are shed with 503. Default 1024.
+    pub max_concurrent_requests: usize,
+    /// Longest time one request may take. Default 30 s.
+    pub request_timeout: Duration,
+    /// Time a client has to send a request's headers. Default 5 s.
+    pub header_read_timeout: Duration,
+    /// TLS on the client listener; `None` = plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Source networks allowed on the client listener; empty = any.
+    pub allowed_networks: Vec<IpNet>,
+    /// Load balancers whose `X-Forwarded-For` names the source address.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Thresholds of failed-authentication throttling, counted over `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthFailureLimits {
+    /// Per client_id and source address; 0 = off.
+    pub per_source: u32,
+    /// Per client_id, from all sources; 0 = off.
+    pub per_client: u32,
+    pub window: Duration,
+}
+
+/// Certificate files of the client listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle client certificates must chain to (mTLS); `None` = no client certificates.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A setting with a bad value: `Display` is one line naming the variable.
@@ -286,6 +397,43 @@ impl Config {
                 "TOKEN_PROXY_ALLOW_QUERY_PARAMS",
                 "true or false",
             )?,
+            previous_secrets: parse_previous_secrets(
+                get("TOKEN_PROXY_PREVIOUS_SECRETS"),
+                get("TOKEN_PROXY_PREVIOUS_SECRETS_FILE"),
+            )?,
+            auth_failures: AuthFailureLimits {
+                per_source: parse(
+                    &required("TOKEN_PROXY_AUTH_FAILURE_LIMIT")?,
+                    "TOKEN_PROXY_AUTH_FAILURE_LIMIT",
+                    "a whole number",
+                )?,
+                per_client: parse(
+                    &required("TOKEN_PROXY_AUTH_FAILURE_CLIENT_LIMIT")?,
+                    "TOKEN_PROXY_AUTH_FAILURE_CLIENT_LIMIT",
+                    "a whole number",
+                )?,
+                window: duration(&get, "TOKEN_PROXY_AUTH_FAILURE_WINDOW")?,
+            },
+            upstream_rate_limit: parse(
+                &required("TOKEN_PROXY_UPSTREAM_RATE_LIMIT")?,
+                "TOKEN_PROXY_UPSTREAM_RATE_LIMIT",
+                "a whole number",
+            )?,
+            upstream_queue_timeout: duration(&get, "TOKEN_PROXY_UPSTREAM_QUEUE_TIMEOUT")?,
+            max_concurrent_requests: parse(
+                &required("TOKEN_PROXY_MAX_CONCURRENT_REQUESTS")?,
+                "TOKEN_PROXY_MAX_CONCURRENT_REQUESTS",
+                "a whole number",
+            )?,
+            request_timeout: duration(&get, "TOKEN_PROXY_REQUEST_TIMEOUT")?,
+            header_read_timeout: duration(&get, "TOKEN_PROXY_HEADER_READ_TIMEOUT")?,
+            tls: parse_tls(
+                get("TOKEN_PROXY_TLS_CERT_FILE"),
+                get("TOKEN_PROXY_TLS_KEY_FILE"),
+                get("TOKEN_PROXY_TLS_CLIENT_CA_FILE"),
+            )?,
+            allowed_networks: parse_networks(get("TOKEN_PROXY_ALLOWED_NETWORKS"), "TOKEN_PROXY_ALLOWED_NETWORKS")?,
+            trusted_proxies: parse_networks(get("TOKEN_PROXY_TRUSTED_PROXIES"), "TOKEN_PROXY_TRUSTED_PROXIES")?,
         };
         config.validate()?;
         Ok(config)
@@ -315,6 +463,24 @@ impl Config {
         }
         if self.max_header_bytes < 256 {
             return Err(error("TOKEN_PROXY_MAX_HEADER_BYTES", "must be at least 256"));
+        }
+        if self.auth_failures.window.is_zero() {
+            return Err(error("TOKEN_PROXY_AUTH_FAILURE_WINDOW", "must be more than zero"));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err(error("TOKEN_PROXY_MAX_CONCURRENT_REQUESTS", "must be at least 1"));
+        }
+        if self.request_timeout <= self.upstream_timeout {
+            return Err(error(
+                "TOKEN_PROXY_REQUEST_TIMEOUT",
+                "must be longer than TOKEN_PROXY_UPSTREAM_TIMEOUT (a request may wait for one upstream call)",
+            ));
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err(error("TOKEN_PROXY_HEADER_READ_TIMEOUT", "must be more than zero"));
+        }
+        if !self.previous_secrets.is_empty() && self.secret.is_none() {
+            return Err(error("TOKEN_PROXY_PREVIOUS_SECRETS", "needs TOKEN_PROXY_SECRET (the current secret)"));
         }
         Ok(())
     }
@@ -394,19 +560,74 @@ fn parse_secret(inline: Option<String>, file: Option<String>) -> Result<Option<S
     else {
         return Ok(None);
     };
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .map_err(|_| error(variable, "is not valid base64"))?;
+    decode_root_secret(&encoded).map(Some).map_err(|message| error(variable, message))
+}
+
+/// Earlier root secrets: comma-separated inline, or one per line in a file.
+fn parse_previous_secrets(
+    inline: Option<String>,
+    file: Option<String>,
+) -> Result<Vec<SecretBox<Vec<u8>>>, ConfigError> {
+    let Some((variable, list)) =
+        inline_or_file("TOKEN_PROXY_PREVIOUS_SECRETS", "TOKEN_PROXY_PREVIOUS_SECRETS_FILE", inline, file)?
+    else {
+        return Ok(Vec::new());
+    };
+    list.split([',', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .enumerate()
+        .map(|(i, encoded)| {
+            decode_root_secret(encoded).map_err(|message| error(variable, format!("secret {}: {message}", i + 1)))
+        })
+        .collect()
+}
+
+/// Base64 of at least [`MIN_ROOT_SECRET_LEN`] bytes. The message never quotes the value.
+fn decode_root_secret(encoded: &str) -> Result<SecretBox<Vec<u8>>, String> {
+    let bytes =
+        base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|_| "is not valid base64".to_owned())?;
     if bytes.len() < MIN_ROOT_SECRET_LEN {
-        return Err(error(
-            variable,
-            format!(
-                "must decode to at least {MIN_ROOT_SECRET_LEN} bytes, got {} (try: openssl rand -base64 32)",
-                bytes.len()
-            ),
+        return Err(format!(
+            "must decode to at least {MIN_ROOT_SECRET_LEN} bytes, got {} (try: openssl rand -base64 32)",
+            bytes.len()
         ));
     }
-    Ok(Some(SecretBox::new(Box::new(bytes))))
+    Ok(SecretBox::new(Box::new(bytes)))
+}
+
+fn parse_tls(
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            Ok(Some(TlsFiles { cert: cert.into(), key: key.into(), client_ca: client_ca.map(PathBuf::from) }))
+        }
+        (Some(_), None) => Err(error("TOKEN_PROXY_TLS_KEY_FILE", "is required with TOKEN_PROXY_TLS_CERT_FILE")),
+        (None, Some(_)) => Err(error("TOKEN_PROXY_TLS_CERT_FILE", "is required with TOKEN_PROXY_TLS_KEY_FILE")),
+        (None, None) if client_ca.is_some() => {
+            Err(error("TOKEN_PROXY_TLS_CLIENT_CA_FILE", "needs TLS (TOKEN_PROXY_TLS_CERT_FILE and _KEY_FILE)"))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Comma-separated networks in CIDR notation; a bare address is a network of one.
+fn parse_networks(value: Option<String>, variable: &str) -> Result<Vec<IpNet>, ConfigError> {
+    let Some(value) = value else { return Ok(Vec::new()) };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| error(variable, format!("expected networks like 10.0.0.0/8, got {item:?}")))
+        })
+        .collect()
 }
 
 /// Shortest admin token accepted: it guards purges of the whole cache.
@@ -535,12 +756,46 @@ mod tests {
             ("TOKEN_PROXY_LOCK_TTL", "10ms"),
             ("TOKEN_PROXY_REDIS_BREAKER_THRESHOLD", "0"),
             ("TOKEN_PROXY_ADMIN_TOKEN", "short"),
+            ("TOKEN_PROXY_PREVIOUS_SECRETS", "c2hvcnQ="),
+            ("TOKEN_PROXY_AUTH_FAILURE_WINDOW", "0s"),
+            ("TOKEN_PROXY_UPSTREAM_RATE_LIMIT", "lots"),
+            ("TOKEN_PROXY_MAX_CONCURRENT_REQUESTS", "0"),
+            ("TOKEN_PROXY_REQUEST_TIMEOUT", "5s"),
+            ("TOKEN_PROXY_HEADER_READ_TIMEOUT", "0s"),
+            ("TOKEN_PROXY_TLS_CLIENT_CA_FILE", "/etc/ca.pem"),
+            ("TOKEN_PROXY_ALLOWED_NETWORKS", "10.0.0.0/8, not-a-network"),
+            ("TOKEN_PROXY_TRUSTED_PROXIES", "10.0.0.0/33"),
         ];
         for (variable, value) in cases {
             let err = Config::from_lookup(lookup(&[UPSTREAM, (variable, value)])).unwrap_err();
             assert_eq!(err.variable, variable, "{value}");
             assert!(!err.to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn networks_previous_secrets_and_tls_parse() {
+        let other = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY="; // 32 bytes
+        let config = Config::from_lookup(lookup(&[
+            UPSTREAM,
+            ("TOKEN_PROXY_SECRET", SECRET),
+            ("TOKEN_PROXY_PREVIOUS_SECRETS", &format!("{other}, {SECRET}")),
+            ("TOKEN_PROXY_ALLOWED_NETWORKS", "10.1.2.3/8, 192.168.0.7, ::1"),
+            ("TOKEN_PROXY_TLS_CERT_FILE", "/etc/cert.pem"),
+            ("TOKEN_PROXY_TLS_KEY_FILE", "/etc/key.pem"),
+        ]))
+        .unwrap();
+        assert_eq!(config.previous_secrets.len(), 2);
+        assert_eq!(config.previous_secrets[0].expose_secret().as_slice(), b"abcdefghijklmnopqrstuvwxyz123456");
+        let networks: Vec<String> = config.allowed_networks.iter().map(ToString::to_string).collect();
+        assert_eq!(networks, ["10.0.0.0/8", "192.168.0.7/32", "::1/128"]);
+        assert!(config.trusted_proxies.is_empty());
+        let tls = config.tls.unwrap();
+        assert_eq!((tls.cert.to_str(), tls.client_ca), (Some("/etc/cert.pem"), None));
+        let without_current = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_PREVIOUS_SECRETS", other)]));
+        assert_eq!(without_current.unwrap_err().variable, "TOKEN_PROXY_PREVIOUS_SECRETS");
+        let cert_without_key = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_TLS_CERT_FILE", "/etc/c.pem")]));
+        assert_eq!(cert_without_key.unwrap_err().variable, "TOKEN_PROXY_TLS_KEY_FILE");
     }
 
     #[test]

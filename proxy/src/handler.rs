@@ -2,11 +2,12 @@
 //! else. The handler only turns HTTP into a [`TokenRequest`](crate::normalize::TokenRequest)
 //! (or a rejection), makes one call into the token service, and records the outcome.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http::StatusCode;
@@ -21,9 +22,13 @@ pub fn client_router(state: AppState) -> Router {
     Router::new().route("/oauth2/token", post(token).fallback(method_not_allowed)).fallback(not_found).with_state(state)
 }
 
-async fn token(State(state): State<AppState>, request: Request) -> Response {
+async fn token(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
     let started = Instant::now();
-    let (outcome, response) = match answer(&state, request).await {
+    let (outcome, response) = match answer(&state, peer.ip(), request).await {
         Ok(reply) => (outcome_of(&reply), reply.into_response()),
         Err(rejection) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
     };
@@ -31,12 +36,16 @@ async fn token(State(state): State<AppState>, request: Request) -> Response {
     response
 }
 
-async fn answer(state: &AppState, request: Request) -> Result<Reply, Rejection> {
+async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Reply, Rejection> {
     let (parts, body) = request.into_parts();
+    let source = state.sources.source(peer, &parts.headers);
+    if !state.sources.allows(source) {
+        return Err(Rejection::new(StatusCode::FORBIDDEN, "access_denied", "this source address may not call"));
+    }
     check_head(&parts.headers, &state.limits)?;
     let body = axum::body::to_bytes(body, state.limits.max_body_bytes).await.map_err(|_| body_too_large())?;
     let request = normalize(parts.uri.query(), &parts.headers, &body, &state.limits)?;
-    Ok(state.service.handle(request).await)
+    Ok(state.service.handle(request, source).await)
 }
 
 fn outcome_of(reply: &Reply) -> Outcome {

@@ -8,6 +8,7 @@
 //! - [`config`]: settings from `TOKEN_PROXY_*` variables or flags, validated up front.
 //! - [`app`]: builds a replica from its config, binds both listeners, runs until shutdown.
 //! - [`handler`]: the client-facing HTTP surface (`POST /oauth2/token`).
+//! - [`source`]: the caller's source address (behind trusted load balancers too), the allowlist.
 //! - [`normalize`]: HTTP request → [`normalize::TokenRequest`], or a 4xx rejection.
 //! - [`token_service`]: L1 → in-process single flight → Redis (lead or follow) → upstream.
 //!   - [`l1`]: the bounded in-process cache.
@@ -40,6 +41,7 @@ pub mod purge;
 pub mod response;
 pub mod shutdown;
 pub mod single_flight;
+pub mod source;
 pub mod store;
 pub mod telemetry;
 pub mod token_service;

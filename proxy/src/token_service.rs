@@ -209,7 +209,7 @@ impl TokenService {
     /// An L1 hit is answered without awaiting anything. Everything else runs in a boxed future:
     /// the slow path's state (Redis calls, flights) is kilobytes, and keeping it out of this
     /// future keeps the hit path from copying it around.
-    pub async fn handle(&self, request: TokenRequest) -> Reply {
+    pub async fn handle(&self, request: TokenRequest, _source: std::net::IpAddr) -> Reply {
         match request {
             TokenRequest::Cacheable(request) => match self.l1_lookup(request) {
                 L1Lookup::Hit(reply) => reply,
