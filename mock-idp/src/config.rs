@@ -77,6 +77,11 @@ pub struct Config {
     pub signing_key: SigningKey,
     /// `tracing` filter for the binary's logs. `MOCK_IDP_LOG`, default `info`.
     pub log_filter: String,
+    /// Keep every issued access token, so that a test can look for them where they must not be
+    /// (logs, metrics, a cache's storage): [`MockIdp::issued_tokens`](crate::MockIdp::issued_tokens).
+    /// On in [`Config::for_tests`]; off when read from the environment, since a long load test
+    /// would keep millions of them.
+    pub record_tokens: bool,
 }
 
 /// A configuration value that cannot be used. The message names the variable or field.
@@ -171,11 +176,11 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&log_filter)
             .map_err(|err| ConfigError::invalid("MOCK_IDP_LOG", err.to_string()))?;
 
-        Ok(Config { listen, clients, token_lifetime, issuer, latency, signing_key, log_filter })
+        Ok(Config { listen, clients, token_lifetime, issuer, latency, signing_key, log_filter, record_tokens: false })
     }
 
     /// A configuration for in-process tests: port 0 on loopback, one-hour tokens, no latency,
-    /// the embedded key.
+    /// the embedded key, issued tokens recorded.
     pub fn for_tests(clients: Vec<ClientConfig>) -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -185,6 +190,7 @@ impl Config {
             latency: Duration::ZERO,
             signing_key: SigningKey::embedded(),
             log_filter: "info".to_owned(),
+            record_tokens: true,
         }
     }
 }
@@ -314,6 +320,8 @@ mod tests {
         assert_eq!(config.latency, Duration::ZERO);
         assert_eq!(config.log_filter, "info");
         assert_eq!(config.signing_key.kid(), SigningKey::embedded().kid());
+        assert!(!config.record_tokens, "the binary must not keep every token it issues");
+        assert!(Config::for_tests(vec![]).record_tokens);
     }
 
     #[test]

@@ -34,6 +34,8 @@ struct Inner {
     /// Headers of the most recent `POST /oauth2/token`, so tests can check exactly what a
     /// proxy forwarded.
     last_request_headers: Mutex<Option<HeaderMap>>,
+    /// Every access token issued, oldest first, when the configuration records them.
+    issued_tokens: Option<Mutex<Vec<String>>>,
     /// Becomes `true` when the server shuts down: hung requests then end (by dropping their
     /// connection) instead of holding up graceful shutdown forever.
     released: watch::Sender<bool>,
@@ -67,6 +69,7 @@ impl MockIdp {
             initial_latency: config.latency,
             initial_token_lifetime_secs: lifetime,
             last_request_headers: Mutex::new(None),
+            issued_tokens: config.record_tokens.then(Mutex::default),
             released: watch::Sender::new(false),
         };
         Ok(MockIdp { inner: Arc::new(inner) })
@@ -88,6 +91,24 @@ impl MockIdp {
     /// Tokens issued to all clients.
     pub fn issued_total(&self) -> u64 {
         self.inner.stats.issued_total()
+    }
+
+    /// Every access token issued so far, oldest first, if the configuration records them
+    /// ([`Config::record_tokens`], on in [`Config::for_tests`]); empty otherwise. Leak tests
+    /// look for them in places they must never be, including tokens the test never saw (issued
+    /// to another replica, or to a background refresh). [`MockIdp::reset`] keeps them: they
+    /// are still out there.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.issued_tokens_since(0)
+    }
+
+    /// The recorded tokens from the `from`-th on (counting from 0): what a caller that already
+    /// holds the first `from` of them is missing. Empty if there are no more, or no record.
+    pub fn issued_tokens_since(&self, from: usize) -> Vec<String> {
+        self.inner.issued_tokens.as_ref().map_or_else(Vec::new, |tokens| {
+            let tokens = tokens.lock().unwrap_or_else(PoisonError::into_inner);
+            tokens.get(from..).map(<[String]>::to_vec).unwrap_or_default()
+        })
     }
 
     /// Every `POST /oauth2/token` received: issued, refused or faulted.
@@ -208,6 +229,10 @@ impl MockIdp {
         let lifetime = self.inner.token_lifetime_secs.load(Ordering::Relaxed);
         let access_token = self.inner.tokens.mint(&grant, lifetime, unix_now())?;
         let xsrf_token = token::random_id()?;
+        if let Some(tokens) = &self.inner.issued_tokens {
+            // Recorded before anyone else can see the token, so no log line can mention it first.
+            tokens.lock().unwrap_or_else(PoisonError::into_inner).push(access_token.clone());
+        }
         self.inner.stats.count_issued(&grant.client_id);
         tracing::debug!(client_id = %grant.client_id, scope = %grant.scope, "token issued");
         let response = TokenResponse {
@@ -250,4 +275,54 @@ impl fmt::Debug for MockIdp {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+    use http::header::{AUTHORIZATION, CONTENT_TYPE};
+
+    use super::*;
+    use crate::config::ClientConfig;
+
+    fn request(idp: &MockIdp, secret: &str) -> Result<Outcome, TokenError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
+        headers.insert(AUTHORIZATION, HeaderValue::from_str(&shared::basic::encode("app", secret)).unwrap());
+        idp.issue(&headers, Ok(b"grant_type=client_credentials"))
+    }
+
+    fn token_of(outcome: Result<Outcome, TokenError>) -> String {
+        match outcome {
+            Ok(Outcome::Issued { response, .. }) => response.access_token,
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn records_every_issued_token_in_order_and_keeps_them_across_reset() {
+        let idp = MockIdp::new(Config::for_tests(vec![ClientConfig::new("app", "s3cret", &["api/read"])])).unwrap();
+        assert!(idp.issued_tokens().is_empty());
+        let first = token_of(request(&idp, "s3cret"));
+        assert!(request(&idp, "wrong").is_err(), "a refused request issues nothing");
+        let second = token_of(request(&idp, "s3cret"));
+        assert_eq!(idp.issued_tokens(), vec![first.clone(), second.clone()]);
+        assert_eq!(idp.issued_tokens_since(1), vec![second.clone()]);
+        assert!(idp.issued_tokens_since(2).is_empty());
+        assert!(idp.issued_tokens_since(9).is_empty());
+        idp.reset();
+        assert_eq!(idp.issued_tokens(), vec![first, second]);
+    }
+
+    #[test]
+    fn records_nothing_unless_configured_to() {
+        let config = Config {
+            record_tokens: false,
+            ..Config::for_tests(vec![ClientConfig::new("app", "s3cret", &["api/read"])])
+        };
+        let idp = MockIdp::new(config).unwrap();
+        token_of(request(&idp, "s3cret"));
+        assert_eq!(idp.issued_total(), 1);
+        assert!(idp.issued_tokens().is_empty());
+    }
 }

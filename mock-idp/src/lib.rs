@@ -8,7 +8,8 @@
 //! authentication by HTTP Basic (`client_secret_basic`) or in the body (`client_secret_post`),
 //! scopes per client (an omitted `scope` means all of the client's), errors as HTTP 400 with
 //! `{"error": "..."}`. It also serves `GET /.well-known/jwks.json` and `GET /healthz`, counts
-//! what it receives and issues, and injects latency, failures, hangs and dropped connections
+//! what it receives and issues (and, for leak tests, can keep every token it issues:
+//! [`MockIdp::issued_tokens`]), and injects latency, failures, hangs and dropped connections
 //! on request, in-process through [`MockIdp`] or over HTTP:
 //!
 //! - `GET /admin/stats`: `{"requests_total": N, "issued_total": N, "issued": {"client": n}}`

@@ -20,8 +20,10 @@ use crate::config::Config;
 use crate::entry::Freshness;
 use crate::handler::client_router;
 use crate::l1::L1;
+use crate::listener::{self, Inbound, TlsSetupError};
 use crate::metrics::Metrics;
 use crate::normalize::RequestLimits;
+use crate::quota::{Quota, QuotaSettings};
 use crate::source::SourcePolicy;
 use crate::store::{RedisStore, StoreSettings, StoreSetupError};
 use crate::token_service::{self, FlightSettings, TokenService};
@@ -39,6 +41,8 @@ pub enum StartError {
     Store(#[from] StoreSetupError),
     #[error("TOKEN_PROXY_SECRET: {0}")]
     Secret(#[from] shared::keys::RootSecretTooShort),
+    #[error("{0}")]
+    Tls(#[from] TlsSetupError),
     #[error("cannot listen on {address} ({variable}): {source}")]
     Bind { variable: &'static str, address: SocketAddr, source: std::io::Error },
 }
@@ -54,6 +58,7 @@ pub struct AppState {
     pub admin_token_digest: Option<[u8; 32]>,
     /// Which source addresses may call, and how to tell them behind a load balancer.
     pub sources: Arc<SourcePolicy>,
+    pub admission: Arc<Admission>,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -63,11 +68,20 @@ impl AppState {
     }
 }
 
+/// Limits on the requests a replica takes in.
+#[derive(Debug)]
+pub struct Admission {
+    /// One permit per request being handled; none left = shed.
+    pub slots: tokio::sync::Semaphore,
+    pub request_timeout: Duration,
+}
+
 /// A built, bound replica.
 #[derive(Debug)]
 pub struct Application {
     client_listener: TcpListener,
     admin_listener: TcpListener,
+    inbound: Inbound,
     state: AppState,
 }
 
@@ -78,6 +92,8 @@ impl Application {
             Some(secret) => Keys::derive(secret)?,
             None => Keys::random(),
         };
+        let previous_keys =
+            config.previous_secrets.iter().map(|s| Keys::derive(s.expose_secret())).collect::<Result<_, _>>()?;
         let store = match &config.redis_url {
             Some(url) => {
                 let settings = StoreSettings {
@@ -102,6 +118,7 @@ impl Application {
             upstream,
             store,
             keys,
+            previous_keys,
             freshness: Freshness {
                 expiry_margin: config.expiry_margin,
                 min_token_ttl: config.min_token_ttl,
@@ -109,6 +126,12 @@ impl Application {
             },
             flight: FlightSettings { lock_ttl: config.lock_ttl, upstream_timeout: config.upstream_timeout },
             l1: L1::new(config.l1_capacity, l1_max_age),
+            quota: Quota::new(QuotaSettings {
+                auth: config.auth_failures,
+                busy_wait: config.upstream_timeout,
+                rate_per_second: config.upstream_rate_limit,
+                queue_timeout: config.upstream_queue_timeout,
+            }),
             metrics: Arc::clone(&metrics),
         });
         let limits = Arc::new(RequestLimits {
@@ -116,6 +139,7 @@ impl Application {
             max_body_bytes: config.max_body_bytes,
             allow_query_params: config.allow_query_params,
         });
+        let inbound = Inbound::from_config(&config)?;
         let bind = |variable, address| async move {
             TcpListener::bind(address).await.map_err(|source| StartError::Bind { variable, address, source })
         };
@@ -126,8 +150,20 @@ impl Application {
             allowed: config.allowed_networks.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
         });
-        let state = AppState { service, metrics, limits, admin_token_digest, sources, shutting_down: Arc::default() };
-        Ok(Application { client_listener, admin_listener, state })
+        let admission = Arc::new(Admission {
+            slots: tokio::sync::Semaphore::new(config.max_concurrent_requests),
+            request_timeout: config.request_timeout,
+        });
+        let state = AppState {
+            service,
+            metrics,
+            limits,
+            admin_token_digest,
+            sources,
+            admission,
+            shutting_down: Arc::default(),
+        };
+        Ok(Application { client_listener, admin_listener, inbound, state })
     }
 
     pub fn client_addr(&self) -> SocketAddr {
@@ -144,7 +180,7 @@ impl Application {
 
     /// Serves both listeners until `shutdown` resolves, then drains.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Application { client_listener, admin_listener, state } = self;
+        let Application { client_listener, admin_listener, inbound, state } = self;
         tracing::info!(
             client = %client_listener.local_addr()?,
             admin = %admin_listener.local_addr()?,
@@ -168,11 +204,14 @@ impl Application {
                 }
             }
         });
-        let client = axum::serve(
+        let client = listener::serve(
             client_listener,
-            client_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stopped());
+            client_router(state.clone()),
+            inbound,
+            Arc::clone(&state.sources),
+            Arc::clone(&state.metrics),
+            stopped(),
+        );
         let admin = axum::serve(admin_listener, admin_router(state.clone())).with_graceful_shutdown(stopped());
         let signal = {
             let state = state.clone();
@@ -183,7 +222,7 @@ impl Application {
                 let _ = stop_tx.send(true);
             }
         };
-        let (client, admin, ()) = tokio::join!(client.into_future(), admin.into_future(), signal);
+        let (client, admin, ()) = tokio::join!(client, admin.into_future(), signal);
         upkeep.abort();
         if let Some(store) = state.service.store() {
             store.quit().await;

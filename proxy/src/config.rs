@@ -164,7 +164,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "TOKEN_PROXY_REQUEST_TIMEOUT",
         default: Some("30s"),
-        help: "longest time one request may take, body included (503 past it)",
+        help: "longest time one request may take, body included (408 past it)",
     },
     Setting {
         name: "TOKEN_PROXY_HEADER_READ_TIMEOUT",

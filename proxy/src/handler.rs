@@ -8,18 +8,54 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http::StatusCode;
 
 use crate::app::AppState;
-use crate::metrics::Outcome;
+use crate::metrics::{Outcome, Throttle};
 use crate::normalize::{body_too_large, check_head, normalize};
 use crate::response::{CacheStatus, ProxyError, Rejection, Reply};
 
 /// The client listener's router.
 pub fn client_router(state: AppState) -> Router {
-    Router::new().route("/oauth2/token", post(token).fallback(method_not_allowed)).fallback(not_found).with_state(state)
+    Router::new()
+        .route("/oauth2/token", post(token).fallback(method_not_allowed))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admission))
+        .with_state(state)
+}
+
+/// Admission control in front of every request: past the concurrency limit a request is shed
+/// at once with 503 (a fast answer the load balancer can retry elsewhere, instead of a queue
+/// that grows until memory runs out), and no request may take longer than the request timeout
+/// (a client trickling its body cannot hold a slot forever).
+async fn admission(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Ok(_slot) = state.admission.slots.try_acquire() else {
+        state.metrics.throttled(Throttle::Overload);
+        state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
+        let mut response = ProxyError::Rejected(Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "the proxy is overloaded; retry shortly",
+        ))
+        .into_response();
+        response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        return response;
+    };
+    match tokio::time::timeout(state.admission.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            state.metrics.throttled(Throttle::Timeout);
+            state.metrics.request(Outcome::Rejected, state.admission.request_timeout);
+            ProxyError::Rejected(Rejection {
+                close: true,
+                ..Rejection::new(StatusCode::REQUEST_TIMEOUT, "invalid_request", "the request took too long")
+            })
+            .into_response()
+        }
+    }
 }
 
 async fn token(

@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: settings from `TOKEN_PROXY_*` variables or flags, validated up front.
 //! - [`app`]: builds a replica from its config, binds both listeners, runs until shutdown.
+//! - [`listener`]: the client listener: source networks, TLS (reloaded, optional mTLS), timeouts.
 //! - [`handler`]: the client-facing HTTP surface (`POST /oauth2/token`).
 //! - [`source`]: the caller's source address (behind trusted load balancers too), the allowlist.
 //! - [`normalize`]: HTTP request → [`normalize::TokenRequest`], or a 4xx rejection.
@@ -17,6 +18,7 @@
 //!   - [`breaker`]: stops paying Redis timeouts while Redis keeps failing.
 //!   - [`flight_message`]: what a leader announces to followers on other replicas.
 //!   - [`upstream`]: the token endpoint client.
+//!   - [`quota`]: failed-authentication throttling and the upstream rate cap.
 //!   - [`entry`]: a cached token: freshness, refresh point, `expires_in` rewriting.
 //! - [`response`]: the one place where outcomes and errors become HTTP responses.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the authenticated admin API.
@@ -35,9 +37,11 @@ pub mod entry;
 pub mod flight_message;
 pub mod handler;
 pub mod l1;
+pub mod listener;
 pub mod metrics;
 pub mod normalize;
 pub mod purge;
+pub mod quota;
 pub mod response;
 pub mod shutdown;
 pub mod single_flight;

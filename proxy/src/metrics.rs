@@ -90,6 +90,32 @@ impl UpstreamClass {
     }
 }
 
+/// Why the proxy refused a call itself, to spare the upstream's quota or itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// Too many failed authentications for a client (429).
+    AuthFailures,
+    /// The cluster-wide upstream rate cap (429).
+    RateCap,
+    /// The replica was at its concurrency limit (503).
+    Overload,
+    /// The request took longer than the request timeout (408).
+    Timeout,
+}
+
+impl Throttle {
+    const ALL: [Throttle; 4] = [Throttle::AuthFailures, Throttle::RateCap, Throttle::Overload, Throttle::Timeout];
+
+    fn label(self) -> &'static str {
+        match self {
+            Throttle::AuthFailures => "auth_failures",
+            Throttle::RateCap => "rate_cap",
+            Throttle::Overload => "overload",
+            Throttle::Timeout => "timeout",
+        }
+    }
+}
+
 /// Seconds; from a sub-millisecond cache hit to an upstream timeout.
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -112,6 +138,8 @@ pub struct Metrics {
     notification_misses: Counter,
     refreshes: Counter,
     upstream_held_back: Counter,
+    throttled: [Counter; 4],
+    auth_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -155,6 +183,9 @@ impl Metrics {
             notification_misses: counter("token_proxy_notification_misses_total", vec![]),
             refreshes: counter("token_proxy_refreshes_total", vec![]),
             upstream_held_back: counter("token_proxy_upstream_held_back_total", vec![]),
+            throttled: Throttle::ALL
+                .map(|t| counter("token_proxy_throttled_total", vec![Label::new("reason", t.label())])),
+            auth_failures: counter("token_proxy_auth_failures_total", vec![]),
             handle,
             recorder,
         }
@@ -218,6 +249,17 @@ impl Metrics {
         self.upstream_held_back.increment(1);
     }
 
+    /// The proxy refused a request or an upstream call itself.
+    pub fn throttled(&self, reason: Throttle) {
+        let i = Throttle::ALL.iter().position(|t| *t == reason).unwrap_or(0);
+        self.throttled[i].increment(1);
+    }
+
+    /// The upstream answered `invalid_client` to credentials nobody had proven.
+    pub fn auth_failure(&self) {
+        self.auth_failures.increment(1);
+    }
+
     /// Drains histogram buffers; call periodically so they do not grow between scrapes.
     pub fn upkeep(&self) {
         self.handle.run_upkeep();
@@ -232,6 +274,13 @@ impl Metrics {
     /// The recorder, for registering further metrics.
     pub fn recorder(&self) -> &PrometheusRecorder {
         &self.recorder
+    }
+
+    /// The client listener dropped a connection before serving it:
+    /// `token_proxy_connections_refused_total{reason}`. Rare, so the series is looked up here.
+    pub fn connection_refused(&self, reason: crate::listener::Refusal) {
+        let key = Key::from_parts("token_proxy_connections_refused_total", vec![Label::new("reason", reason.label())]);
+        self.recorder.register_counter(&key, &META).increment(1);
     }
 }
 

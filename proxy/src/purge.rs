@@ -11,7 +11,7 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shared::canonical::{CanonicalRequest, PurgeEpochs, Scope};
-use shared::keys::{KeyHasher, PurgeTag};
+use shared::keys::{KeyHasher, Tag};
 
 /// The Redis hash of purge epochs: field `all`, and one field per purged tag (hex).
 pub const EPOCHS_KEY: &str = "tp:purge";
@@ -43,7 +43,7 @@ pub struct Epochs {
     all: AtomicU64,
     /// Epochs of purged clients and client scopes, by tag. Empty until the first such purge,
     /// and then the only reason a request computes its tags (two HMACs).
-    tagged: RwLock<HashMap<PurgeTag, u64>>,
+    tagged: RwLock<HashMap<Tag, u64>>,
     /// Whether `tagged` has anything: lets every request skip the lock until a purge of a
     /// client happened (the lock's reader count would be a cache line both cores write).
     any_tagged: AtomicBool,
@@ -57,7 +57,7 @@ impl Epochs {
             return PurgeEpochs { all, ..PurgeEpochs::default() };
         }
         let tagged = self.tagged.read().unwrap_or_else(|p| p.into_inner());
-        let epoch = |tag: PurgeTag| tagged.get(&tag).copied().unwrap_or(0);
+        let epoch = |tag: Tag| tagged.get(&tag).copied().unwrap_or(0);
         PurgeEpochs {
             all,
             client: epoch(hasher.client_tag(&request.client_id)),
@@ -72,7 +72,7 @@ impl Epochs {
         for (field, epoch) in fields {
             if field == ALL_FIELD {
                 all = epoch;
-            } else if let Some(tag) = hex::decode(&field).ok().and_then(|b| PurgeTag::try_from(b).ok()) {
+            } else if let Some(tag) = hex::decode(&field).ok().and_then(|b| Tag::try_from(b).ok()) {
                 tagged.insert(tag, epoch);
             }
         }
@@ -87,7 +87,7 @@ impl Epochs {
         if field == ALL_FIELD {
             return self.all.fetch_add(1, Ordering::AcqRel) + 1;
         }
-        let Some(tag) = hex::decode(field).ok().and_then(|b| PurgeTag::try_from(b).ok()) else { return 0 };
+        let Some(tag) = hex::decode(field).ok().and_then(|b| Tag::try_from(b).ok()) else { return 0 };
         let mut tagged = self.tagged.write().unwrap_or_else(|p| p.into_inner());
         let epoch = tagged.entry(tag).or_default();
         *epoch += 1;

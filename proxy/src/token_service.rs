@@ -17,6 +17,7 @@
 //! older token is still servable, that token is served (STALE). Only a well-formed 200 is
 //! cached. This module knows nothing of axum: it takes a [`TokenRequest`], returns a [`Reply`].
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use http::StatusCode;
 use http::header::HeaderValue;
 use secrecy::ExposeSecret;
 use shared::basic;
-use shared::canonical::{AuthMethod, CanonicalRequest};
+use shared::canonical::{AuthMethod, CanonicalRequest, PurgeEpochs};
 use shared::form;
 use shared::keys::{CacheKey, Keys};
 
@@ -34,6 +35,7 @@ use crate::l1::{L1, L1Hasher, L1Key};
 use crate::metrics::Metrics;
 use crate::normalize::{PassThrough, TokenRequest};
 use crate::purge::{Epochs, PurgeTarget};
+use crate::quota::{self, Quota, Refused};
 use crate::response::{Answer, CacheStatus, ProxyError, Reply, UpstreamFailure};
 use crate::single_flight::{Flights, Role};
 use crate::store::{LockOwner, Lookup, RedisStore, StoreError, StoredValue, Waiter};
@@ -85,10 +87,10 @@ impl Outcome {
 }
 
 /// Why a fetch runs.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Purpose {
-    /// A request found no fresh token.
-    Miss,
+    /// A request from `source` found no fresh token.
+    Miss { source: IpAddr },
     /// A hit passed its refresh point: fetch a successor unless someone else already is.
     Refresh,
 }
@@ -104,6 +106,7 @@ enum L1Lookup {
 #[derive(Debug)]
 struct L1Miss {
     keys: EntryKeys,
+    epochs: PurgeEpochs,
     request: CanonicalRequest,
     /// A servable token L1 holds for the key (due for revalidation, or no longer fresh).
     local: Option<Arc<CachedToken>>,
@@ -139,10 +142,15 @@ pub struct FlightSettings {
 pub struct Parts {
     pub upstream: Upstream,
     pub store: Option<RedisStore>,
+    /// Keys of the current root secret: every entry is named and sealed with them.
     pub keys: Keys,
+    /// Keys of earlier root secrets (`TOKEN_PROXY_PREVIOUS_SECRETS`): their entries are still
+    /// read, so a rotation costs no upstream calls, but never written.
+    pub previous_keys: Vec<Keys>,
     pub freshness: Freshness,
     pub flight: FlightSettings,
     pub l1: L1,
+    pub quota: Quota,
     pub metrics: Arc<Metrics>,
 }
 
@@ -209,11 +217,12 @@ impl TokenService {
     /// An L1 hit is answered without awaiting anything. Everything else runs in a boxed future:
     /// the slow path's state (Redis calls, flights) is kilobytes, and keeping it out of this
     /// future keeps the hit path from copying it around.
-    pub async fn handle(&self, request: TokenRequest, _source: std::net::IpAddr) -> Reply {
+    /// `source` is the caller's address, for failed-authentication throttling.
+    pub async fn handle(&self, request: TokenRequest, source: IpAddr) -> Reply {
         match request {
             TokenRequest::Cacheable(request) => match self.l1_lookup(request) {
                 L1Lookup::Hit(reply) => reply,
-                L1Lookup::Miss(miss) => Box::pin(self.cacheable(miss)).await,
+                L1Lookup::Miss(miss) => Box::pin(self.cacheable(miss, source)).await,
             },
             TokenRequest::PassThrough(request) => Box::pin(self.pass_through(request)).await,
         }
@@ -242,15 +251,15 @@ impl TokenService {
         // upstream cannot answer.
         let local = found.map(|f| f.token).filter(|t| t.is_servable(now, freshness));
         let keys = EntryKeys { cache: hasher.cache_key_with(&inner.upstream_id, &request, epochs), l1 };
-        L1Lookup::Miss(L1Miss { keys, request, local })
+        L1Lookup::Miss(L1Miss { keys, epochs, request, local })
     }
 
-    async fn cacheable(&self, miss: L1Miss) -> Reply {
+    async fn cacheable(&self, miss: L1Miss, source: IpAddr) -> Reply {
         let inner = &self.inner;
-        let L1Miss { keys, request, local } = miss;
+        let L1Miss { keys, epochs, request, local } = miss;
 
         // The L2 hit path: one read, inline, no flight. Only a miss pays for the machinery.
-        let redis = match inner.read_fresh(keys, &request).await {
+        let redis = match inner.read_fresh(keys, epochs, &request).await {
             Read::Hit(token) => {
                 if token.claim_refresh(Instant::now()) {
                     inner.start_refresh(keys, request.clone(), Arc::clone(&token));
@@ -264,7 +273,9 @@ impl TokenService {
 
         let fetcher = Arc::clone(inner);
         let refresh_request = request.clone();
-        let flight = inner.flights.join(keys.cache, move || fetcher.fetch(keys, request, Purpose::Miss, redis, local));
+        let flight = inner
+            .flights
+            .join(keys.cache, move || fetcher.fetch(keys, request, Purpose::Miss { source }, redis, local));
         let role = flight.role;
         if role == Role::Follower {
             inner.parts.metrics.coalesced_waiter();
@@ -293,7 +304,11 @@ impl TokenService {
     }
 
     async fn pass_through(&self, request: PassThrough) -> Reply {
-        let result = self.inner.parts.upstream.exchange(request.form_body, request.authorization).await;
+        let inner = &self.inner;
+        let result = match inner.parts.quota.upstream_slot(inner.parts.store.as_ref(), &inner.parts.metrics).await {
+            Ok(()) => inner.parts.upstream.exchange(request.form_body, request.authorization).await,
+            Err(Refused(response)) => Ok(response),
+        };
         let answer = match classify(result) {
             Outcome::Failed(failure) => Err(ProxyError::Upstream(failure)),
             Outcome::Relayed(response) => Ok(Answer::Relayed(response)),
@@ -343,27 +358,72 @@ impl Inner {
 
     /// A fresh entry read straight from Redis (and put in L1), if there is one. Redis faults
     /// are misses here: the flight that follows copes with them.
-    async fn read_fresh(&self, keys: EntryKeys, request: &CanonicalRequest) -> Read {
-        let key = &keys.cache;
+    ///
+    /// After a key rotation, an entry the current keys do not find is looked for under each
+    /// previous secret's name. Such a token is served until its refresh point; the refresh
+    /// stores its successor under the current keys.
+    async fn read_fresh(&self, keys: EntryKeys, epochs: PurgeEpochs, request: &CanonicalRequest) -> Read {
         let Some(store) = &self.parts.store else { return Read::Miss };
-        let stored = match store.read(key).await {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return Read::Miss,
-            Err(_) => return Read::Unavailable,
-        };
-        match self.open_entry(key, request.client_secret.expose_secret().as_bytes(), &stored) {
-            Some(token) if token.is_fresh(Instant::now(), &self.parts.freshness) => {
-                self.remember_locally(keys.l1, &token);
-                Read::Hit(token)
-            }
-            _ => Read::Miss,
+        let secret = request.client_secret.expose_secret().as_bytes();
+        let current = (&self.parts.keys, keys.cache);
+        let previous =
+            self.parts.previous_keys.iter().map(|k| (k, k.hasher.cache_key_with(&self.upstream_id, request, epochs)));
+        for (ring_keys, key) in std::iter::once(current).chain(previous) {
+            let stored = match store.read(&key).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => continue,
+                Err(_) => return Read::Unavailable,
+            };
+            return match self.open_with(ring_keys, &key, secret, &stored) {
+                Some(token) if token.is_fresh(Instant::now(), &self.parts.freshness) => {
+                    self.remember_locally(keys.l1, &token);
+                    Read::Hit(token)
+                }
+                _ => Read::Miss,
+            };
         }
+        Read::Miss
     }
 
-    /// One fetch for `key`, run as its own task: Redis (lead or follow), else the upstream.
-    /// `local` is this replica's own token for the key, if it has one that is still servable:
-    /// the token being refreshed, or an L1 entry due for revalidation.
+    /// One fetch for `key`, run as its own task, within the failed-authentication guard.
+    ///
+    /// Credentials are proven when this replica holds a token for exactly them (a refresh, or
+    /// an L1 entry due for revalidation): only unproven ones are admitted by [`Quota::attempt`],
+    /// before any lock is taken (waiting there never holds a key's lock), and settled by what
+    /// the fetch brought: a failed authentication only if this replica's own call got one.
     async fn fetch(
+        self: Arc<Self>,
+        keys: EntryKeys,
+        request: CanonicalRequest,
+        purpose: Purpose,
+        redis: Redis,
+        local: Option<Arc<CachedToken>>,
+    ) -> Fetched {
+        let (quota, metrics) = (&self.parts.quota, &self.parts.metrics);
+        let store = self.parts.store.as_ref().filter(|_| redis == Redis::Use);
+        let unproven_from = match purpose {
+            Purpose::Miss { source } if local.is_none() => Some(source),
+            _ => None,
+        };
+        let Some(source) = unproven_from else {
+            return Arc::clone(&self).fetch_admitted(keys, request, purpose, redis, local).await;
+        };
+        let hasher = &self.parts.keys.hasher;
+        let attempt = match quota.attempt(store, hasher, &request.client_id, source, metrics).await {
+            Ok(attempt) => attempt,
+            Err(Refused(response)) => return Fetched { source: Source::Upstream, outcome: Outcome::Relayed(response) },
+        };
+        let fetched = Arc::clone(&self).fetch_admitted(keys, request, purpose, redis, local).await;
+        let failed = fetched.source == Source::Upstream
+            && matches!(&fetched.outcome, Outcome::Relayed(r) if quota::is_failed_authentication(r.status, &r.body));
+        quota.settle(store, attempt, failed, metrics).await;
+        fetched
+    }
+
+    /// One fetch for `key`, once admitted: Redis (lead or follow), else the upstream. `local` is this
+    /// replica's own token for the key, if it has one that is still servable: the token being
+    /// refreshed, or an L1 entry due for revalidation.
+    async fn fetch_admitted(
         self: Arc<Self>,
         keys: EntryKeys,
         request: CanonicalRequest,
@@ -393,7 +453,7 @@ impl Inner {
                 Some(current.keep_for(now, freshness).unwrap_or_default() + SUCCESSOR_MARGIN)
             }
             (Purpose::Refresh, None) => None,
-            (Purpose::Miss, _) => Some(freshness.fresh_cutoff().saturating_sub(freshness.min_token_ttl)),
+            (Purpose::Miss { .. }, _) => Some(freshness.fresh_cutoff().saturating_sub(freshness.min_token_ttl)),
         };
         let mut seen_held = false;
         let give_up_at = now + settings.lock_ttl + settings.upstream_timeout;
@@ -421,7 +481,7 @@ impl Inner {
                     if seen_held {
                         self.parts.metrics.lock_takeover();
                     }
-                    if let (Purpose::Miss, Some(token)) = (&purpose, local_fresh) {
+                    if let (Purpose::Miss { .. }, Some(token)) = (&purpose, local_fresh) {
                         // Redis lost the entry (e.g. it restarted empty) but this replica still
                         // holds a fresh token: put it back instead of calling the upstream.
                         let fetched = Fetched { source: Source::Cache, outcome: Outcome::Token(token) };
@@ -508,9 +568,8 @@ impl Inner {
             self.parts.metrics.refresh();
         }
         let secret = request.client_secret.expose_secret().as_bytes();
-        let (form_body, authorization) = upstream_request(request);
         let sent_at = Instant::now();
-        let result = self.parts.upstream.exchange(form_body, authorization).await;
+        let result = self.call_upstream(request).await;
         let mut fetched = Fetched { source: Source::Upstream, outcome: self.outcome_of(result, sent_at) };
         let now = Instant::now();
         if fetched.outcome.is_upstream_trouble() {
@@ -552,6 +611,18 @@ impl Inner {
         }
     }
 
+    /// Calls the upstream for `request` within the rate cap: a call refused there is answered
+    /// 429 without reaching it.
+    async fn call_upstream(&self, request: &CanonicalRequest) -> Result<UpstreamResponse, UpstreamError> {
+        match self.parts.quota.upstream_slot(self.parts.store.as_ref(), &self.parts.metrics).await {
+            Ok(()) => {
+                let (form_body, authorization) = upstream_request(request);
+                self.parts.upstream.exchange(form_body, authorization).await
+            }
+            Err(Refused(response)) => Ok(response),
+        }
+    }
+
     fn outcome_of(&self, result: Result<UpstreamResponse, UpstreamError>, sent_at: Instant) -> Outcome {
         match result {
             Ok(response) if response.status == StatusCode::OK => {
@@ -569,7 +640,12 @@ impl Inner {
 
     /// Opens an entry read from Redis; a value that does not open is treated as absent.
     fn open_entry(&self, key: &CacheKey, secret: &[u8], value: &StoredValue) -> Option<Arc<CachedToken>> {
-        let plaintext = match self.parts.keys.sealer.open(key, secret, &value.sealed) {
+        self.open_with(&self.parts.keys, key, secret, value)
+    }
+
+    /// Opens an entry named and sealed with `keys` (the current ones or a previous secret's).
+    fn open_with(&self, keys: &Keys, key: &CacheKey, secret: &[u8], value: &StoredValue) -> Option<Arc<CachedToken>> {
+        let plaintext = match keys.sealer.open(key, secret, &value.sealed) {
             Ok(plaintext) => plaintext,
             Err(error) => {
                 tracing::warn!(?key, %error, "unreadable cache entry treated as a miss");

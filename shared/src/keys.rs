@@ -22,9 +22,12 @@ const LABEL_SEAL: &[u8] = b"token-proxy/v1/seal-key";
 const LABEL_KEY_ID: &[u8] = b"token-proxy/v1/key-id";
 const LABEL_PURGE_CLIENT: &[u8] = b"token-proxy/v1/purge-client";
 const LABEL_PURGE_SCOPE: &[u8] = b"token-proxy/v1/purge-scope";
+const LABEL_THROTTLE_CLIENT: &[u8] = b"token-proxy/v1/throttle-client";
+const LABEL_THROTTLE_SOURCE: &[u8] = b"token-proxy/v1/throttle-source";
 
-/// Names a client (or client and scope) in the purge table without revealing it.
-pub type PurgeTag = [u8; 16];
+/// Names a client (or a client and a scope, or a client and a source address) in Redis
+/// without revealing it.
+pub type Tag = [u8; 16];
 
 /// The fixed-width name of a cache entry.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,7 +86,7 @@ impl KeyHasher {
         CacheKey(mac.0.finalize().into_bytes().into())
     }
 
-    fn tag(&self, label: &[u8], parts: &[&[u8]]) -> PurgeTag {
+    fn tag(&self, label: &[u8], parts: &[&[u8]]) -> Tag {
         let mut mac = self.keyed.clone();
         mac.update(label);
         for part in parts {
@@ -95,12 +98,19 @@ impl KeyHasher {
     }
 
     /// The purge tag of a client.
-    pub fn client_tag(&self, client_id: &str) -> PurgeTag {
+    pub fn client_tag(&self, client_id: &str) -> Tag {
         self.tag(LABEL_PURGE_CLIENT, &[client_id.as_bytes()])
     }
 
+    /// The names of a client's failed-authentication counters: from all sources, and from
+    /// `source` (an address's bytes).
+    pub fn throttle_tags(&self, client_id: &str, source: &[u8]) -> (Tag, Tag) {
+        let client = self.tag(LABEL_THROTTLE_CLIENT, &[client_id.as_bytes()]);
+        (client, self.tag(LABEL_THROTTLE_SOURCE, &[client_id.as_bytes(), source]))
+    }
+
     /// The purge tag of a client's entries for one scope (omitted scope included).
-    pub fn scope_tag(&self, client_id: &str, scope: &Scope) -> PurgeTag {
+    pub fn scope_tag(&self, client_id: &str, scope: &Scope) -> Tag {
         let scope = scope.to_param();
         let marker: &[u8] = if scope.is_some() { b"set" } else { b"omitted" };
         self.tag(LABEL_PURGE_SCOPE, &[client_id.as_bytes(), marker, scope.as_deref().unwrap_or("").as_bytes()])
@@ -213,6 +223,10 @@ mod tests {
         assert_ne!(h.scope_tag("a", &some), h.scope_tag("b", &some));
         assert_eq!(h.scope_tag("a", &some), h.scope_tag("a", &Scope::parse(Some("y x")).unwrap()));
         assert_ne!(h.scope_tag("a", &none), h.client_tag("a"));
+        let (client, source) = h.throttle_tags("a", &[127, 0, 0, 1]);
+        assert_ne!(client, h.client_tag("a"), "throttle and purge names are unrelated");
+        assert_ne!(source, h.throttle_tags("a", &[127, 0, 0, 2]).1);
+        assert_eq!(client, h.throttle_tags("a", &[127, 0, 0, 2]).0);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     let admin = format!("http://{}", app.proxy.admin);
     assert_eq!(http().get(format!("{admin}/healthz")).send().await.unwrap().status(), 200);
     let url = app.proxy.token_url();
@@ -14,9 +14,9 @@ async fn health_readiness_and_metrics() {
         ready["redis"] == "up" && ready["ready"] == true
     })
     .await;
-    post_basic(&url, "app", "secret", None).await;
-    post_basic(&url, "app", "secret", None).await;
-    post_basic(&url, "app", "secret", None).await;
+    post_basic(&url, "app", SECRET, None).await;
+    post_basic(&url, "app", SECRET, None).await;
+    post_basic(&url, "app", SECRET, None).await;
     assert_eq!(idp.issued_total(), 1);
     assert_eq!(app.proxy.metric("token_proxy_requests_total{outcome=\"miss\"}").await, 1.0);
     assert_eq!(app.proxy.metric("token_proxy_requests_total{outcome=\"hit\"}").await, 2.0);
@@ -29,7 +29,7 @@ async fn health_readiness_and_metrics() {
 
 #[tokio::test]
 async fn a_stopped_replica_closes_its_listeners() {
-    let idp = spawn_idp(vec![client("app", "secret")]).await;
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
     let proxy = TestProxy::spawn(proxy_config(&idp.token_url(), &[])).await;
     let admin = format!("http://{}/readyz", proxy.admin);
     let ready = get_json(&admin).await;

@@ -4,11 +4,11 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn a_miss_then_hits_make_one_upstream_call_with_redis() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
-    let first = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
+    let first = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!((first.status, first.x_cache()), (200, "MISS"), "{}", first.raw);
     for _ in 0..20 {
-        let hit = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+        let hit = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
         assert_eq!((hit.status, hit.x_cache()), (200, "HIT"));
         assert_eq!(hit.access_token(), first.access_token());
         assert_eq!(hit.headers["cache-control"], "no-store");
@@ -19,11 +19,11 @@ async fn a_miss_then_hits_make_one_upstream_call_with_redis() {
 
 #[tokio::test]
 async fn a_miss_then_hits_make_one_upstream_call_without_redis() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
-    let first = post_body(&app.proxy.token_url(), "app", "secret", Some("api/read")).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
+    let first = post_body(&app.proxy.token_url(), "app", SECRET, Some("api/read")).await;
     assert_eq!(first.x_cache(), "MISS");
     for _ in 0..20 {
-        let hit = post_body(&app.proxy.token_url(), "app", "secret", Some("api/read")).await;
+        let hit = post_body(&app.proxy.token_url(), "app", SECRET, Some("api/read")).await;
         assert_eq!(hit.x_cache(), "HIT");
         assert_eq!(hit.access_token(), first.access_token());
     }
@@ -32,10 +32,10 @@ async fn a_miss_then_hits_make_one_upstream_call_without_redis() {
 
 #[tokio::test]
 async fn hits_come_from_redis_when_l1_is_off() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[("TOKEN_PROXY_L1_CAPACITY", "0")]).await;
-    let first = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[("TOKEN_PROXY_L1_CAPACITY", "0")]).await;
+    let first = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!(first.x_cache(), "MISS");
-    let hit = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    let hit = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!((hit.x_cache(), hit.access_token()), ("HIT", first.access_token()));
     assert_eq!(app.issued(), 1);
     assert_eq!(app.redis().dump().await.len(), 1);
@@ -43,38 +43,38 @@ async fn hits_come_from_redis_when_l1_is_off() {
 
 #[tokio::test]
 async fn basic_and_body_credentials_share_one_entry() {
-    let app = TestApp::with_redis(vec![client("app", "s3:cr+t%")], &[]).await;
-    let basic = post_basic(&app.proxy.token_url(), "app", "s3:cr+t%", Some("api/read")).await;
+    let app = TestApp::with_redis(vec![client("app", "s3:cr+t%/=& long")], &[]).await;
+    let basic = post_basic(&app.proxy.token_url(), "app", "s3:cr+t%/=& long", Some("api/read")).await;
     assert_eq!((basic.status, basic.x_cache()), (200, "MISS"), "{}", basic.raw);
-    let body = post_body(&app.proxy.token_url(), "app", "s3:cr+t%", Some("api/read")).await;
+    let body = post_body(&app.proxy.token_url(), "app", "s3:cr+t%/=& long", Some("api/read")).await;
     assert_eq!((body.x_cache(), body.access_token()), ("HIT", basic.access_token()));
     assert_eq!(app.issued(), 1);
 }
 
 #[tokio::test]
 async fn scope_order_and_duplicates_share_one_entry_but_omitted_scope_is_its_own() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     let url = app.proxy.token_url();
-    let first = post_basic(&url, "app", "secret", Some("api/read api/write")).await;
+    let first = post_basic(&url, "app", SECRET, Some("api/read api/write")).await;
     assert_eq!(first.x_cache(), "MISS");
     for scope in ["api/write api/read", "api/read  api/write api/read", " api/write api/write api/read "] {
-        let again = post_basic(&url, "app", "secret", Some(scope)).await;
+        let again = post_basic(&url, "app", SECRET, Some(scope)).await;
         assert_eq!((again.x_cache(), again.access_token()), ("HIT", first.access_token()), "{scope}");
     }
-    let omitted = post_basic(&url, "app", "secret", None).await;
+    let omitted = post_basic(&url, "app", SECRET, None).await;
     assert_eq!(omitted.x_cache(), "MISS");
     assert_ne!(omitted.access_token(), first.access_token());
-    let narrower = post_basic(&url, "app", "secret", Some("api/read")).await;
+    let narrower = post_basic(&url, "app", SECRET, Some("api/read")).await;
     assert_eq!(narrower.x_cache(), "MISS");
     assert_eq!(app.issued(), 3);
 }
 
 #[tokio::test]
 async fn token_affecting_parameters_are_part_of_the_key() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     let url = app.proxy.token_url();
-    let base = "grant_type=client_credentials&client_id=app&client_secret=secret";
-    let plain = post_form(&url, base).await;
+    let base = format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}");
+    let plain = post_form(&url, &base).await;
     let with_a = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22a%22%7D")).await;
     let with_b = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22b%22%7D")).await;
     let with_a_again = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22a%22%7D")).await;
@@ -85,7 +85,10 @@ async fn token_affecting_parameters_are_part_of_the_key() {
 
 #[tokio::test]
 async fn a_wrong_secret_never_receives_a_cached_token() {
-    let app = TestApp::with_redis(vec![client("app", "correct-secret"), client("other", "other-secret")], &[]).await;
+    // Every guess must reach the upstream here: throttling (abuse.rs) would answer most with 429.
+    let no_throttle = [("TOKEN_PROXY_AUTH_FAILURE_LIMIT", "0"), ("TOKEN_PROXY_AUTH_FAILURE_CLIENT_LIMIT", "0")];
+    let app =
+        TestApp::with_redis(vec![client("app", "correct-secret"), client("other", "other-secret")], &no_throttle).await;
     let url = app.proxy.token_url();
     let good = post_basic(&url, "app", "correct-secret", None).await;
     assert_eq!(good.status, 200);
@@ -118,23 +121,23 @@ async fn a_wrong_secret_never_receives_a_cached_token() {
 
 #[tokio::test]
 async fn different_clients_never_share_entries() {
-    let app = TestApp::embedded(vec![client("a", "same"), client("b", "same")], &[]).await;
-    let a = post_basic(&app.proxy.token_url(), "a", "same", None).await;
-    let b = post_basic(&app.proxy.token_url(), "b", "same", None).await;
+    let app = TestApp::embedded(vec![client("a", SECRET), client("b", SECRET)], &[]).await;
+    let a = post_basic(&app.proxy.token_url(), "a", SECRET, None).await;
+    let b = post_basic(&app.proxy.token_url(), "b", SECRET, None).await;
     assert_eq!((a.x_cache(), b.x_cache()), ("MISS", "MISS"));
     assert_ne!(a.access_token(), b.access_token());
 }
 
 #[tokio::test]
 async fn client_cache_directives_are_ignored() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     let url = app.proxy.token_url();
-    post_basic(&url, "app", "secret", None).await;
+    post_basic(&url, "app", SECRET, None).await;
     let reply = read(
         http()
             .post(&url)
             .header("content-type", "application/x-www-form-urlencoded")
-            .header("authorization", shared::basic::encode("app", "secret"))
+            .header("authorization", shared::basic::encode("app", SECRET))
             .header("cache-control", "no-cache, max-age=0")
             .header("pragma", "no-cache")
             .body("grant_type=client_credentials")
@@ -149,12 +152,12 @@ async fn client_cache_directives_are_ignored() {
 
 #[tokio::test]
 async fn concurrent_misses_on_one_replica_make_one_upstream_call() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     app.idp.idp.set_latency(std::time::Duration::from_millis(200));
     let url = app.proxy.token_url();
     let replies = futures_join_all((0..50).map(|_| {
         let url = url.clone();
-        async move { post_basic(&url, "app", "secret", None).await }
+        async move { post_basic(&url, "app", SECRET, None).await }
     }))
     .await;
     let token = replies[0].access_token().to_owned();

@@ -10,13 +10,13 @@ async fn expires_in_counts_down_and_no_token_is_served_under_the_minimum() {
     // Tokens live 6 s; entries end 1 s early, and nothing under 2 s is served: so a token is
     // served for 4 s, then a new one is fetched.
     let app = TestApp::with_redis(
-        vec![client("app", "secret")],
+        vec![client("app", SECRET)],
         &[("TOKEN_PROXY_EXPIRY_MARGIN", "1s"), ("TOKEN_PROXY_MIN_TOKEN_TTL", "2s"), ("TOKEN_PROXY_L1_MAX_AGE", "1s")],
     )
     .await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(6));
     let url = app.proxy.token_url();
-    let first = post_basic(&url, "app", "secret", None).await;
+    let first = post_basic(&url, "app", SECRET, None).await;
     assert!(first.expires_in() <= 6);
     let mut previous = (first.access_token().to_owned(), first.expires_in());
     let mut seen_expires_in = vec![first.expires_in()];
@@ -24,7 +24,7 @@ async fn expires_in_counts_down_and_no_token_is_served_under_the_minimum() {
     let mut tokens = 1;
     while started.elapsed() < Duration::from_millis(5_500) {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let reply = post_basic(&url, "app", "secret", None).await;
+        let reply = post_basic(&url, "app", SECRET, None).await;
         assert_eq!(reply.status, 200);
         assert!(reply.expires_in() >= 2, "served a token with {} s left", reply.expires_in());
         if reply.access_token() == previous.0 {
@@ -45,12 +45,12 @@ async fn expires_in_counts_down_and_no_token_is_served_under_the_minimum() {
 #[tokio::test]
 async fn the_redis_ttl_ends_before_the_token() {
     let app = TestApp::with_redis(
-        vec![client("app", "secret")],
+        vec![client("app", SECRET)],
         &[("TOKEN_PROXY_EXPIRY_MARGIN", "90s"), ("TOKEN_PROXY_MIN_TOKEN_TTL", "60s")],
     )
     .await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(300));
-    post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
     let redis = app.redis().client().await;
     let dump = app.redis().dump().await;
     assert_eq!(dump.len(), 1);
@@ -60,11 +60,11 @@ async fn the_redis_ttl_ends_before_the_token() {
 
 #[tokio::test]
 async fn tokens_too_short_lived_to_cache_are_relayed_but_not_cached() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(30));
     let url = app.proxy.token_url();
-    let first = post_basic(&url, "app", "secret", None).await;
-    let second = post_basic(&url, "app", "secret", None).await;
+    let first = post_basic(&url, "app", SECRET, None).await;
+    let second = post_basic(&url, "app", SECRET, None).await;
     assert_eq!((first.status, first.x_cache()), (200, "MISS"));
     assert_eq!(second.x_cache(), "MISS");
     assert!(first.expires_in() <= 30);

@@ -1,31 +1,47 @@
 //! Test harness: real `redis-server` processes on free ports, `mock-idp` in-process as the
 //! upstream, and token-proxy replicas on port 0, all over loopback HTTP.
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::GeneralPurpose;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use fred::prelude::*;
-use mock_idp::{ClientConfig, RunningMockIdp};
+use mock_idp::{ClientConfig, MockIdp, RunningMockIdp};
 use token_proxy::app::Application;
 use token_proxy::config::Config;
+use token_proxy::metrics::Metrics;
 
 /// Base64 of the 32 bytes "0123456789abcdef0123456789abcdef".
 pub const ROOT_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
+/// The client secret most tests use: long enough (see [`MIN_CANARY_LEN`]) to be a canary, and
+/// plain enough to write into a form body as is.
+pub const SECRET: &str = "shared-test-secret-0042";
+
 // ---------------------------------------------------------------------------------------------
-// Captured logs: every test process logs at TRACE into one buffer that leak tests scan.
+// Captured logs: every test process logs at TRACE into one buffer that leak checks scan, and
+// panics are written into it too.
 
 #[derive(Clone)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
 
+impl Capture {
+    fn buffer(&self) -> MutexGuard<'_, Vec<u8>> {
+        // Appending bytes leaves nothing half done for a panicking holder.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        self.buffer().extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -43,13 +59,554 @@ fn capture() -> &'static Capture {
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .try_init();
+        install_panic_hook(capture.clone());
         capture
     })
 }
 
+/// Chains a hook in front of the default one that writes every panic into the capture buffer,
+/// so that leak checks scan panic messages as they scan logs. Panics raised by the test code
+/// itself (an assertion that prints the tokens it compared, a leak finding) are recorded by
+/// location only: they are the tests' own words, not something the proxy said.
+fn install_panic_hook(capture: Capture) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let location = info.location().map_or_else(|| "an unknown place".to_owned(), ToString::to_string);
+        let by_tests = info.location().is_some_and(|l| l.file().replace('\\', "/").contains("tests/api/"));
+        let line = if by_tests {
+            format!("PANIC in the test code at {location}\n")
+        } else {
+            format!("PANIC in {:?}: {info}\n", std::thread::current().name())
+        };
+        // try_lock: a panic inside Capture::write must not deadlock on its own lock.
+        for _ in 0..10_000 {
+            match capture.0.try_lock() {
+                Ok(mut buffer) => buffer.extend_from_slice(line.as_bytes()),
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().extend_from_slice(line.as_bytes()),
+                Err(TryLockError::WouldBlock) => {
+                    std::thread::yield_now();
+                    continue;
+                }
+            }
+            break;
+        }
+        previous(info);
+    }));
+}
+
 /// Everything logged so far by this test process.
 pub fn captured_logs() -> String {
-    String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned()
+    String::from_utf8_lossy(&capture().buffer()).into_owned()
+}
+
+/// Everything logged so far by this test process, as bytes.
+pub fn captured_log_bytes() -> Vec<u8> {
+    capture().buffer().clone()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Canaries: every client secret and access token of this process, and every form in which they
+// must never show up in logs, panics, metrics, response bodies or Redis (DESIGN.md invariant 4).
+//
+// `client()` and `spawn_idp()` register client secrets, `proxy_config()` secret settings, and
+// tokens come from the record of every mock-idp `spawn_idp()` started, including tokens the test
+// never saw. The harness checks by itself: every response `read()` reads, the metrics and the
+// new log lines whenever a `TestProxy` stops or is dropped, and a `SAVE`d RDB file plus every
+// key and value whenever a `RedisServer` is dropped.
+
+/// Values shorter than this could match by chance, so they are not scanned for.
+pub const MIN_CANARY_LEN: usize = 12;
+
+/// Every needle is at least `MIN_CANARY_LEN` long, so sampling 8-byte windows every `STRIDE`
+/// bytes sees each occurrence at one of its first `STRIDE` offsets.
+const STRIDE: usize = MIN_CANARY_LEN - 8 + 1;
+const FILTER_BITS: u32 = 24;
+
+/// The forms in which `value` could leak, each named: raw, escaped (JSON, Debug), URL-encoded
+/// (as a form encoder does, and RFC 3986 style; upper- and lowercase hex), hex, as a Debug byte
+/// list, and base64 of the raw and URL-encoded values, in the standard and URL-safe alphabets,
+/// padded or not, and at each of the 3 alignments inside a longer encoded text (a secret in a
+/// Basic header, `base64(id:secret)`, is encoded at an offset). Forms shorter than
+/// [`MIN_CANARY_LEN`] are left out.
+pub fn leak_forms(value: &str) -> Vec<(String, Vec<u8>)> {
+    let mut forms: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut push = |name: String, bytes: Vec<u8>| {
+        if bytes.len() >= MIN_CANARY_LEN && !forms.iter().any(|(_, known)| *known == bytes) {
+            forms.push((name, bytes));
+        }
+    };
+    let json = serde_json::to_string(value).unwrap();
+    let debug = format!("{value:?}");
+    let mut form = String::new();
+    shared::form::encode_component(value, &mut form);
+    let percent = percent_encode(value);
+    let texts = [
+        ("raw", value.to_owned()),
+        ("JSON-escaped", json[1..json.len() - 1].to_owned()),
+        ("Debug-escaped", debug[1..debug.len() - 1].to_owned()),
+        ("form-urlencoded", form.clone()),
+        ("form-urlencoded (lowercase hex)", lowercase_escapes(&form)),
+        ("percent-encoded", percent.clone()),
+        ("percent-encoded (lowercase hex)", lowercase_escapes(&percent)),
+    ];
+    for (name, text) in &texts {
+        push((*name).to_owned(), text.as_bytes().to_vec());
+    }
+    push("hex".to_owned(), hex::encode(value).into_bytes());
+    push("hex (uppercase)".to_owned(), hex::encode_upper(value).into_bytes());
+    push("a Debug byte list".to_owned(), format!("{:?}", value.as_bytes()).into_bytes());
+    let mut encoded_texts: Vec<(&str, &str)> = Vec::new();
+    for (name, text) in [("raw", value), ("form-urlencoded", form.as_str()), ("percent-encoded", percent.as_str())] {
+        if !encoded_texts.iter().any(|(_, known)| *known == text) {
+            encoded_texts.push((name, text));
+        }
+    }
+    let alphabets: [(&str, &GeneralPurpose, &GeneralPurpose); 2] =
+        [("standard", &STANDARD, &STANDARD_NO_PAD), ("URL-safe", &URL_SAFE, &URL_SAFE_NO_PAD)];
+    for (name, text) in encoded_texts {
+        for (alphabet, padded, unpadded) in alphabets {
+            push(format!("base64 ({alphabet}, padded) of the {name} value"), padded.encode(text).into_bytes());
+            push(format!("base64 ({alphabet}, unpadded) of the {name} value"), unpadded.encode(text).into_bytes());
+            for offset in 0..3 {
+                push(
+                    format!("base64 ({alphabet}) of the {name} value at offset {offset} inside a longer text"),
+                    base64_fragment(unpadded, text.as_bytes(), offset),
+                );
+            }
+        }
+    }
+    forms
+}
+
+/// The forms of an access token: those of [`leak_forms`] and its JWT signature segment alone.
+pub fn token_forms(token: &str) -> Vec<(String, Vec<u8>)> {
+    let mut forms = leak_forms(token);
+    if let Some((_, signature)) = token.rsplit_once('.') {
+        if signature.len() >= MIN_CANARY_LEN && !forms.iter().any(|(_, known)| known == signature.as_bytes()) {
+            forms.push(("the JWT signature segment alone".to_owned(), signature.as_bytes().to_vec()));
+        }
+    }
+    forms
+}
+
+/// The base64 characters of `value` that do not depend on the bytes around it when it sits
+/// `offset` bytes into a longer encoded text: those whose 6 bits all come from `value`.
+fn base64_fragment(engine: &GeneralPurpose, value: &[u8], offset: usize) -> Vec<u8> {
+    let mut input = vec![0u8; offset];
+    input.extend_from_slice(value);
+    let encoded = engine.encode(&input).into_bytes();
+    let first = (8 * offset).div_ceil(6);
+    let end = (8 * (offset + value.len()) / 6).max(first);
+    encoded[first..end].to_vec()
+}
+
+/// RFC 3986 percent-encoding: everything but ALPHA, DIGIT and `-._~` escaped, space as `%20`.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::new();
+    for &b in value.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `%2F` → `%2f`.
+fn lowercase_escapes(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut hex_left = 0;
+    for c in encoded.chars() {
+        if hex_left > 0 {
+            out.push(c.to_ascii_lowercase());
+            hex_left -= 1;
+        } else {
+            out.push(c);
+            if c == '%' {
+                hex_left = 2;
+            }
+        }
+    }
+    out
+}
+
+/// The `client_id` claim of a JWT, for naming its owner in a finding.
+fn token_client(token: &str) -> String {
+    let claims = token.split('.').nth(1).and_then(|segment| URL_SAFE_NO_PAD.decode(segment).ok());
+    let claims: Option<serde_json::Value> = claims.and_then(|json| serde_json::from_slice(&json).ok());
+    claims.and_then(|c| c["client_id"].as_str().map(str::to_owned)).unwrap_or_else(|| "an unknown client".to_owned())
+}
+
+/// One secret value: what it is (safe to print) and the forms it must never appear in.
+#[derive(Debug)]
+pub struct Canary {
+    /// E.g. "the client secret of `app`": never the value itself.
+    pub what: String,
+    pub forms: Vec<(String, Vec<u8>)>,
+}
+
+/// Where a canary was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finding {
+    pub canary: usize,
+    pub form: usize,
+    pub at: usize,
+    pub len: usize,
+}
+
+/// A set of canaries and a search for all their forms at once: 8-byte windows of the haystack,
+/// sampled every `STRIDE` bytes, go through a bit filter and then a map to the needles that
+/// hold that window at one of their first `STRIDE` offsets. Fast enough (in a debug build) to
+/// scan everything the whole suite logs.
+pub struct Canaries {
+    canaries: Vec<Canary>,
+    /// (canary, form) of each needle.
+    needles: Vec<(usize, usize)>,
+    /// A window's bytes → (needle, offset of the window in the needle).
+    keys: HashMap<u64, Vec<(usize, usize)>>,
+    filter: Vec<u64>,
+    longest: usize,
+}
+
+impl Default for Canaries {
+    fn default() -> Canaries {
+        Canaries {
+            canaries: Vec::new(),
+            needles: Vec::new(),
+            keys: HashMap::new(),
+            filter: vec![0; 1 << (FILTER_BITS - 6)],
+            longest: 0,
+        }
+    }
+}
+
+fn filter_bit(key: u64) -> usize {
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - FILTER_BITS)) as usize
+}
+
+fn window(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+impl Canaries {
+    pub fn new() -> Canaries {
+        Canaries::default()
+    }
+
+    /// Adds a canary; forms shorter than [`MIN_CANARY_LEN`] are dropped. Returns its index.
+    pub fn add(&mut self, what: String, forms: Vec<(String, Vec<u8>)>) -> usize {
+        let canary = self.canaries.len();
+        let forms: Vec<_> = forms.into_iter().filter(|(_, bytes)| bytes.len() >= MIN_CANARY_LEN).collect();
+        for (form, (_, bytes)) in forms.iter().enumerate() {
+            let needle = self.needles.len();
+            self.needles.push((canary, form));
+            self.longest = self.longest.max(bytes.len());
+            for offset in 0..STRIDE {
+                let key = window(bytes, offset);
+                let bit = filter_bit(key);
+                self.filter[bit >> 6] |= 1 << (bit & 63);
+                self.keys.entry(key).or_default().push((needle, offset));
+            }
+        }
+        self.canaries.push(Canary { what, forms });
+        canary
+    }
+
+    /// A client secret; `None` (nothing added) when it is shorter than [`MIN_CANARY_LEN`].
+    pub fn add_secret(&mut self, client_id: &str, secret: &str) -> Option<usize> {
+        (secret.len() >= MIN_CANARY_LEN)
+            .then(|| self.add(format!("the client secret of `{client_id}`"), leak_forms(secret)))
+    }
+
+    /// An access token, named after its `client_id` claim.
+    pub fn add_token(&mut self, token: &str) -> usize {
+        self.add(format!("an access token issued to `{}`", token_client(token)), token_forms(token))
+    }
+
+    pub fn canary(&self, index: usize) -> &Canary {
+        &self.canaries[index]
+    }
+
+    /// Every occurrence of every form, by position (the longest form first at one position).
+    pub fn find_all(&self, haystack: &[u8]) -> Vec<Finding> {
+        let mut found = Vec::new();
+        if self.needles.is_empty() {
+            return found;
+        }
+        let mut at = 0;
+        while at + 8 <= haystack.len() {
+            let key = window(haystack, at);
+            let bit = filter_bit(key);
+            if self.filter[bit >> 6] & (1 << (bit & 63)) != 0 {
+                for &(needle, offset) in self.keys.get(&key).map_or(&[][..], Vec::as_slice) {
+                    let Some(start) = at.checked_sub(offset) else { continue };
+                    let (canary, form) = self.needles[needle];
+                    let bytes = &self.canaries[canary].forms[form].1;
+                    if haystack[start..].starts_with(bytes) {
+                        found.push(Finding { canary, form, at: start, len: bytes.len() });
+                    }
+                }
+            }
+            at += STRIDE;
+        }
+        found.sort_by_key(|f| (f.at, std::cmp::Reverse(f.len)));
+        found
+    }
+
+    /// `haystack` with every occurrence of every form replaced by `[CANARY]`.
+    pub fn redact(&self, haystack: &[u8]) -> String {
+        let mut masked = vec![false; haystack.len()];
+        for f in self.find_all(haystack) {
+            masked[f.at..f.at + f.len].iter_mut().for_each(|m| *m = true);
+        }
+        let mut out = Vec::with_capacity(haystack.len());
+        let mut i = 0;
+        while i < haystack.len() {
+            if masked[i] {
+                out.extend_from_slice(b"[CANARY]");
+                while i < haystack.len() && masked[i] {
+                    i += 1;
+                }
+            } else {
+                out.push(haystack[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// `Err` with a message naming what leaked where, in which form, and (for text) the
+    /// surrounding line with every canary redacted. Never the value itself.
+    pub fn check(&self, place: &str, haystack: &[u8], text: bool) -> Result<(), String> {
+        self.check_after(place, haystack, text, 0)
+    }
+
+    /// Like [`Canaries::check`], ignoring findings that end at or before `fresh_from`: a
+    /// rescanned overlap with the previous chunk.
+    fn check_after(&self, place: &str, haystack: &[u8], text: bool, fresh_from: usize) -> Result<(), String> {
+        let mut found = self.find_all(haystack);
+        found.retain(|f| f.at + f.len > fresh_from);
+        let Some(first) = found.first().copied() else { return Ok(()) };
+        let canary = &self.canaries[first.canary];
+        let mut message = format!(
+            "LEAK: {place} contains {} as {} (at byte {} of {} scanned)",
+            canary.what,
+            canary.forms[first.form].0,
+            first.at,
+            haystack.len()
+        );
+        let others: BTreeSet<&str> = found.iter().map(|f| self.canaries[f.canary].what.as_str()).collect();
+        if found.len() > 1 {
+            message.push_str(&format!("; {} findings in all, of {} canaries", found.len(), others.len()));
+        }
+        if text {
+            message.push_str(&format!(
+                "; around it, every canary replaced by [CANARY]: {}",
+                self.excerpt(haystack, first)
+            ));
+        }
+        Err(message)
+    }
+
+    /// Panics with [`Canaries::check`]'s message if `haystack` holds any form of any canary.
+    pub fn assert_clean(&self, place: &str, haystack: &[u8]) {
+        if let Err(message) = self.check(place, haystack, true) {
+            panic!("{message}");
+        }
+    }
+
+    /// The line around a finding, at most 300 bytes either side, redacted. Redaction looks at
+    /// a wider window than it shows, so a canary cut by the edge is still masked.
+    fn excerpt(&self, haystack: &[u8], finding: Finding) -> String {
+        let margin = 300;
+        let wide_start = finding.at.saturating_sub(margin + self.longest);
+        let wide_end = (finding.at + finding.len + margin + self.longest).min(haystack.len());
+        let line_start = haystack[..finding.at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let line_end =
+            haystack[finding.at..].iter().position(|&b| b == b'\n').map_or(haystack.len(), |i| finding.at + i);
+        let start = line_start.max(finding.at.saturating_sub(margin));
+        let end = line_end.min(finding.at + finding.len + margin);
+        let wide = &haystack[wide_start..wide_end];
+        let mut masked = vec![false; wide.len()];
+        for f in self.find_all(wide) {
+            masked[f.at..f.at + f.len].iter_mut().for_each(|m| *m = true);
+        }
+        let mut out = Vec::new();
+        let mut previous_masked = false;
+        for i in start..end {
+            let m = masked[i - wide_start];
+            if m && !previous_masked {
+                out.extend_from_slice(b"[CANARY]");
+            } else if !m {
+                out.push(haystack[i]);
+            }
+            previous_masked = m;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// The process-wide registry of canaries.
+struct Registry {
+    canaries: Canaries,
+    /// A secret value → its canary and the clients (or settings) that use it.
+    secrets: HashMap<String, (usize, Vec<String>)>,
+    tokens: usize,
+    /// Clients whose secret is too short to scan for.
+    short: BTreeSet<String>,
+    /// Every mock-idp started by `spawn_idp`, and how many of its tokens are registered.
+    idps: Vec<(MockIdp, usize)>,
+    /// How much of the capture buffer has been scanned.
+    logs_scanned_to: usize,
+    checks: usize,
+    bytes_scanned: usize,
+}
+
+fn registry() -> MutexGuard<'static, Registry> {
+    static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+    capture();
+    REGISTRY
+        .get_or_init(|| {
+            Mutex::new(Registry {
+                canaries: Canaries::new(),
+                secrets: HashMap::new(),
+                tokens: 0,
+                short: BTreeSet::new(),
+                idps: Vec::new(),
+                logs_scanned_to: 0,
+                checks: 0,
+                bytes_scanned: 0,
+            })
+        })
+        .lock()
+        // A panic is only ever raised after the lock is released.
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Registry {
+    /// Registers a secret used by `owner` (a client id, or a setting's name).
+    fn secret(&mut self, owner: String, secret: &str, what: impl Fn(&str) -> String) {
+        if secret.len() < MIN_CANARY_LEN {
+            self.short.insert(owner);
+            return;
+        }
+        if let Some((canary, owners)) = self.secrets.get_mut(secret) {
+            if !owners.contains(&owner) {
+                owners.push(owner);
+                self.canaries.canaries[*canary].what = what(&owners.join("`, `"));
+            }
+            return;
+        }
+        let canary = self.canaries.add(what(&owner), leak_forms(secret));
+        self.secrets.insert(secret.to_owned(), (canary, vec![owner]));
+    }
+
+    /// Registers the tokens the known mock-idps issued since the last call. Tokens are
+    /// recorded before anyone sees them, so a token this finds was issued after the previous
+    /// call read the log length: every log line that can mention it is still to be scanned.
+    fn sync_tokens(&mut self) {
+        let mut new = Vec::new();
+        for (idp, known) in &mut self.idps {
+            let tokens = idp.issued_tokens_since(*known);
+            *known += tokens.len();
+            new.extend(tokens);
+        }
+        for token in new {
+            self.canaries.add_token(&token);
+            self.tokens += 1;
+        }
+    }
+
+    fn check(&mut self, place: &str, haystack: &[u8], text: bool) -> Result<(), String> {
+        self.check_after(place, haystack, text, 0)
+    }
+
+    fn check_after(&mut self, place: &str, haystack: &[u8], text: bool, fresh_from: usize) -> Result<(), String> {
+        self.sync_tokens();
+        self.checks += 1;
+        self.bytes_scanned += haystack.len() - fresh_from;
+        self.canaries.check_after(place, haystack, text, fresh_from)
+    }
+}
+
+/// Registers a client secret (once per value; values shorter than [`MIN_CANARY_LEN`] are
+/// noted and skipped).
+pub fn register_secret(client_id: &str, secret: &str) {
+    registry().secret(client_id.to_owned(), secret, |owners| format!("the client secret of `{owners}`"));
+}
+
+/// Counts of what the leak checks have looked for so far in this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryStats {
+    /// Distinct secret values (client secrets and secret settings) scanned for.
+    pub secrets: usize,
+    /// Distinct access tokens scanned for.
+    pub tokens: usize,
+    /// Clients (or settings) whose secret is too short to scan for.
+    pub short: Vec<String>,
+    pub checks: usize,
+    pub bytes_scanned: usize,
+}
+
+pub fn canary_stats() -> CanaryStats {
+    let mut registry = registry();
+    registry.sync_tokens();
+    CanaryStats {
+        secrets: registry.secrets.len(),
+        tokens: registry.tokens,
+        short: registry.short.iter().cloned().collect(),
+        checks: registry.checks,
+        bytes_scanned: registry.bytes_scanned,
+    }
+}
+
+/// Scans `haystack` for every registered secret and token (text: a failure shows the
+/// surrounding line, redacted). Panics with a message naming what leaked into `place`.
+pub fn check_no_leak(place: &str, haystack: &[u8]) {
+    let result = registry().check(place, haystack, true);
+    if let Err(message) = result {
+        panic!("{message}");
+    }
+}
+
+/// Scans everything logged (and every panic) since the previous call for every registered
+/// secret and token. Secrets are registered before they are used and tokens before anyone sees
+/// them, so scanning each log byte once, against everything registered by then, is enough.
+pub fn check_logs() {
+    let result = {
+        let mut registry = registry();
+        // Read the length before registering new tokens (see `Registry::sync_tokens`).
+        let end = capture().buffer().len();
+        registry.sync_tokens();
+        // From a little before the previous end, for a canary written across it.
+        let previous_end = registry.logs_scanned_to;
+        let start = previous_end.saturating_sub(registry.canaries.longest.saturating_sub(1));
+        let chunk = capture().buffer()[start..end].to_vec();
+        registry.logs_scanned_to = end;
+        registry.check_after("the captured logs (and panic messages)", &chunk, true, previous_end - start)
+    };
+    if let Err(message) = result {
+        panic!("{message}");
+    }
+}
+
+/// Scans a response's headers and body. A successful token response may of course hold its own
+/// token; nothing else.
+fn check_reply(reply: &TokenReply) {
+    let mut headers = Vec::new();
+    for (name, value) in &reply.headers {
+        headers.extend_from_slice(name.as_str().as_bytes());
+        headers.extend_from_slice(b": ");
+        headers.extend_from_slice(value.as_bytes());
+        headers.push(b'\n');
+    }
+    check_no_leak(&format!("the headers of a {} response", reply.status), &headers);
+    let body = match reply.body["access_token"].as_str() {
+        Some(token) if (200..300).contains(&reply.status) => reply.raw.replace(token, "[its own token]"),
+        _ => reply.raw.clone(),
+    };
+    check_no_leak(&format!("the body of a {} response", reply.status), body.as_bytes());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -60,7 +617,10 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A `redis-server` owned by one test; killed (by pid) when dropped.
+/// A `redis-server` owned by one test; killed (by pid) when dropped. It runs with
+/// `rdbcompression no` and its own directory, so that a `SAVE`d RDB file holds every key and
+/// value as raw bytes: on drop (unless killed, or the test is failing already) the harness
+/// saves one and scans it, and every key and value, for canaries.
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
@@ -78,8 +638,11 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) {
+        // A restarted server starts empty, whatever a leak check saved before.
+        let _ = std::fs::remove_file(self.rdb_path());
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--rdbcompression", "no", "--dbfilename", "dump.rdb"])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -134,6 +697,61 @@ impl RedisServer {
         client
     }
 
+    fn rdb_path(&self) -> std::path::PathBuf {
+        self.dir.join("dump.rdb")
+    }
+
+    /// `SAVE`, then the RDB file's bytes (uncompressed: every key and value is in it as is).
+    pub fn rdb(&self) -> Vec<u8> {
+        self.try_rdb().unwrap_or_else(|err| panic!("SAVE on the Redis on port {}: {err}", self.port))
+    }
+
+    fn try_rdb(&self) -> std::io::Result<Vec<u8>> {
+        RespConnection::open(self.port)?.call(&[b"SAVE"])?;
+        std::fs::read(self.rdb_path())
+    }
+
+    /// Every key with every value in it (all types: a hash gives its fields and values), read
+    /// without the async runtime, so that `Drop` can use it too.
+    pub fn contents(&self) -> Vec<RedisEntry> {
+        self.try_contents().unwrap_or_else(|err| panic!("reading the Redis on port {}: {err}", self.port))
+    }
+
+    fn try_contents(&self) -> std::io::Result<Vec<RedisEntry>> {
+        let mut redis = RespConnection::open(self.port)?;
+        let mut out = Vec::new();
+        for key in redis.call(&[b"KEYS", b"*"])?.flatten() {
+            let kind = redis.call(&[b"TYPE", &key])?.flatten().concat();
+            let values = match kind.as_slice() {
+                b"string" => redis.call(&[b"GET", &key])?,
+                b"hash" => redis.call(&[b"HGETALL", &key])?,
+                b"list" => redis.call(&[b"LRANGE", &key, b"0", b"-1"])?,
+                b"set" => redis.call(&[b"SMEMBERS", &key])?,
+                b"zset" => redis.call(&[b"ZRANGE", &key, b"0", b"-1", b"WITHSCORES"])?,
+                b"none" => Reply::Nil,
+                _ => redis.call(&[b"DUMP", &key])?,
+            };
+            out.push((key, values.flatten()));
+        }
+        Ok(out)
+    }
+
+    /// The drop-time check: a saved RDB file and every key and value, scanned for canaries.
+    fn leak_check(&self) -> Result<(), String> {
+        let failed = |err: std::io::Error| format!("the leak check of the Redis on port {}: {err}", self.port);
+        let rdb = self.try_rdb().map_err(failed)?;
+        let contents = self.try_contents().map_err(failed)?;
+        let mut registry = registry();
+        registry.check(&format!("the RDB file of the Redis on port {}", self.port), &rdb, false)?;
+        for (key, values) in contents {
+            registry.check(&format!("a key of the Redis on port {}", self.port), &key, false)?;
+            for value in values {
+                registry.check(&format!("a value in the Redis on port {}", self.port), &value, false)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every key and its value.
     pub async fn dump(&self) -> Vec<(Bytes, Bytes)> {
         let client = self.client().await;
@@ -149,20 +767,129 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // Panicking in a drop that runs because of a panic would abort the whole run.
+        let checked = if self.child.is_some() && !std::thread::panicking() {
+            if let Some(child) = &self.child {
+                // A test may have left it frozen.
+                let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            }
+            Some(self.leak_check())
+        } else {
+            None
+        };
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(Err(message)) = checked {
+            panic!("{message}");
+        }
+        if checked.is_some() {
+            check_logs();
+        }
+    }
+}
+
+/// A key and every string in its value (one for a string; fields and values for a hash).
+pub type RedisEntry = (Vec<u8>, Vec<Vec<u8>>);
+
+/// A blocking RESP2 connection, for the checks that run in `Drop`.
+struct RespConnection {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+/// A RESP2 reply; errors are `Err` of [`RespConnection::call`].
+enum Reply {
+    Nil,
+    Integer(i64),
+    Bytes(Vec<u8>),
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    /// Every string in it, depth first.
+    fn flatten(self) -> Vec<Vec<u8>> {
+        match self {
+            Reply::Nil => Vec::new(),
+            Reply::Integer(n) => vec![n.to_string().into_bytes()],
+            Reply::Bytes(bytes) => vec![bytes],
+            Reply::Array(items) => items.into_iter().flat_map(Reply::flatten).collect(),
+        }
+    }
+}
+
+impl RespConnection {
+    fn open(port: u16) -> std::io::Result<RespConnection> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(RespConnection { reader: BufReader::new(stream.try_clone()?), writer: stream })
+    }
+
+    fn call(&mut self, args: &[&[u8]]) -> std::io::Result<Reply> {
+        let mut request = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            request.extend_from_slice(arg);
+            request.extend_from_slice(b"\r\n");
+        }
+        self.writer.write_all(&request)?;
+        self.reply()
+    }
+
+    fn reply(&mut self) -> std::io::Result<Reply> {
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        let mut line = Vec::new();
+        self.reader.read_until(b'\n', &mut line)?;
+        let Some(body) = line.strip_suffix(b"\r\n") else { return Err(bad("a reply line without CRLF")) };
+        let (&kind, rest) = body.split_first().ok_or_else(|| bad("an empty reply line"))?;
+        let text = String::from_utf8_lossy(rest).into_owned();
+        let number = || text.parse::<i64>().map_err(|_| bad("a bad length or integer"));
+        match kind {
+            b'+' => Ok(Reply::Bytes(rest.to_vec())),
+            b'-' => Err(std::io::Error::other(format!("Redis said: {text}"))),
+            b':' => Ok(Reply::Integer(number()?)),
+            b'$' => match usize::try_from(number()?) {
+                Err(_) => Ok(Reply::Nil),
+                Ok(len) => {
+                    let mut bytes = vec![0; len + 2];
+                    self.reader.read_exact(&mut bytes)?;
+                    bytes.truncate(len);
+                    Ok(Reply::Bytes(bytes))
+                }
+            },
+            b'*' => match usize::try_from(number()?) {
+                Err(_) => Ok(Reply::Nil),
+                Ok(len) => (0..len).map(|_| self.reply()).collect::<std::io::Result<_>>().map(Reply::Array),
+            },
+            _ => Err(bad("an unknown reply type")),
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // mock-idp and token-proxy
 
+/// A mock-idp client; its secret becomes a canary (if at least [`MIN_CANARY_LEN`] long).
 pub fn client(id: &str, secret: &str) -> ClientConfig {
+    register_secret(id, secret);
     ClientConfig::new(id, secret, &["api/read", "api/write"])
 }
 
+/// A mock-idp for these clients, whose secrets and every token it issues become canaries.
 pub async fn spawn_idp(clients: Vec<ClientConfig>) -> RunningMockIdp {
-    mock_idp::spawn(mock_idp::Config::for_tests(clients)).await.expect("mock-idp starts")
+    for client in &clients {
+        register_secret(&client.client_id, &client.client_secret);
+    }
+    let config = mock_idp::Config { record_tokens: true, ..mock_idp::Config::for_tests(clients) };
+    let idp = mock_idp::spawn(config).await.expect("mock-idp starts");
+    // Before anyone knows its address, so before it has issued anything.
+    registry().idps.push((idp.idp.clone(), 0));
+    idp
+}
+
+/// Settings whose value is a secret, and so a canary: the root secret(s), the admin token.
+fn is_secret_setting(name: &str) -> bool {
+    (name.contains("SECRET") || name.contains("ADMIN_TOKEN")) && !name.ends_with("_FILE")
 }
 
 /// Builds a proxy config: loopback port 0, the given upstream, then the overrides.
@@ -173,17 +900,24 @@ pub fn proxy_config(upstream: &str, overrides: &[(&str, &str)]) -> Config {
         ("TOKEN_PROXY_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
     ]);
     for (name, value) in overrides {
+        if is_secret_setting(name) {
+            registry().secret((*name).to_owned(), value, |names| format!("the value of `{names}`"));
+        }
         vars.insert((*name).to_owned(), (*value).to_owned());
     }
     Config::from_lookup(|name| vars.get(name).cloned()).expect("valid test config")
 }
 
-/// A running proxy replica.
+/// A running proxy replica. When it stops or is dropped, its metrics and the logs are scanned
+/// for canaries.
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// What `/metrics` renders, readable without the listener (which stops with the replica).
+    registry: Arc<Metrics>,
+    checked: bool,
 }
 
 impl TestProxy {
@@ -192,11 +926,19 @@ impl TestProxy {
         token_proxy::install_tls_provider();
         let app = Application::build(config).await.expect("proxy starts");
         let (addr, admin) = (app.client_addr(), app.admin_addr());
+        let registry = Arc::clone(&app.state().metrics);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
         }));
-        TestProxy { addr, admin, stop: Some(stop), task }
+        TestProxy { addr, admin, stop: Some(stop), task, registry, checked: false }
+    }
+
+    /// The leak checks of a stopping replica: its metrics, and everything logged so far.
+    fn check_leaks(&mut self) {
+        self.checked = true;
+        check_no_leak(&format!("the metrics of the replica at {}", self.admin), self.registry.render().as_bytes());
+        check_logs();
     }
 
     pub fn token_url(&self) -> String {
@@ -209,10 +951,13 @@ impl TestProxy {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+        self.check_leaks();
     }
 
     pub async fn metrics(&self) -> String {
-        http().get(format!("http://{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
+        let text = http().get(format!("http://{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap();
+        check_no_leak(&format!("the /metrics of the replica at {}", self.admin), text.as_bytes());
+        text
     }
 
     /// The value of one metric line, e.g. `token_proxy_requests_total{outcome="hit"}`.
@@ -228,6 +973,10 @@ impl Drop for TestProxy {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        // Panicking in a drop that runs because of a panic would abort the whole run.
+        if !self.checked && !std::thread::panicking() {
+            self.check_leaks();
         }
     }
 }
@@ -320,7 +1069,9 @@ pub async fn read(response: reqwest::Response) -> TokenReply {
     let headers = response.headers().clone();
     let raw = response.text().await.unwrap();
     let body = serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
-    TokenReply { status, headers, body, raw }
+    let reply = TokenReply { status, headers, body, raw };
+    check_reply(&reply);
+    reply
 }
 
 /// client_secret_basic.
@@ -365,6 +1116,7 @@ pub async fn post_form(url: &str, body: &str) -> TokenReply {
 /// GETs a JSON document.
 pub async fn get_json(url: &str) -> serde_json::Value {
     let text = http().get(url).send().await.unwrap().text().await.unwrap();
+    check_no_leak(&format!("the answer to GET {url}"), text.as_bytes());
     serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
 }
 

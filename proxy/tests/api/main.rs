@@ -3,16 +3,19 @@
 
 mod helpers;
 
+mod abuse;
 mod admin;
 mod binary;
 mod caching;
 mod cluster;
 mod fault_proxy;
 mod freshness;
+mod inbound;
 mod leaks;
 mod purge;
 mod raw_socket;
 mod redis_faults;
+mod rotation;
 mod sealing;
 mod strictness;
 mod upstream_errors;

@@ -12,7 +12,7 @@ use crate::helpers::*;
 const BODY: &str = "grant_type=client_credentials";
 
 fn request(extra_headers: &str, body: &str) -> String {
-    let basic = shared::basic::encode("app", "secret");
+    let basic = shared::basic::encode("app", SECRET);
     format!(
         "POST /oauth2/token HTTP/1.1\r\nHost: proxy\r\nAuthorization: {basic}\r\n\
          Content-Type: application/x-www-form-urlencoded\r\n{extra_headers}\r\n{body}"
@@ -44,7 +44,7 @@ async fn send_raw(addr: std::net::SocketAddr, raw: &str) -> (Option<u16>, bool) 
 
 #[tokio::test]
 async fn ambiguous_or_broken_requests_get_400_or_a_closed_connection() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     let n = BODY.len();
     let cases = [
         (
@@ -77,7 +77,7 @@ async fn ambiguous_or_broken_requests_get_400_or_a_closed_connection() {
 /// closed after the response, so nothing can be smuggled behind the request.
 #[tokio::test]
 async fn content_length_with_transfer_encoding_closes_the_connection() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     let smuggled = format!("{}GET /admin HTTP/1.1\r\nHost: proxy\r\n\r\n", chunked(BODY));
     let raw = request(&format!("Content-Length: {}\r\nTransfer-Encoding: chunked\r\n", BODY.len()), &smuggled);
     let mut stream = TcpStream::connect(app.proxy.addr).await.unwrap();
@@ -92,7 +92,7 @@ async fn content_length_with_transfer_encoding_closes_the_connection() {
 
 #[tokio::test]
 async fn plain_chunked_and_content_length_requests_still_work() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     let (status, _) = send_raw(app.proxy.addr, &request("Transfer-Encoding: chunked\r\n", &chunked(BODY))).await;
     assert_eq!(status, Some(200));
     let (status, _) = send_raw(app.proxy.addr, &request(&format!("Content-Length: {}\r\n", BODY.len()), BODY)).await;
@@ -106,7 +106,7 @@ async fn plain_chunked_and_content_length_requests_still_work() {
 
 #[tokio::test]
 async fn spoofed_forwarding_headers_never_reach_the_upstream() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     let spoof = "X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Host: idp.example\r\nX-Forwarded-Proto: http\r\n\
                  Forwarded: for=10.0.0.1\r\nX-Real-IP: 10.0.0.1\r\nX-Amzn-Trace-Id: Root=1\r\n";
     let raw = request(&format!("{spoof}Content-Length: {}\r\n", BODY.len()), BODY);

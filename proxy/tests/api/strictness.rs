@@ -147,12 +147,12 @@ async fn malformed_requests_get_oauth_errors_and_cost_no_upstream_call() {
 
 #[tokio::test]
 async fn query_parameters_work_in_compatibility_mode() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[("TOKEN_PROXY_ALLOW_QUERY_PARAMS", "true")]).await;
-    let url = format!("{}?client_id=app&client_secret=secret", app.proxy.token_url());
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_ALLOW_QUERY_PARAMS", "true")]).await;
+    let url = format!("{}?client_id=app&client_secret={SECRET}", app.proxy.token_url());
     let first = post_form(&url, "grant_type=client_credentials").await;
     assert_eq!((first.status, first.x_cache()), (200, "MISS"), "{}", first.raw);
     // The same credentials in the body share the entry.
-    let body = post_body(&app.proxy.token_url(), "app", "secret", None).await;
+    let body = post_body(&app.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!(body.x_cache(), "HIT");
     let repeated = post_form(&url, "grant_type=client_credentials&client_id=app").await;
     assert_eq!(repeated.status, 400);
@@ -160,12 +160,12 @@ async fn query_parameters_work_in_compatibility_mode() {
 
 #[tokio::test]
 async fn basic_with_matching_body_client_id_is_accepted() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     let reply = read(
         http()
             .post(app.proxy.token_url())
             .header("content-type", "application/x-www-form-urlencoded; charset=utf-8")
-            .header("authorization", shared::basic::encode("app", "secret"))
+            .header("authorization", shared::basic::encode("app", SECRET))
             .body("grant_type=client_credentials&client_id=app")
             .send()
             .await

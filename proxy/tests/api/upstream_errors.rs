@@ -6,10 +6,10 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn upstream_4xx_passes_through_exactly_and_is_not_cached() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     let url = app.proxy.token_url();
     for _ in 0..3 {
-        let reply = post_basic(&url, "app", "secret", Some("admin/everything")).await;
+        let reply = post_basic(&url, "app", SECRET, Some("admin/everything")).await;
         assert_eq!(reply.status, 400);
         assert_eq!(reply.error(), "invalid_scope");
         assert_eq!(reply.x_cache(), "MISS");
@@ -20,11 +20,11 @@ async fn upstream_4xx_passes_through_exactly_and_is_not_cached() {
 
 #[tokio::test]
 async fn upstream_400_body_is_relayed_byte_for_byte() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     app.idp.idp.fail_next(1, 400);
-    let direct = post_body(&app.idp.token_url(), "app", "secret", None).await;
+    let direct = post_body(&app.idp.token_url(), "app", SECRET, None).await;
     app.idp.idp.fail_next(1, 400);
-    let proxied = post_body(&app.proxy.token_url(), "app", "secret", None).await;
+    let proxied = post_body(&app.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!(proxied.status, 400);
     assert_eq!(proxied.status, direct.status);
     assert_eq!(proxied.raw, direct.raw);
@@ -32,13 +32,13 @@ async fn upstream_400_body_is_relayed_byte_for_byte() {
 
 #[tokio::test]
 async fn upstream_500_becomes_502_and_is_not_cached() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     app.idp.idp.fail_next(1, 500);
     let url = app.proxy.token_url();
-    let failed = post_basic(&url, "app", "secret", None).await;
+    let failed = post_basic(&url, "app", SECRET, None).await;
     assert_eq!((failed.status, failed.error()), (502, "server_error"));
     assert_eq!(failed.headers["cache-control"], "no-store");
-    let next = post_basic(&url, "app", "secret", None).await;
+    let next = post_basic(&url, "app", SECRET, None).await;
     assert_eq!((next.status, next.x_cache()), (200, "MISS"));
     assert_eq!(app.issued(), 1);
     assert_eq!(app.proxy.metric("token_proxy_upstream_requests_total{status_class=\"5xx\"}").await, 1.0);
@@ -47,14 +47,14 @@ async fn upstream_500_becomes_502_and_is_not_cached() {
 
 #[tokio::test]
 async fn upstream_503_and_429_keep_retry_after() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     let url = app.proxy.token_url();
     app.idp.idp.fail_next(1, 503);
-    let unavailable = post_basic(&url, "app", "secret", None).await;
+    let unavailable = post_basic(&url, "app", SECRET, None).await;
     assert_eq!((unavailable.status, unavailable.error()), (503, "temporarily_unavailable"));
     assert_eq!(unavailable.headers["retry-after"], "1");
     app.idp.idp.fail_next(1, 429);
-    let throttled = post_basic(&url, "app", "secret", None).await;
+    let throttled = post_basic(&url, "app", SECRET, None).await;
     assert_eq!(throttled.status, 429);
     assert_eq!(throttled.headers["retry-after"], "1");
     assert_eq!(app.issued(), 0);
@@ -62,37 +62,37 @@ async fn upstream_503_and_429_keep_retry_after() {
 
 #[tokio::test]
 async fn a_hanging_upstream_becomes_504() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[("TOKEN_PROXY_UPSTREAM_TIMEOUT", "300ms")]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_UPSTREAM_TIMEOUT", "300ms")]).await;
     app.idp.idp.hang_next(1);
     let started = std::time::Instant::now();
-    let reply = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    let reply = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!((reply.status, reply.error()), (504, "temporarily_unavailable"));
     assert!(started.elapsed() < Duration::from_secs(5));
-    let next = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    let next = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!((next.status, next.x_cache()), (200, "MISS"));
     assert_eq!(app.proxy.metric("token_proxy_upstream_requests_total{status_class=\"timeout\"}").await, 1.0);
 }
 
 #[tokio::test]
 async fn a_dropped_or_refused_connection_becomes_502() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     app.idp.idp.drop_next(1);
-    let dropped = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+    let dropped = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!((dropped.status, dropped.error()), (502, "server_error"), "{}", dropped.raw);
 
     let closed = format!("http://127.0.0.1:{}/oauth2/token", free_port());
     let proxy = TestProxy::spawn(proxy_config(&closed, &[])).await;
-    let refused = post_basic(&proxy.token_url(), "app", "secret", None).await;
+    let refused = post_basic(&proxy.token_url(), "app", SECRET, None).await;
     assert_eq!((refused.status, refused.error()), (502, "server_error"));
 }
 
 #[tokio::test]
 async fn upstream_cookies_and_other_headers_are_never_relayed() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[]).await;
-    let direct = post_body(&app.idp.token_url(), "app", "secret", None).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
+    let direct = post_body(&app.idp.token_url(), "app", SECRET, None).await;
     assert!(direct.headers.contains_key("set-cookie"), "mock-idp should set a cookie like Cognito");
     for _ in 0..2 {
-        let reply = post_basic(&app.proxy.token_url(), "app", "secret", None).await;
+        let reply = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
         assert!(!reply.headers.contains_key("set-cookie"));
         let names: Vec<&str> = reply.headers.keys().map(|k| k.as_str()).collect();
         for name in &names {
@@ -106,8 +106,8 @@ async fn upstream_cookies_and_other_headers_are_never_relayed() {
 
 #[tokio::test]
 async fn other_grants_are_forwarded_unchanged_and_never_cached() {
-    let app = TestApp::with_redis(vec![client("app", "secret")], &[]).await;
-    let body = "grant_type=refresh_token&refresh_token=abc&client_id=app&client_secret=secret";
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
+    let body = &format!("grant_type=refresh_token&refresh_token=abc&client_id=app&client_secret={SECRET}");
     for _ in 0..2 {
         let reply = post_form(&app.proxy.token_url(), body).await;
         assert_eq!(reply.x_cache(), "BYPASS");
@@ -124,13 +124,12 @@ async fn the_upstream_receives_only_allowlisted_headers() {
     let file = dir.join("headers");
     std::fs::write(&file, "X-Origin-Verify: first-value\n").unwrap();
     let file_str = file.to_str().unwrap().to_owned();
-    let app =
-        TestApp::embedded(vec![client("app", "secret")], &[("TOKEN_PROXY_UPSTREAM_HEADERS_FILE", &file_str)]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_UPSTREAM_HEADERS_FILE", &file_str)]).await;
     let reply = read(
         http()
             .post(app.proxy.token_url())
             .header("content-type", "application/x-www-form-urlencoded")
-            .header("authorization", shared::basic::encode("app", "secret"))
+            .header("authorization", shared::basic::encode("app", SECRET))
             .header("x-forwarded-for", "10.9.8.7")
             .header("cookie", "session=1")
             .header("x-custom", "1")
@@ -159,7 +158,8 @@ async fn the_upstream_receives_only_allowlisted_headers() {
     eventually(Duration::from_secs(5), "the new header value", async || {
         // A new cache key each time, so each attempt reaches the upstream.
         attempt += 1;
-        post_form(&url, &format!("grant_type=client_credentials&client_id=app&client_secret=secret&n={attempt}")).await;
+        post_form(&url, &format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}&n={attempt}"))
+            .await;
         idp.last_request_headers().unwrap()["x-origin-verify"] == "second-value"
     })
     .await;

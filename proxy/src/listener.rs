@@ -1,0 +1,370 @@
+//! The client listener's accept loop and its inbound protections.
+//!
+//! Per connection, in order:
+//!
+//! 1. The source network: a peer that is neither in `TOKEN_PROXY_ALLOWED_NETWORKS` nor a trusted
+//!    proxy is dropped at once, before any TLS handshake or byte of HTTP. (Clients behind a
+//!    trusted proxy are checked request by request in the handler.)
+//! 2. TLS, when configured: the handshake must finish within the header-read timeout. The
+//!    certificate and key are re-read when their files change; with a client CA, a client
+//!    certificate signed by it is required (mTLS).
+//! 3. HTTP/1.1 with a header-read timeout: a client must send each request head within it, and an
+//!    idle keep-alive connection is closed after it too.
+//!
+//! The peer address reaches the handler as `axum::extract::ConnectInfo<SocketAddr>`. When the
+//! shutdown future resolves, the loop stops accepting and waits for open connections to finish
+//! their in-flight requests.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::config::{Config, TlsFiles};
+use crate::metrics::Metrics;
+use crate::source::SourcePolicy;
+
+/// The certificate files are looked at no more often than this.
+const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause after an accept error that is not about one connection (e.g. out of file descriptors).
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+const CERT_VARIABLE: &str = "TOKEN_PROXY_TLS_CERT_FILE";
+const KEY_VARIABLE: &str = "TOKEN_PROXY_TLS_KEY_FILE";
+const CLIENT_CA_VARIABLE: &str = "TOKEN_PROXY_TLS_CLIENT_CA_FILE";
+
+/// Why the listener refused a connection; the `reason` label of
+/// `token_proxy_connections_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The peer is not in an allowed network and is no trusted proxy.
+    Source,
+    /// The TLS handshake failed (no or a bad client certificate, plain HTTP on the TLS port, ...).
+    TlsHandshake,
+    /// The TLS handshake did not finish within the header-read timeout.
+    TlsTimeout,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Source => "source",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::TlsTimeout => "tls_timeout",
+        }
+    }
+}
+
+/// A TLS file that cannot be used at start-up. `Display` is one line naming the variable; it
+/// never shows key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {message}")]
+pub struct TlsSetupError {
+    pub variable: &'static str,
+    pub message: String,
+}
+
+fn tls_error(variable: &'static str, message: impl Into<String>) -> TlsSetupError {
+    TlsSetupError { variable, message: message.into() }
+}
+
+/// How the client listener treats connections, built from the config before binding is done.
+pub struct Inbound {
+    tls: Option<TlsAcceptor>,
+    client_certificates: bool,
+    header_read_timeout: Duration,
+}
+
+impl fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inbound")
+            .field("tls", &self.tls.is_some())
+            .field("client_certificates", &self.client_certificates)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .finish()
+    }
+}
+
+impl Inbound {
+    /// Reads the TLS files, if any: a file that cannot be used fails here, at start-up.
+    pub fn from_config(config: &Config) -> Result<Inbound, TlsSetupError> {
+        let tls = config.tls.as_ref().map(server_config).transpose()?;
+        Ok(Inbound {
+            tls: tls.map(TlsAcceptor::from),
+            client_certificates: config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
+            header_read_timeout: config.header_read_timeout,
+        })
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then waits for open connections to
+/// finish their in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    inbound: Inbound,
+    sources: Arc<SourcePolicy>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    tracing::info!(
+        tls = inbound.tls.is_some(),
+        client_certificates = inbound.client_certificates,
+        header_read_timeout = ?inbound.header_read_timeout,
+        "client listener protections"
+    );
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(inbound.header_read_timeout).keep_alive(true);
+    let connection =
+        Arc::new(Connection { http, tls: inbound.tls, handshake_timeout: inbound.header_read_timeout, router });
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) if is_connection_error(&error) => {
+                    tracing::debug!(%error, "a connection failed before it was accepted");
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot accept connections; retrying shortly");
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
+                    }
+                }
+            },
+        };
+        if !sources.admits_connection(peer.ip()) {
+            metrics.connection_refused(Refusal::Source);
+            tracing::debug!(%peer, "connection from a source outside the allowed networks dropped");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let connection = Arc::clone(&connection);
+        let metrics = Arc::clone(&metrics);
+        let watcher = graceful.watcher();
+        tokio::spawn(async move { connection.serve(stream, peer, watcher, &metrics).await });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// What every connection of the listener shares.
+struct Connection {
+    http: http1::Builder,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    router: Router,
+}
+
+impl Connection {
+    async fn serve(&self, stream: TcpStream, peer: SocketAddr, watcher: Watcher, metrics: &Metrics) {
+        let Some(acceptor) = &self.tls else {
+            return self.serve_http(stream, peer, watcher).await;
+        };
+        match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => self.serve_http(stream, peer, watcher).await,
+            Ok(Err(error)) => {
+                metrics.connection_refused(Refusal::TlsHandshake);
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+            }
+            Err(_) => {
+                metrics.connection_refused(Refusal::TlsTimeout);
+                tracing::debug!(%peer, "TLS handshake timed out");
+            }
+        }
+    }
+
+    async fn serve_http<S>(&self, stream: S, peer: SocketAddr, watcher: Watcher)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = self.router.clone();
+        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+        let connection = self.http.serve_connection(TokioIo::new(stream), service);
+        if let Err(error) = watcher.watch(connection).await {
+            // Header-read timeouts, resets and malformed requests: the client's business.
+            tracing::debug!(%peer, %error, "client connection ended with an error");
+        }
+    }
+}
+
+/// Errors about one connection that went away before it was accepted: no reason to pause.
+fn is_connection_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    let provider = provider();
+    let resolver = ReloadingCertificate::load(files.cert.clone(), files.key.clone(), Arc::clone(&provider))?;
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(CERT_VARIABLE, e.to_string()))?;
+    let builder = match &files.client_ca {
+        Some(path) => {
+            let roots = client_roots(path)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| tls_error(CLIENT_CA_VARIABLE, format!("{}: {e}", path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn client_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
+    let certificates = read_certificates(path).map_err(|message| tls_error(CLIENT_CA_VARIABLE, message))?;
+    let mut roots = RootCertStore::empty();
+    for certificate in certificates {
+        roots.add(certificate).map_err(|e| tls_error(CLIENT_CA_VARIABLE, format!("{}: {e}", path.display())))?;
+    }
+    Ok(roots)
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certificates)
+}
+
+/// Reads a certificate chain and its key into a [`CertifiedKey`]. Errors name the variable and
+/// the file, never the key's bytes.
+fn load_certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsSetupError> {
+    let chain = read_certificates(cert).map_err(|message| tls_error(CERT_VARIABLE, message))?;
+    let pem = std::fs::read(key).map_err(|e| tls_error(KEY_VARIABLE, format!("cannot read {}: {e}", key.display())))?;
+    // The parser's own errors may quote lines of the file: not one of them is shown.
+    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+        tls_error(KEY_VARIABLE, format!("{}: no PEM private key (PKCS#8, PKCS#1 or SEC1) in it", key.display()))
+    })?;
+    let signing_key = provider.key_provider.load_private_key(der).map_err(|_| {
+        tls_error(KEY_VARIABLE, format!("{}: not a usable RSA, ECDSA or Ed25519 private key", key.display()))
+    })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(certified),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(tls_error(
+            KEY_VARIABLE,
+            format!("{}: does not match the certificate in {}", key.display(), cert.display()),
+        )),
+        Err(e) => Err(tls_error(CERT_VARIABLE, format!("{}: {e}", cert.display()))),
+    }
+}
+
+/// What a file looked like when it was last read: changes when it is rewritten or replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(FileStamp { modified: metadata.modified().ok(), len: metadata.len() })
+    }
+}
+
+/// Serves the certificate of the files, swapping in a new one when they change.
+struct ReloadingCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<CryptoProvider>,
+    state: Mutex<ReloadState>,
+}
+
+struct ReloadState {
+    current: Arc<CertifiedKey>,
+    stamps: (Option<FileStamp>, Option<FileStamp>),
+    checked: Instant,
+}
+
+impl fmt::Debug for ReloadingCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReloadingCertificate").field("cert", &self.cert).field("key", &self.key).finish()
+    }
+}
+
+impl ReloadingCertificate {
+    fn load(cert: PathBuf, key: PathBuf, provider: Arc<CryptoProvider>) -> Result<Self, TlsSetupError> {
+        let stamps = (FileStamp::of(&cert), FileStamp::of(&key));
+        let current = Arc::new(load_certified_key(&cert, &key, &provider)?);
+        let state = Mutex::new(ReloadState { current, stamps, checked: Instant::now() });
+        Ok(ReloadingCertificate { cert, key, provider, state })
+    }
+
+    /// The certificate to present, after looking at the files if a check is due.
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.checked.elapsed() >= RELOAD_CHECK_INTERVAL {
+            state.checked = Instant::now();
+            let stamps = (FileStamp::of(&self.cert), FileStamp::of(&self.key));
+            if stamps != state.stamps {
+                // Remembered even when the files do not load: one warning per change, and the
+                // next change (e.g. the key written after the certificate) is tried again.
+                state.stamps = stamps;
+                match load_certified_key(&self.cert, &self.key, &self.provider) {
+                    Ok(certified) => {
+                        state.current = Arc::new(certified);
+                        tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "TLS certificate files changed but cannot be used; keeping the previous certificate");
+                    }
+                }
+            }
+        }
+        Arc::clone(&state.current)
+    }
+}
+
+impl ResolvesServerCert for ReloadingCertificate {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}

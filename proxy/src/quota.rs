@@ -1,0 +1,402 @@
+//! Protecting the upstream's quota: every upstream call costs money and counts against a rate
+//! limit shared by the whole fleet.
+//!
+//! - **Failed-authentication throttling.** Credentials that match a cached entry never reach
+//!   this code: a caller whose secret is right keeps being served while its client_id is under
+//!   attack. Only calls made for credentials nobody has proven yet are counted, per client_id
+//!   and source address and per client_id alone: failures (`invalid_client`), and calls in
+//!   flight. Failures at a limit refuse further attempts until the window ends; failures plus
+//!   calls in flight at a limit make further attempts wait for one to settle. So a burst of
+//!   guesses cannot overshoot the limit while the first guesses are being answered, and an
+//!   honest burst of many new keys is slowed to the limit's concurrency, not refused.
+//! - **Upstream rate cap.** At most N calls per second for the whole cluster; a call over the cap
+//!   waits briefly for the next second, then gives up with 429.
+//!
+//! Both count in Redis, so the limits hold for the cluster. While Redis is unavailable each
+//! replica counts on its own: the limits then hold per replica.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use http::header::HeaderValue;
+use shared::keys::KeyHasher;
+
+use crate::config::AuthFailureLimits;
+use crate::metrics::{Metrics, Throttle};
+use crate::store::{Admission, AuthCounters, RedisStore};
+use crate::upstream::UpstreamResponse;
+
+/// Most (client, source) and client counters one replica tracks on its own. Beyond it, new
+/// unproven credentials are refused until old windows end: under an attack that large, the
+/// upstream quota matters more than a new client's first token.
+const LOCAL_COUNTERS: usize = 65_536;
+/// Queued calls start the next window spread over this much, not all in its first millisecond.
+const QUEUE_JITTER_MS: u64 = 50;
+/// How often an attempt waiting for calls in flight to settle looks again.
+const BUSY_POLL: Duration = Duration::from_millis(20);
+
+/// The quota guards of one replica.
+#[derive(Debug)]
+pub struct Quota {
+    auth: AuthFailureLimits,
+    busy_wait: Duration,
+    rate_per_second: u32,
+    queue_timeout: Duration,
+    local_auth: Mutex<LocalCounters>,
+    local_rate: Mutex<RateWindow>,
+}
+
+/// Settings of [`Quota`].
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaSettings {
+    pub auth: AuthFailureLimits,
+    /// Longest an attempt waits for calls in flight to settle (one upstream exchange should do).
+    pub busy_wait: Duration,
+    pub rate_per_second: u32,
+    pub queue_timeout: Duration,
+}
+
+/// An authentication attempt that was counted, to be settled once its outcome is known.
+#[derive(Debug)]
+pub struct Attempt {
+    counters: Counted,
+}
+
+#[derive(Debug)]
+enum Counted {
+    Nothing,
+    Redis(AuthCounters),
+    Local([CounterName; 2]),
+}
+
+/// A call the guards refused: the 429 to answer with.
+#[derive(Debug)]
+pub struct Refused(pub UpstreamResponse);
+
+type CounterName = [u8; 16];
+
+#[derive(Debug, Default)]
+struct LocalCounters(HashMap<CounterName, Window>);
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    failures: u32,
+    in_flight: u32,
+    ends: Instant,
+}
+
+#[derive(Debug)]
+struct RateWindow {
+    /// `None` until the first call.
+    started: Option<Instant>,
+    count: u32,
+}
+
+impl Quota {
+    pub fn new(settings: QuotaSettings) -> Quota {
+        Quota {
+            auth: settings.auth,
+            busy_wait: settings.busy_wait,
+            rate_per_second: settings.rate_per_second,
+            queue_timeout: settings.queue_timeout,
+            local_auth: Mutex::default(),
+            local_rate: Mutex::new(RateWindow { started: None, count: 0 }),
+        }
+    }
+
+    /// Admits one upstream call for credentials nobody has proven yet: counted as in flight,
+    /// after waiting (up to the busy wait) while calls in flight fill a limit, or refused when
+    /// `client_id` has failed too often (from `source`, or from everywhere).
+    pub async fn attempt(
+        &self,
+        store: Option<&RedisStore>,
+        hasher: &KeyHasher,
+        client_id: &str,
+        source: IpAddr,
+        metrics: &Metrics,
+    ) -> Result<Attempt, Refused> {
+        let limits = [self.auth.per_source, self.auth.per_client];
+        if limits == [0, 0] {
+            return Ok(Attempt { counters: Counted::Nothing });
+        }
+        let (client, per_source) = hasher.throttle_tags(client_id, &address_bytes(source));
+        let give_up_at = Instant::now() + self.busy_wait;
+        loop {
+            let (admission, counters) = match store {
+                Some(store) => {
+                    let counters = AuthCounters::new(client, per_source);
+                    match store.auth_attempt(&counters, limits, self.auth.window).await {
+                        Ok(admission) => (admission, Counted::Redis(counters)),
+                        // Redis is failing: count here instead.
+                        Err(_) => self.local_attempt([per_source, client], limits),
+                    }
+                }
+                None => self.local_attempt([per_source, client], limits),
+            };
+            match admission {
+                Admission::Counted => return Ok(Attempt { counters }),
+                Admission::Refused(left) => return Err(self.throttled(client_id, left, metrics)),
+                Admission::Busy if Instant::now() + BUSY_POLL > give_up_at => {
+                    return Err(self.throttled(client_id, Duration::from_secs(1), metrics));
+                }
+                Admission::Busy => tokio::time::sleep(BUSY_POLL).await,
+            }
+        }
+    }
+
+    fn local_attempt(&self, names: [CounterName; 2], limits: [u32; 2]) -> (Admission, Counted) {
+        let admission = self.lock_auth().attempt(names, limits, self.auth.window, Instant::now());
+        (admission, Counted::Local(names))
+    }
+
+    /// Settles an admitted attempt: no longer in flight, and a failure if the upstream said
+    /// `invalid_client`.
+    pub async fn settle(
+        &self,
+        store: Option<&RedisStore>,
+        attempt: Attempt,
+        failed_authentication: bool,
+        metrics: &Metrics,
+    ) {
+        if failed_authentication {
+            metrics.auth_failure();
+        }
+        let limits = [self.auth.per_source, self.auth.per_client];
+        match (attempt.counters, store) {
+            (Counted::Nothing, _) | (Counted::Redis(_), None) => {}
+            (Counted::Redis(counters), Some(store)) => {
+                // If Redis fails now, the attempt stays in flight until its window ends.
+                let _ = store.auth_settle(&counters, failed_authentication, limits, self.auth.window).await;
+            }
+            (Counted::Local(names), _) => {
+                self.lock_auth().settle(names, failed_authentication, limits, self.auth.window, Instant::now());
+            }
+        }
+    }
+
+    /// Takes a slot of the upstream rate cap, waiting up to the queue timeout for one.
+    pub async fn upstream_slot(&self, store: Option<&RedisStore>, metrics: &Metrics) -> Result<(), Refused> {
+        if self.rate_per_second == 0 {
+            return Ok(());
+        }
+        let give_up_at = Instant::now() + self.queue_timeout;
+        loop {
+            let remote = match store {
+                Some(store) => store.rate_slot(self.rate_per_second).await.ok(),
+                None => None,
+            };
+            let wait = match remote {
+                Some(wait) => wait,
+                None => self.local_rate_slot(Instant::now()),
+            };
+            let Some(wait) = wait else { return Ok(()) };
+            let wait = wait + Duration::from_millis(jitter(QUEUE_JITTER_MS));
+            if Instant::now() + wait > give_up_at {
+                metrics.throttled(Throttle::RateCap);
+                return Err(Refused(too_many_requests(
+                    "the token endpoint's rate cap is reached; retry later",
+                    Duration::from_secs(1),
+                )));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn throttled(&self, client_id: &str, wait: Duration, metrics: &Metrics) -> Refused {
+        metrics.throttled(Throttle::AuthFailures);
+        tracing::warn!(client_id, ?wait, "too many failed authentications; throttling unproven credentials");
+        Refused(too_many_requests("too many failed authentications for this client; retry later", wait))
+    }
+
+    fn lock_auth(&self) -> std::sync::MutexGuard<'_, LocalCounters> {
+        self.local_auth.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The per-replica rate window: `Some(wait)` when this second's calls are used up.
+    fn local_rate_slot(&self, now: Instant) -> Option<Duration> {
+        let mut window = self.local_rate.lock().unwrap_or_else(|p| p.into_inner());
+        let current = window.started.filter(|s| now.saturating_duration_since(*s) < Duration::from_secs(1));
+        if current.is_none() {
+            *window = RateWindow { started: Some(now), count: 0 };
+        }
+        let elapsed = now.saturating_duration_since(window.started.unwrap_or(now));
+        if window.count < self.rate_per_second {
+            window.count += 1;
+            return None;
+        }
+        Some(Duration::from_secs(1).saturating_sub(elapsed))
+    }
+}
+
+impl LocalCounters {
+    /// The same rule as the Redis script: refused at a limit of failures, busy at a limit of
+    /// failures plus calls in flight, else counted as in flight.
+    fn attempt(&mut self, names: [CounterName; 2], limits: [u32; 2], window: Duration, now: Instant) -> Admission {
+        let current = |name: &CounterName| self.0.get(name).filter(|w| w.ends > now).copied();
+        for (name, limit) in names.iter().zip(limits) {
+            if let Some(w) = current(name).filter(|w| limit > 0 && w.failures >= limit) {
+                return Admission::Refused(w.ends - now);
+            }
+        }
+        for (name, limit) in names.iter().zip(limits) {
+            if current(name).is_some_and(|w| limit > 0 && w.failures + w.in_flight >= limit) {
+                return Admission::Busy;
+            }
+        }
+        if self.0.len() + 2 > LOCAL_COUNTERS {
+            self.0.retain(|_, w| w.ends > now);
+            if self.0.len() + 2 > LOCAL_COUNTERS {
+                return Admission::Refused(window);
+            }
+        }
+        for (name, limit) in names.into_iter().zip(limits) {
+            if limit > 0 {
+                self.window(name, window, now).in_flight += 1;
+            }
+        }
+        Admission::Counted
+    }
+
+    fn settle(&mut self, names: [CounterName; 2], failed: bool, limits: [u32; 2], window: Duration, now: Instant) {
+        for (name, limit) in names.into_iter().zip(limits) {
+            if limit == 0 {
+                continue;
+            }
+            let w = self.window(name, window, now);
+            w.in_flight = w.in_flight.saturating_sub(1);
+            if failed {
+                w.failures += 1;
+            }
+            if w.failures == 0 && w.in_flight == 0 {
+                self.0.remove(&name);
+            }
+        }
+    }
+
+    /// The current window of `name`, a new one if it has none or its last one ended.
+    fn window(&mut self, name: CounterName, window: Duration, now: Instant) -> &mut Window {
+        let w = self.0.entry(name).or_insert(Window { failures: 0, in_flight: 0, ends: now + window });
+        if w.ends <= now {
+            *w = Window { failures: 0, in_flight: 0, ends: now + window };
+        }
+        w
+    }
+}
+
+/// Whether an upstream answer says the client's credentials are wrong (RFC 6749 §5.2).
+pub fn is_failed_authentication(status: StatusCode, body: &[u8]) -> bool {
+    if !matches!(status, StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorBody<'a> {
+        #[serde(borrow)]
+        error: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<ErrorBody<'_>>(body).is_ok_and(|b| b.error == "invalid_client")
+}
+
+/// A 429 of the proxy's own, with `Retry-After` in whole seconds.
+fn too_many_requests(description: &str, retry_after: Duration) -> UpstreamResponse {
+    let body = shared::wire::OAuthError::new("temporarily_unavailable", description);
+    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    UpstreamResponse {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        body: body.to_json().into(),
+        content_type: Some(HeaderValue::from_static("application/json;charset=UTF-8")),
+        retry_after: Some(HeaderValue::from(seconds)),
+        www_authenticate: None,
+    }
+}
+
+fn address_bytes(address: IpAddr) -> Vec<u8> {
+    match address {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// A random number of milliseconds below `max`.
+fn jitter(max: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    u64::from_le_bytes(bytes) % max.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn local_counters_refuse_at_the_failure_limit_and_wait_while_calls_are_in_flight() {
+        let mut counters = LocalCounters::default();
+        let now = Instant::now();
+        let (a, b, client) = ([1; 16], [2; 16], [9; 16]);
+        let limits = [3, 5];
+        for _ in 0..3 {
+            assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Counted);
+        }
+        // Three in flight from source a: a fourth waits; another source may go on.
+        assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Busy);
+        assert_eq!(counters.attempt([b, client], limits, WINDOW, now), Admission::Counted);
+        // One succeeds: its slot is free again, nothing is remembered of it.
+        counters.settle([a, client], false, limits, WINDOW, now);
+        assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Counted);
+        // All three of a fail: a is refused for the window's rest, not merely busy.
+        for _ in 0..3 {
+            counters.settle([a, client], true, limits, WINDOW, now);
+        }
+        let later = now + Duration::from_secs(10);
+        assert_eq!(
+            counters.attempt([a, client], limits, WINDOW, later),
+            Admission::Refused(WINDOW - Duration::from_secs(10))
+        );
+        // The client's failures (3) plus b's call in flight (1) leave one slot for the client.
+        assert_eq!(counters.attempt([b, client], limits, WINDOW, later), Admission::Counted);
+        assert_eq!(counters.attempt([b, client], limits, WINDOW, later), Admission::Busy);
+        // The window's end forgets everything.
+        assert_eq!(counters.attempt([a, client], limits, WINDOW, now + WINDOW), Admission::Counted);
+    }
+
+    #[test]
+    fn a_zero_limit_is_no_limit() {
+        let mut counters = LocalCounters::default();
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(counters.attempt([[1; 16], [9; 16]], [0, 1000], WINDOW, now), Admission::Counted);
+        }
+        assert_eq!(counters.0.len(), 1, "no per-source counter is kept when its limit is off");
+    }
+
+    #[test]
+    fn the_local_rate_window_allows_n_per_second() {
+        let quota = Quota::new(QuotaSettings {
+            auth: AuthFailureLimits { per_source: 0, per_client: 0, window: WINDOW },
+            busy_wait: Duration::ZERO,
+            rate_per_second: 3,
+            queue_timeout: Duration::ZERO,
+        });
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(quota.local_rate_slot(start), None);
+        }
+        let wait = quota.local_rate_slot(start + Duration::from_millis(400)).unwrap();
+        assert_eq!(wait, Duration::from_millis(600));
+        assert_eq!(quota.local_rate_slot(start + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn only_invalid_client_is_a_failed_authentication() {
+        let invalid = br#"{"error":"invalid_client"}"#;
+        assert!(is_failed_authentication(StatusCode::BAD_REQUEST, invalid));
+        assert!(is_failed_authentication(StatusCode::UNAUTHORIZED, invalid));
+        assert!(!is_failed_authentication(StatusCode::BAD_REQUEST, br#"{"error":"invalid_scope"}"#));
+        assert!(!is_failed_authentication(StatusCode::INTERNAL_SERVER_ERROR, invalid));
+        assert!(!is_failed_authentication(StatusCode::BAD_REQUEST, b"not json"));
+    }
+}
