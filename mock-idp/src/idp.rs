@@ -34,6 +34,9 @@ struct Inner {
     /// Headers of the most recent `POST /oauth2/token`, so tests can check exactly what a
     /// proxy forwarded.
     last_request_headers: Mutex<Option<HeaderMap>>,
+    /// Like an AWS WAF rule in front of the pool: when set, a token request must carry this
+    /// header with one of these values, or it is refused with 403 before anything else.
+    origin_verify: Mutex<Option<(http::HeaderName, Vec<String>)>>,
     /// Every access token issued, oldest first, when the configuration records them.
     issued_tokens: Option<Mutex<Vec<String>>>,
     /// Becomes `true` when the server shuts down: hung requests then end (by dropping their
@@ -69,6 +72,7 @@ impl MockIdp {
             initial_latency: config.latency,
             initial_token_lifetime_secs: lifetime,
             last_request_headers: Mutex::new(None),
+            origin_verify: Mutex::new(None),
             issued_tokens: config.record_tokens.then(Mutex::default),
             released: watch::Sender::new(false),
         };
@@ -170,6 +174,17 @@ impl MockIdp {
     }
 
     /// The headers of the most recent `POST /oauth2/token`, if any.
+    /// Requires header `name` to be one of `accepted` on every token request (403 otherwise),
+    /// as the AWS WAF rule of an origin-verify secret does; `None` lifts the requirement.
+    /// Accepting two values at once is how such a secret is rotated without refusing anyone.
+    pub fn set_origin_verify(&self, rule: Option<(&str, &[&str])>) {
+        let rule = rule.map(|(name, accepted)| {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).expect("a valid header name");
+            (name, accepted.iter().map(|v| (*v).to_owned()).collect())
+        });
+        *self.inner.origin_verify.lock().unwrap_or_else(PoisonError::into_inner) = rule;
+    }
+
     pub fn last_request_headers(&self) -> Option<HeaderMap> {
         self.last_headers().clone()
     }
@@ -191,6 +206,10 @@ impl MockIdp {
         self.inner.stats.count_request();
         *self.last_headers() = Some(headers.clone());
 
+        if !self.origin_verified(&headers) {
+            tracing::debug!("origin verification failed");
+            return Outcome::Failed(403);
+        }
         let latency = self.inner.faults.latency();
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -242,6 +261,12 @@ impl MockIdp {
             other: serde_json::Map::new(),
         };
         Ok(Outcome::Issued { response, xsrf_token })
+    }
+
+    fn origin_verified(&self, headers: &HeaderMap) -> bool {
+        let rule = self.inner.origin_verify.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((name, accepted)) = rule.as_ref() else { return true };
+        headers.get(name).and_then(|v| v.to_str().ok()).is_some_and(|v| accepted.iter().any(|a| a == v))
     }
 
     pub(crate) fn stats(&self) -> Snapshot {

@@ -165,3 +165,57 @@ async fn the_upstream_receives_only_allowlisted_headers() {
     .await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The origin-verify header rotation of the README (AWS WAF in front of the pool): the rule
+/// accepts old and new, the headers file switches while requests flow, then the rule drops the
+/// old value. Not one request is refused at any step, and no replica restarts.
+#[tokio::test]
+async fn the_origin_verify_header_rotates_without_refusing_a_request() {
+    let dir = std::env::temp_dir().join(format!("tp-rotate-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("headers");
+    std::fs::write(&file, "X-Origin-Verify: old-origin-secret-0001\n").unwrap();
+    let file_str = file.to_str().unwrap().to_owned();
+    // L1 off and a new key per request: every request reaches the upstream, and its WAF rule.
+    let app = TestApp::with_redis(
+        vec![client("app", SECRET)],
+        &[("TOKEN_PROXY_UPSTREAM_HEADERS_FILE", &file_str), ("TOKEN_PROXY_L1_CAPACITY", "0")],
+    )
+    .await;
+    let idp = app.idp.idp.clone();
+    let url = app.proxy.token_url();
+    let mut n = 0;
+    let mut request = async || {
+        n += 1;
+        post_basic_with(&url, "app", SECRET, &[("n", &n.to_string())]).await.status
+    };
+    idp.set_origin_verify(Some(("x-origin-verify", &["old-origin-secret-0001"])));
+    assert_eq!(request().await, 200);
+    // 1. The rule accepts either value.
+    idp.set_origin_verify(Some(("x-origin-verify", &["old-origin-secret-0001", "new-origin-secret-0002"])));
+    // 2. The new value goes into the file; requests keep flowing while replicas pick it up.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&file, "X-Origin-Verify: new-origin-secret-0002\n").unwrap();
+    let switch_started = std::time::Instant::now();
+    while idp.last_request_headers().unwrap()["x-origin-verify"] != "new-origin-secret-0002" {
+        assert_eq!(request().await, 200, "refused during the switch");
+        assert!(switch_started.elapsed() < Duration::from_secs(5), "the new value was never sent");
+    }
+    // 3. The rule drops the old value: still nothing refused.
+    idp.set_origin_verify(Some(("x-origin-verify", &["new-origin-secret-0002"])));
+    for _ in 0..5 {
+        assert_eq!(request().await, 200);
+    }
+    // The rule is real: a request with the old value would now be refused.
+    std::fs::write(&file, "X-Origin-Verify: old-origin-secret-0001\n").unwrap();
+    let refused_after = std::time::Instant::now();
+    loop {
+        let status = request().await;
+        if status != 200 {
+            assert_eq!(status, 403, "the WAF's 403 is relayed as the upstream's own 4xx");
+            break;
+        }
+        assert!(refused_after.elapsed() < Duration::from_secs(5), "the old value was never refused");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
