@@ -41,7 +41,7 @@ bench_begin token-proxy-overload
 read -r P_IDP P_PROXY P_ADMIN <<<"$(free_ports 3)"
 
 log "starting mock-idp on 127.0.0.1:$P_IDP"
-MOCK_IDP_LISTEN=127.0.0.1:$P_IDP MOCK_IDP_LOG=warn start mock-idp "$TARGET_DIR/release/mock-idp"
+MOCK_IDP_LISTEN=127.0.0.1:$P_IDP MOCK_IDP_LOG=warn MOCK_IDP_GENERATED_CLIENTS=1000 start mock-idp "$TARGET_DIR/release/mock-idp"
 wait_until mock-idp curl -sf --max-time 1 "http://127.0.0.1:$P_IDP/.well-known/jwks.json"
 log "starting token-proxy on 127.0.0.1:$P_PROXY (TOKEN_PROXY_MAX_CONCURRENT_REQUESTS=$LIMIT)"
 TOKEN_PROXY_LISTEN=127.0.0.1:$P_PROXY TOKEN_PROXY_ADMIN_LISTEN=127.0.0.1:$P_ADMIN \

@@ -1,23 +1,28 @@
 // overload: a replica offered five times what it can handle sheds the excess at once.
 //
-// Every request is a cold key (a fresh `aws_client_metadata`), so each admitted request holds
+// Every request is a cold key (a fresh `aws_client_metadata`, for one of CLIENTS generated
+// clients, so no client's failed-authentication limit on calls in flight gets in the way: see
+// deploy/mock-idp.env, MOCK_IDP_GENERATED_CLIENTS), so each admitted request holds
 // one of the replica's TOKEN_PROXY_MAX_CONCURRENT_REQUESTS slots for one upstream round trip
 // (mock-idp's latency). Capacity is therefore LIMIT / LATENCY requests a second; the scenario
 // offers OVERLOAD times that. What must hold: the excess is answered 503 (with Retry-After) in
 // milliseconds, admitted requests still get their tokens, nothing else fails. bench/overload.sh
 // runs it against one replica and also watches the replica's memory.
 //
-//   LIMIT [64]  LATENCY_MS [200]  OVERLOAD [5]  DURATION [20s]
+//   LIMIT [64]  LATENCY_MS [200]  OVERLOAD [5]  DURATION [20s]  CLIENTS [1000]
 //   BASE_URL, IDP_ADMIN_URL: see lib/common.js.
 
 import http from 'k6/http';
 import { check } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
-import { TREND_STATS, arrivalRate, envInt, envFloat, idpFaults, newRunId, postToken } from './lib/common.js';
+import {
+    TREND_STATS, arrivalRate, envInt, envFloat, idpFaults, loadClient, newRunId, postToken,
+} from './lib/common.js';
 
 const LIMIT = envInt('LIMIT', 64);
 const LATENCY_MS = envInt('LATENCY_MS', 200);
 const OVERLOAD = envFloat('OVERLOAD', 5);
+const CLIENTS = envInt('CLIENTS', 1000);
 const CAPACITY = Math.floor((LIMIT * 1000) / LATENCY_MS);
 const RATE = Math.round(CAPACITY * OVERLOAD);
 
@@ -36,8 +41,6 @@ export const options = {
     summaryTrendStats: TREND_STATS,
 };
 
-const demo = { id: 'demo-client', secret: 'demo-secret' };
-
 export function setup() {
     idpFaults({ latency_ms: LATENCY_MS });
     console.log(`capacity ${CAPACITY} req/s (limit ${LIMIT} / ${LATENCY_MS} ms); offering ${RATE} req/s`);
@@ -46,7 +49,7 @@ export function setup() {
 
 export default function (data) {
     const meta = JSON.stringify({ overload: `${data.run}-${__VU}-${__ITER}` });
-    const res = postToken(demo, {
+    const res = postToken(loadClient(Math.floor(Math.random() * CLIENTS)), {
         extra: { aws_client_metadata: meta },
         expected: http.expectedStatuses(200, 503),
     });

@@ -5,10 +5,11 @@
 //!   this code: a caller whose secret is right keeps being served while its client_id is under
 //!   attack. Only calls made for credentials nobody has proven yet are counted, per client_id
 //!   and source address and per client_id alone: failures (`invalid_client`), and calls in
-//!   flight. Failures at a limit refuse further attempts until the window ends; failures plus
-//!   calls in flight at a limit make further attempts wait for one to settle. So a burst of
-//!   guesses cannot overshoot the limit while the first guesses are being answered, and an
-//!   honest burst of many new keys is slowed to the limit's concurrency, not refused.
+//!   flight. Failures at a limit refuse further attempts until the window ends. Failures plus
+//!   calls in flight at the per-client limit (or at the per-source limit, once that source has
+//!   failed) make further attempts wait for one to settle. So a concurrent burst of guesses
+//!   cannot overshoot the per-client limit while the first guesses are being answered, and an
+//!   honest burst of many new keys is at most slowed to that limit's concurrency, not refused.
 //! - **Upstream rate cap.** At most N calls per second for the whole cluster; a call over the cap
 //!   waits briefly for the next second, then gives up with 429.
 //!
@@ -232,8 +233,9 @@ impl Quota {
 }
 
 impl LocalCounters {
-    /// The same rule as the Redis script: refused at a limit of failures, busy at a limit of
-    /// failures plus calls in flight, else counted as in flight.
+    /// The same rule as the Redis script: refused at a limit of failures; busy at the
+    /// per-client limit of failures plus calls in flight, or at the per-source one once that
+    /// source failed; else counted as in flight. `names` and `limits`: per source, per client.
     fn attempt(&mut self, names: [CounterName; 2], limits: [u32; 2], window: Duration, now: Instant) -> Admission {
         let current = |name: &CounterName| self.0.get(name).filter(|w| w.ends > now).copied();
         for (name, limit) in names.iter().zip(limits) {
@@ -241,10 +243,11 @@ impl LocalCounters {
                 return Admission::Refused(w.ends - now);
             }
         }
-        for (name, limit) in names.iter().zip(limits) {
-            if current(name).is_some_and(|w| limit > 0 && w.failures + w.in_flight >= limit) {
-                return Admission::Busy;
-            }
+        let full = |w: Window, limit: u32| limit > 0 && w.failures + w.in_flight >= limit;
+        let source_full = current(&names[0]).is_some_and(|w| w.failures > 0 && full(w, limits[0]));
+        let client_full = current(&names[1]).is_some_and(|w| full(w, limits[1]));
+        if source_full || client_full {
+            return Admission::Busy;
         }
         if self.0.len() + 2 > LOCAL_COUNTERS {
             self.0.retain(|_, w| w.ends > now);
@@ -337,28 +340,33 @@ mod tests {
         let mut counters = LocalCounters::default();
         let now = Instant::now();
         let (a, b, client) = ([1; 16], [2; 16], [9; 16]);
-        let limits = [3, 5];
-        for _ in 0..3 {
+        let limits = [2, 4];
+        // A source without failures is held only by the per-client limit of calls in flight.
+        for _ in 0..4 {
             assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Counted);
         }
-        // Three in flight from source a: a fourth waits; another source may go on.
+        assert_eq!(counters.attempt([b, client], limits, WINDOW, now), Admission::Busy);
+        // Successes free their slots and leave nothing behind.
+        for _ in 0..3 {
+            counters.settle([a, client], false, limits, WINDOW, now);
+        }
+        // One failure from a: from now on a's calls in flight count against its own limit too.
+        counters.settle([a, client], true, limits, WINDOW, now);
+        assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Counted);
         assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Busy);
         assert_eq!(counters.attempt([b, client], limits, WINDOW, now), Admission::Counted);
-        // One succeeds: its slot is free again, nothing is remembered of it.
-        counters.settle([a, client], false, limits, WINDOW, now);
-        assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Counted);
-        // All three of a fail: a is refused for the window's rest, not merely busy.
-        for _ in 0..3 {
-            counters.settle([a, client], true, limits, WINDOW, now);
-        }
+        // a's second failure reaches its limit: refused for the window's rest, not merely busy.
+        counters.settle([a, client], true, limits, WINDOW, now);
         let later = now + Duration::from_secs(10);
         assert_eq!(
             counters.attempt([a, client], limits, WINDOW, later),
             Admission::Refused(WINDOW - Duration::from_secs(10))
         );
-        // The client's failures (3) plus b's call in flight (1) leave one slot for the client.
+        // b fails twice too: the client's 4 failures refuse every source.
+        counters.settle([b, client], true, limits, WINDOW, now);
         assert_eq!(counters.attempt([b, client], limits, WINDOW, later), Admission::Counted);
-        assert_eq!(counters.attempt([b, client], limits, WINDOW, later), Admission::Busy);
+        counters.settle([b, client], true, limits, WINDOW, now);
+        assert!(matches!(counters.attempt([[3; 16], client], limits, WINDOW, later), Admission::Refused(_)));
         // The window's end forgets everything.
         assert_eq!(counters.attempt([a, client], limits, WINDOW, now + WINDOW), Admission::Counted);
     }

@@ -72,8 +72,10 @@ return mine
 
 /// Admits one authentication attempt against a client's counters (hashes with fields `f`,
 /// failures, and `p`, attempts in flight), per source and per client. Refused when failures
-/// reached a limit; busy when failures plus attempts in flight fill it, so a burst cannot
-/// overshoot while its first calls are being answered; else counted as in flight.
+/// reached a limit. Busy when failures plus attempts in flight fill the per-client limit, or
+/// the per-source limit once that source has failed: a concurrent burst of guesses cannot
+/// overshoot while its first calls are being answered, and an honest source (no failures)
+/// is slowed only by the per-client limit. Else counted as in flight.
 /// KEYS: per-source hash, per-client hash. ARGV: their limits (0 = none), window (ms).
 /// Returns {0} counted, {1, ms left in the window} refused, {2} busy.
 const AUTH_ATTEMPT_LUA: &str = r"
@@ -84,10 +86,8 @@ for i = 1, 2 do
   local limit = tonumber(ARGV[i])
   if limit > 0 and f[i] >= limit then return {1, math.max(redis.call('PTTL', KEYS[i]), 1)} end
 end
-for i = 1, 2 do
-  local limit = tonumber(ARGV[i])
-  if limit > 0 and f[i] + p[i] >= limit then return {2} end
-end
+if tonumber(ARGV[1]) > 0 and f[1] > 0 and f[1] + p[1] >= tonumber(ARGV[1]) then return {2} end
+if tonumber(ARGV[2]) > 0 and f[2] + p[2] >= tonumber(ARGV[2]) then return {2} end
 for i = 1, 2 do
   if tonumber(ARGV[i]) > 0 then
     redis.call('HINCRBY', KEYS[i], 'p', 1)
