@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use crate::admin::admin_router;
 use crate::config::Config;
 use crate::entry::Freshness;
-use crate::handler::client_router;
+use crate::handler::{Admission, client_router};
 use crate::l1::L1;
 use crate::listener::{self, Inbound, TlsSetupError};
 use crate::metrics::Metrics;
@@ -66,14 +66,6 @@ impl AppState {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
-}
-
-/// Limits on the requests a replica takes in.
-#[derive(Debug)]
-pub struct Admission {
-    /// One permit per request being handled; none left = shed.
-    pub slots: tokio::sync::Semaphore,
-    pub request_timeout: Duration,
 }
 
 /// A built, bound replica.
@@ -150,10 +142,7 @@ impl Application {
             allowed: config.allowed_networks.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
         });
-        let admission = Arc::new(Admission {
-            slots: tokio::sync::Semaphore::new(config.max_concurrent_requests),
-            request_timeout: config.request_timeout,
-        });
+        let admission = Arc::new(Admission::new(config.max_concurrent_requests, config.request_timeout));
         let state = AppState {
             service,
             metrics,

@@ -207,28 +207,40 @@ fn compact_jwt(prefix: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Reverses [`compact_jwt`].
-fn expand_jwt(mut compact: &[u8]) -> Option<Bytes> {
-    let mut prefix = BytesMut::with_capacity(compact.len() * 4 / 3 + 64);
+/// Reverses [`compact_jwt`]. Runs on every hit read from Redis, so the segments are encoded
+/// straight into the one buffer, sized up front: no allocation per segment, no copy.
+fn expand_jwt(compact: &[u8]) -> Option<Bytes> {
+    let mut segments: [&[u8]; 3] = [&[]; 3];
+    let mut rest = compact;
+    for segment in &mut segments {
+        let (len, tail) = rest.split_at_checked(2)?;
+        (*segment, rest) = tail.split_at_checked(usize::from(u16::from_be_bytes(len.try_into().ok()?)))?;
+    }
+    let encoded: usize = segments.iter().map(|s| base64::encoded_len(s.len(), false)).sum::<Option<usize>>()?;
+    let mut prefix = BytesMut::with_capacity(PREFIX_HEAD.len() + encoded + 2 + rest.len());
     prefix.put_slice(PREFIX_HEAD);
-    for i in 0..3 {
-        let (len, tail) = compact.split_at_checked(2)?;
-        let (raw, tail) = tail.split_at_checked(usize::from(u16::from_be_bytes(len.try_into().ok()?)))?;
+    for (i, segment) in segments.iter().enumerate() {
         if i > 0 {
             prefix.put_u8(b'.');
         }
-        prefix.put_slice(BASE64URL.encode(raw).as_bytes());
-        compact = tail;
+        let start = prefix.len();
+        prefix.resize(start + base64::encoded_len(segment.len(), false)?, 0);
+        BASE64URL.encode_slice(segment, &mut prefix[start..]).ok()?;
     }
-    prefix.put_slice(compact);
+    prefix.put_slice(rest);
     Some(prefix.freeze())
 }
 
-/// A uniform random number in [0, 1).
+/// A uniform random number in [0, 1), to spread refresh points; nothing secret rests on it.
+///
+/// Every hit read from Redis builds an entry, so this avoids a `getrandom` system call per
+/// request: each `RandomState::new()` is SipHash under a fresh key (the thread's random key,
+/// seeded once from the OS, with a counter added), which is random enough for spreading.
 fn unit_random() -> f64 {
-    let mut bytes = [0u8; 4];
-    getrandom::fill(&mut bytes).expect("the OS random source is available");
-    f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
+    use std::hash::BuildHasher as _;
+    let bits = std::hash::RandomState::new().hash_one(()) >> 11;
+    // 53 random bits: exactly representable, and below 1.
+    bits as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

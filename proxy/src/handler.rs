@@ -3,12 +3,12 @@
 //! (or a rejection), makes one call into the token service, and records the outcome.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http::StatusCode;
@@ -20,41 +20,41 @@ use crate::response::{CacheStatus, ProxyError, Rejection, Reply};
 
 /// The client listener's router.
 pub fn client_router(state: AppState) -> Router {
-    Router::new()
-        .route("/oauth2/token", post(token).fallback(method_not_allowed))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), admission))
-        .with_state(state)
+    Router::new().route("/oauth2/token", post(token).fallback(method_not_allowed)).fallback(not_found).with_state(state)
 }
 
-/// Admission control in front of every request: past the concurrency limit a request is shed
-/// at once with 503 (a fast answer the load balancer can retry elsewhere, instead of a queue
-/// that grows until memory runs out), and no request may take longer than the request timeout
-/// (a client trickling its body cannot hold a slot forever).
-async fn admission(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Ok(_slot) = state.admission.slots.try_acquire() else {
-        state.metrics.throttled(Throttle::Overload);
-        state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
-        let mut response = ProxyError::Rejected(Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "temporarily_unavailable",
-            "the proxy is overloaded; retry shortly",
-        ))
-        .into_response();
-        response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-        return response;
-    };
-    match tokio::time::timeout(state.admission.request_timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            state.metrics.throttled(Throttle::Timeout);
-            state.metrics.request(Outcome::Rejected, state.admission.request_timeout);
-            ProxyError::Rejected(Rejection {
-                close: true,
-                ..Rejection::new(StatusCode::REQUEST_TIMEOUT, "invalid_request", "the request took too long")
-            })
-            .into_response()
+/// Admission control of token requests: past the concurrency limit a request is shed at once
+/// with 503 (a fast answer the load balancer can retry elsewhere, instead of a queue that grows
+/// until memory runs out), and no request may take longer than the request timeout (a client
+/// trickling its body cannot hold a slot forever). A counter, not a semaphore: releasing a
+/// tokio semaphore permit takes a lock, on every request.
+#[derive(Debug)]
+pub struct Admission {
+    in_flight: AtomicUsize,
+    limit: usize,
+    pub request_timeout: Duration,
+}
+
+impl Admission {
+    pub fn new(limit: usize, request_timeout: Duration) -> Admission {
+        Admission { in_flight: AtomicUsize::new(0), limit, request_timeout }
+    }
+
+    /// A slot for one request, held until dropped; `None` when all are taken.
+    fn try_admit(&self) -> Option<Slot<'_>> {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
         }
+        Some(Slot(self))
+    }
+}
+
+struct Slot<'a>(&'a Admission);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -64,9 +64,30 @@ async fn token(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let (outcome, response) = match answer(&state, peer.ip(), request).await {
-        Ok(reply) => (outcome_of(&reply), reply.into_response()),
-        Err(rejection) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
+    let Some(_slot) = state.admission.try_admit() else {
+        state.metrics.throttled(Throttle::Overload);
+        state.metrics.request(Outcome::Rejected, started.elapsed());
+        let mut response = ProxyError::Rejected(Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "the proxy is overloaded; retry shortly",
+        ))
+        .into_response();
+        response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        return response;
+    };
+    let timeout = state.admission.request_timeout;
+    let (outcome, response) = match tokio::time::timeout(timeout, answer(&state, peer.ip(), request)).await {
+        Ok(Ok(reply)) => (outcome_of(&reply), reply.into_response()),
+        Ok(Err(rejection)) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
+        Err(_) => {
+            state.metrics.throttled(Throttle::Timeout);
+            let rejection = Rejection {
+                close: true,
+                ..Rejection::new(StatusCode::REQUEST_TIMEOUT, "invalid_request", "the request took too long")
+            };
+            (Outcome::Rejected, ProxyError::Rejected(rejection).into_response())
+        }
     };
     state.metrics.request(outcome, started.elapsed());
     response

@@ -9,7 +9,9 @@
 //!    certificate and key are re-read when their files change; with a client CA, a client
 //!    certificate signed by it is required (mTLS).
 //! 3. HTTP/1.1 with a header-read timeout: a client must send each request head within it, and an
-//!    idle keep-alive connection is closed after it too.
+//!    idle keep-alive connection is closed after it too. One watchdog per connection enforces it
+//!    (see [`Activity`]) rather than hyper's own header timer, which arms a timer for every
+//!    request: at 100k requests a second that alone cost 6 % of the throughput of a cache hit.
 //!
 //! The peer address reaches the handler as `axum::extract::ConnectInfo<SocketAddr>`. When the
 //! shutdown future resolves, the loop stops accepting and waits for open connections to finish
@@ -20,6 +22,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,7 +30,7 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -134,9 +137,9 @@ pub async fn serve(
         "client listener protections"
     );
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(inbound.header_read_timeout).keep_alive(true);
+    http.keep_alive(true);
     let connection =
-        Arc::new(Connection { http, tls: inbound.tls, handshake_timeout: inbound.header_read_timeout, router });
+        Arc::new(Connection { http, tls: inbound.tls, header_read_timeout: inbound.header_read_timeout, router });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -178,7 +181,8 @@ pub async fn serve(
 struct Connection {
     http: http1::Builder,
     tls: Option<TlsAcceptor>,
-    handshake_timeout: Duration,
+    /// Also the TLS handshake's deadline.
+    header_read_timeout: Duration,
     router: Router,
 }
 
@@ -187,7 +191,7 @@ impl Connection {
         let Some(acceptor) = &self.tls else {
             return self.serve_http(stream, peer, watcher).await;
         };
-        match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
+        match tokio::time::timeout(self.header_read_timeout, acceptor.accept(stream)).await {
             Ok(Ok(stream)) => self.serve_http(stream, peer, watcher).await,
             Ok(Err(error)) => {
                 metrics.connection_refused(Refusal::TlsHandshake);
@@ -205,14 +209,77 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let router = self.router.clone();
+        let activity = Arc::new(Activity::new());
+        let handled = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(request)
+            let response = router.clone().oneshot(request);
+            let handled = Arc::clone(&handled);
+            handled.begin();
+            async move {
+                let response = response.await;
+                handled.end();
+                response
+            }
         });
-        let connection = self.http.serve_connection(TokioIo::new(stream), service);
-        if let Err(error) = watcher.watch(connection).await {
-            // Header-read timeouts, resets and malformed requests: the client's business.
-            tracing::debug!(%peer, %error, "client connection ended with an error");
+        let connection = watcher.watch(self.http.serve_connection(TokioIo::new(stream), service));
+        tokio::select! {
+            result = connection => {
+                if let Err(error) = result {
+                    // Resets and malformed requests: the client's business.
+                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                }
+            }
+            // Dropping the connection closes it.
+            () = activity.waiting_longer_than(self.header_read_timeout) => {
+                tracing::debug!(%peer, "no complete request head in time; connection closed");
+            }
+        }
+    }
+}
+
+/// What one connection is doing, for its header-read watchdog: handling a request, or waiting
+/// for (the rest of) the next request head since some instant. Two atomic stores per request;
+/// the watchdog looks twice per timeout, so a connection waiting too long is closed between one
+/// and one and a half timeouts after its wait began.
+#[derive(Debug)]
+struct Activity {
+    opened: Instant,
+    /// Requests being handled (hyper/1 handles one at a time; a count is simply robust).
+    handling: AtomicU32,
+    /// When the connection last started waiting for a request head, in ms since `opened`.
+    waiting_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { opened: Instant::now(), handling: Default::default(), waiting_since_ms: Default::default() }
+    }
+
+    fn begin(&self) {
+        self.handling.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.waiting_since_ms.store(self.elapsed_ms(), Ordering::Relaxed);
+        // Release: whoever sees the request finished also sees when.
+        self.handling.fetch_sub(1, Ordering::Release);
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Resolves once the connection has waited for a request head longer than `timeout`.
+    async fn waiting_longer_than(&self, timeout: Duration) {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            tokio::time::sleep(timeout / 2).await;
+            let idle = self.handling.load(Ordering::Acquire) == 0;
+            let since = self.waiting_since_ms.load(Ordering::Relaxed);
+            if idle && self.elapsed_ms().saturating_sub(since) >= timeout_ms {
+                return;
+            }
         }
     }
 }

@@ -5,6 +5,15 @@
 //! fails to open. Each entry's AES key is derived with HKDF from the seal key *and the client's
 //! secret*: someone holding a Redis dump and the proxy's keys still cannot read a token without
 //! also knowing that client's secret.
+//!
+//! Deriving an entry key costs two HMAC-SHA256 computations (nine compression blocks), and a hot
+//! entry is opened on every request that reads it from Redis. So the sealer remembers the entry
+//! keys it derived last in a small fixed table ([`EntryKeyMemo`]), in process memory only, beside
+//! the seal key they come from. What is sealed, and how, does not change: the memo only skips
+//! recomputing a derivation whose result it already holds.
+
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
@@ -18,12 +27,67 @@ const TAG_LEN: usize = 16;
 /// Bytes a sealed value adds to its plaintext.
 pub const OVERHEAD: usize = 1 + NONCE_LEN + TAG_LEN;
 const LABEL_ENTRY: &[u8] = b"token-proxy/v1/entry-key";
+/// Slots of the entry-key memo. Each holds one entry key, 88 bytes in all: 4,096 slots are
+/// 352 KiB, allocated once per sealer.
+const MEMO_SLOTS: usize = 4096;
 
 /// Seals and opens entries with one seal key.
 #[derive(Clone)]
 pub struct Sealer {
     key_id: u8,
     seal_key: [u8; 32],
+    /// Shared by the clones of one sealer.
+    memo: Arc<EntryKeyMemo>,
+}
+
+/// The entry keys derived last, in a direct-mapped table: the slot of an entry is chosen by its
+/// cache key (an HMAC output, uniformly spread and not steerable without the index key), and a
+/// new entry simply replaces the one in its slot. Bounded, no eviction bookkeeping, one
+/// uncontended lock per use.
+///
+/// A slot answers only for the exact cache key *and* client secret it was derived from: the cache
+/// key already binds the secret (it is an HMAC of the request, secret included), and the slot
+/// also keeps a keyed 64-bit hash of the secret (SipHash, random per-process key; never the secret
+/// itself) so that [`Sealer::open`] with another secret still derives, and fails, exactly as
+/// without the memo.
+struct EntryKeyMemo {
+    slots: Box<[Mutex<Option<MemoSlot>>]>,
+    secret_hasher: std::hash::RandomState,
+}
+
+struct MemoSlot {
+    key: CacheKey,
+    secret_tag: u64,
+    entry_key: [u8; 32],
+}
+
+impl EntryKeyMemo {
+    fn new() -> EntryKeyMemo {
+        EntryKeyMemo {
+            slots: (0..MEMO_SLOTS).map(|_| Mutex::new(None)).collect(),
+            secret_hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    fn slot(&self, key: &CacheKey) -> std::sync::MutexGuard<'_, Option<MemoSlot>> {
+        let bytes = key.as_bytes();
+        let index = usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) % MEMO_SLOTS;
+        // A poisoned slot holds a complete value or none: it is still usable.
+        self.slots[index].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The entry key of `key` and `client_secret`, from the memo or from `derive` (then
+    /// remembered).
+    fn get_or_derive(&self, key: &CacheKey, client_secret: &[u8], derive: impl FnOnce() -> [u8; 32]) -> [u8; 32] {
+        let secret_tag = self.secret_hasher.hash_one(client_secret);
+        if let Some(found) = self.slot(key).as_ref().filter(|s| s.key == *key && s.secret_tag == secret_tag) {
+            return found.entry_key;
+        }
+        // Derived outside the lock; two threads deriving the same key at once both store it.
+        let entry_key = derive();
+        *self.slot(key) = Some(MemoSlot { key: *key, secret_tag, entry_key });
+        entry_key
+    }
 }
 
 impl std::fmt::Debug for Sealer {
@@ -45,7 +109,7 @@ pub enum OpenError {
 
 impl Sealer {
     pub(crate) fn new(key_id: u8, seal_key: [u8; 32]) -> Sealer {
-        Sealer { key_id, seal_key }
+        Sealer { key_id, seal_key, memo: Arc::new(EntryKeyMemo::new()) }
     }
 
     /// The id written in front of every value this sealer seals.
@@ -53,13 +117,20 @@ impl Sealer {
         self.key_id
     }
 
-    fn cipher(&self, key: &CacheKey, client_secret: &[u8]) -> Aes256Gcm {
+    /// The AES key of one entry: HKDF-SHA256 with the seal key as salt, the client's secret as
+    /// input key material, and the label and cache key as info.
+    fn derive_entry_key(&self, key: &CacheKey, client_secret: &[u8]) -> [u8; 32] {
         let hkdf = Hkdf::<Sha256>::new(Some(&self.seal_key), client_secret);
         let mut entry_key = [0u8; 32];
         let mut info = [0u8; LABEL_ENTRY.len() + 32];
         info[..LABEL_ENTRY.len()].copy_from_slice(LABEL_ENTRY);
         info[LABEL_ENTRY.len()..].copy_from_slice(key.as_bytes());
         hkdf.expand(&info, &mut entry_key).expect("32-byte HKDF output is valid");
+        entry_key
+    }
+
+    fn cipher(&self, key: &CacheKey, client_secret: &[u8]) -> Aes256Gcm {
+        let entry_key = self.memo.get_or_derive(key, client_secret, || self.derive_entry_key(key, client_secret));
         Aes256Gcm::new_from_slice(&entry_key).expect("AES-256 takes a 32-byte key")
     }
 
@@ -130,6 +201,32 @@ mod tests {
         let sealed =
             hex::decode("6f000102030405060708090a0b3e81a5844eff6ad00af404f7f5792d97dd02335d3edc71aa8b0ac3").unwrap();
         assert_eq!(sealer().open(&key(1), b"secret", &sealed).unwrap(), b"hello token");
+    }
+
+    /// The memo hands out exactly the key derivation would: values open across sealers of the
+    /// same root (each with its own memo), repeatedly, also when entries share a memo slot.
+    #[test]
+    fn memoized_entry_keys_equal_derived_ones() {
+        let (a, b) = (sealer(), sealer());
+        // Same first two bytes, so the same slot: each use replaces the other's entry.
+        let mut bytes = [2u8; 32];
+        bytes[..2].copy_from_slice(&[1, 1]);
+        let (k1, k2) = (key(1), CacheKey::from_bytes(bytes));
+        for _ in 0..3 {
+            for (k, secret) in [(k1, &b"s1"[..]), (k2, b"s2"), (k1, b"s3")] {
+                let sealed = a.seal(&k, secret, b"payload");
+                assert_eq!(a.memo.get_or_derive(&k, secret, unreachable_key), a.derive_entry_key(&k, secret));
+                assert_eq!(b.open(&k, secret, &sealed).unwrap(), b"payload");
+                assert_eq!(a.open(&k, secret, &sealed).unwrap(), b"payload");
+                assert_eq!(a.open(&k, b"other", &sealed), Err(OpenError::Rejected));
+                assert_eq!(a.open(&k, secret, &sealed).unwrap(), b"payload");
+            }
+        }
+    }
+
+    /// Stands in for a derivation that must not run: the key is in the memo.
+    fn unreachable_key() -> [u8; 32] {
+        panic!("the entry key should have come from the memo")
     }
 
     #[test]
