@@ -20,10 +20,9 @@
 #   BENCH_WARMUP [2s]      one unrecorded wrk run per target before the rounds (0 = none)
 #   BENCH_THREADS [1]      wrk threads
 #   BENCH_CONNECTIONS [50] wrk connections
-#   BENCH_KEYS [1]         distinct cache keys the requests cycle through. With 1 (every request the
-#                          same), concurrent identical requests on the Redis-hit replica mostly share
-#                          one in-process Redis read (X-Cache: COALESCED); with e.g. 1000 nearly every
-#                          request reads Redis itself. The keys are warmed first.
+#   BENCH_KEYS [1]         distinct cache keys the requests cycle through (warmed first). Every
+#                          request on the Redis-hit replica reads Redis itself (the hit path has no
+#                          in-process coalescing), whatever the number of keys.
 #   BENCH_SKIP_BUILD [0]   1 = use the release binaries already built
 # Everything listens on 127.0.0.1 only and is stopped on exit; the whole run is time-bounded.
 set -euo pipefail
