@@ -304,11 +304,7 @@ impl TokenService {
     }
 
     async fn pass_through(&self, request: PassThrough) -> Reply {
-        let inner = &self.inner;
-        let result = match inner.parts.quota.upstream_slot(inner.parts.store.as_ref(), &inner.parts.metrics).await {
-            Ok(()) => inner.parts.upstream.exchange(request.form_body, request.authorization).await,
-            Err(Refused(response)) => Ok(response),
-        };
+        let result = self.inner.exchange(request.form_body, request.authorization).await;
         let answer = match classify(result) {
             Outcome::Failed(failure) => Err(ProxyError::Upstream(failure)),
             Outcome::Relayed(response) => Ok(Answer::Relayed(response)),
@@ -569,7 +565,8 @@ impl Inner {
         }
         let secret = request.client_secret.expose_secret().as_bytes();
         let sent_at = Instant::now();
-        let result = self.call_upstream(request).await;
+        let (form_body, authorization) = upstream_request(request);
+        let result = self.exchange(form_body, authorization).await;
         let mut fetched = Fetched { source: Source::Upstream, outcome: self.outcome_of(result, sent_at) };
         let now = Instant::now();
         if fetched.outcome.is_upstream_trouble() {
@@ -611,14 +608,15 @@ impl Inner {
         }
     }
 
-    /// Calls the upstream for `request` within the rate cap: a call refused there is answered
-    /// 429 without reaching it.
-    async fn call_upstream(&self, request: &CanonicalRequest) -> Result<UpstreamResponse, UpstreamError> {
+    /// Calls the upstream within the rate cap: a call refused there is answered 429 without
+    /// reaching it.
+    async fn exchange(
+        &self,
+        form_body: String,
+        authorization: Option<HeaderValue>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         match self.parts.quota.upstream_slot(self.parts.store.as_ref(), &self.parts.metrics).await {
-            Ok(()) => {
-                let (form_body, authorization) = upstream_request(request);
-                self.parts.upstream.exchange(form_body, authorization).await
-            }
+            Ok(()) => self.parts.upstream.exchange(form_body, authorization).await,
             Err(Refused(response)) => Ok(response),
         }
     }
