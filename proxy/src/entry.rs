@@ -231,12 +231,13 @@ fn expand_jwt(compact: &[u8]) -> Option<Bytes> {
     Some(prefix.freeze())
 }
 
-/// A uniform random number in [0, 1), to spread refresh points; nothing secret rests on it.
+/// A uniform random number in [0, 1), to spread refresh points (and queued upstream calls);
+/// nothing secret rests on it.
 ///
 /// Every hit read from Redis builds an entry, so this avoids a `getrandom` system call per
 /// request: each `RandomState::new()` is SipHash under a fresh key (the thread's random key,
 /// seeded once from the OS, with a counter added), which is random enough for spreading.
-fn unit_random() -> f64 {
+pub(crate) fn unit_random() -> f64 {
     use std::hash::BuildHasher as _;
     let bits = std::hash::RandomState::new().hash_one(()) >> 11;
     // 53 random bits: exactly representable, and below 1.

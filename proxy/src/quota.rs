@@ -22,12 +22,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use http::header::HeaderValue;
 use shared::keys::KeyHasher;
 
 use crate::config::AuthFailureLimits;
+use crate::entry::unit_random;
 use crate::metrics::{Metrics, Throttle};
-use crate::store::{Admission, AuthCounters, RedisStore};
+use crate::store::{AuthCounters, RedisStore, Verdict};
 use crate::upstream::UpstreamResponse;
 
 /// Most (client, source) and client counters one replica tracks on its own. Beyond it, new
@@ -35,17 +35,14 @@ use crate::upstream::UpstreamResponse;
 /// upstream quota matters more than a new client's first token.
 const LOCAL_COUNTERS: usize = 65_536;
 /// Queued calls start the next window spread over this much, not all in its first millisecond.
-const QUEUE_JITTER_MS: u64 = 50;
+const QUEUE_JITTER: Duration = Duration::from_millis(50);
 /// How often an attempt waiting for calls in flight to settle looks again.
 const BUSY_POLL: Duration = Duration::from_millis(20);
 
 /// The quota guards of one replica.
 #[derive(Debug)]
 pub struct Quota {
-    auth: AuthFailureLimits,
-    busy_wait: Duration,
-    rate_per_second: u32,
-    queue_timeout: Duration,
+    settings: QuotaSettings,
     local_auth: Mutex<LocalCounters>,
     local_rate: Mutex<RateWindow>,
 }
@@ -98,14 +95,7 @@ struct RateWindow {
 
 impl Quota {
     pub fn new(settings: QuotaSettings) -> Quota {
-        Quota {
-            auth: settings.auth,
-            busy_wait: settings.busy_wait,
-            rate_per_second: settings.rate_per_second,
-            queue_timeout: settings.queue_timeout,
-            local_auth: Mutex::default(),
-            local_rate: Mutex::new(RateWindow { started: None, count: 0 }),
-        }
+        Quota { settings, local_auth: Mutex::default(), local_rate: Mutex::new(RateWindow { started: None, count: 0 }) }
     }
 
     /// Admits one upstream call for credentials nobody has proven yet: counted as in flight,
@@ -119,38 +109,38 @@ impl Quota {
         source: IpAddr,
         metrics: &Metrics,
     ) -> Result<Attempt, Refused> {
-        let limits = [self.auth.per_source, self.auth.per_client];
+        let limits = self.limits();
         if limits == [0, 0] {
             return Ok(Attempt { counters: Counted::Nothing });
         }
         let (client, per_source) = hasher.throttle_tags(client_id, &address_bytes(source));
-        let give_up_at = Instant::now() + self.busy_wait;
+        let give_up_at = Instant::now() + self.settings.busy_wait;
         loop {
-            let (admission, counters) = match store {
+            let (verdict, counters) = match store {
                 Some(store) => {
                     let counters = AuthCounters::new(client, per_source);
-                    match store.auth_attempt(&counters, limits, self.auth.window).await {
-                        Ok(admission) => (admission, Counted::Redis(counters)),
+                    match store.auth_attempt(&counters, limits, self.settings.auth.window).await {
+                        Ok(verdict) => (verdict, Counted::Redis(counters)),
                         // Redis is failing: count here instead.
                         Err(_) => self.local_attempt([per_source, client], limits),
                     }
                 }
                 None => self.local_attempt([per_source, client], limits),
             };
-            match admission {
-                Admission::Counted => return Ok(Attempt { counters }),
-                Admission::Refused(left) => return Err(self.throttled(client_id, left, metrics)),
-                Admission::Busy if Instant::now() + BUSY_POLL > give_up_at => {
+            match verdict {
+                Verdict::Counted => return Ok(Attempt { counters }),
+                Verdict::Refused(left) => return Err(self.throttled(client_id, left, metrics)),
+                Verdict::Busy if Instant::now() + BUSY_POLL > give_up_at => {
                     return Err(self.throttled(client_id, Duration::from_secs(1), metrics));
                 }
-                Admission::Busy => tokio::time::sleep(BUSY_POLL).await,
+                Verdict::Busy => tokio::time::sleep(BUSY_POLL).await,
             }
         }
     }
 
-    fn local_attempt(&self, names: [CounterName; 2], limits: [u32; 2]) -> (Admission, Counted) {
-        let admission = self.lock_auth().attempt(names, limits, self.auth.window, Instant::now());
-        (admission, Counted::Local(names))
+    fn local_attempt(&self, names: [CounterName; 2], limits: [u32; 2]) -> (Verdict, Counted) {
+        let verdict = self.lock_auth().attempt(names, limits, self.settings.auth.window, Instant::now());
+        (verdict, Counted::Local(names))
     }
 
     /// Settles an admitted attempt: no longer in flight, and a failure if the upstream said
@@ -165,28 +155,34 @@ impl Quota {
         if failed_authentication {
             metrics.auth_failure();
         }
-        let limits = [self.auth.per_source, self.auth.per_client];
+        let limits = self.limits();
         match (attempt.counters, store) {
             (Counted::Nothing, _) | (Counted::Redis(_), None) => {}
             (Counted::Redis(counters), Some(store)) => {
                 // If Redis fails now, the attempt stays in flight until its window ends.
-                let _ = store.auth_settle(&counters, failed_authentication, limits, self.auth.window).await;
+                let _ = store.auth_settle(&counters, failed_authentication, limits, self.settings.auth.window).await;
             }
             (Counted::Local(names), _) => {
-                self.lock_auth().settle(names, failed_authentication, limits, self.auth.window, Instant::now());
+                self.lock_auth().settle(
+                    names,
+                    failed_authentication,
+                    limits,
+                    self.settings.auth.window,
+                    Instant::now(),
+                );
             }
         }
     }
 
     /// Takes a slot of the upstream rate cap, waiting up to the queue timeout for one.
     pub async fn upstream_slot(&self, store: Option<&RedisStore>, metrics: &Metrics) -> Result<(), Refused> {
-        if self.rate_per_second == 0 {
+        if self.settings.rate_per_second == 0 {
             return Ok(());
         }
-        let give_up_at = Instant::now() + self.queue_timeout;
+        let give_up_at = Instant::now() + self.settings.queue_timeout;
         loop {
             let remote = match store {
-                Some(store) => store.rate_slot(self.rate_per_second).await.ok(),
+                Some(store) => store.rate_slot(self.settings.rate_per_second).await.ok(),
                 None => None,
             };
             let wait = match remote {
@@ -194,10 +190,10 @@ impl Quota {
                 None => self.local_rate_slot(Instant::now()),
             };
             let Some(wait) = wait else { return Ok(()) };
-            let wait = wait + Duration::from_millis(jitter(QUEUE_JITTER_MS));
+            let wait = wait + QUEUE_JITTER.mul_f64(unit_random());
             if Instant::now() + wait > give_up_at {
                 metrics.throttled(Throttle::RateCap);
-                return Err(Refused(too_many_requests(
+                return Err(Refused(UpstreamResponse::too_many_requests(
                     "the token endpoint's rate cap is reached; retry later",
                     Duration::from_secs(1),
                 )));
@@ -209,7 +205,15 @@ impl Quota {
     fn throttled(&self, client_id: &str, wait: Duration, metrics: &Metrics) -> Refused {
         metrics.throttled(Throttle::AuthFailures);
         tracing::warn!(client_id, ?wait, "too many failed authentications; throttling unproven credentials");
-        Refused(too_many_requests("too many failed authentications for this client; retry later", wait))
+        Refused(UpstreamResponse::too_many_requests(
+            "too many failed authentications for this client; retry later",
+            wait,
+        ))
+    }
+
+    /// The failed-authentication limits, per source and per client (the counters' order).
+    fn limits(&self) -> [u32; 2] {
+        [self.settings.auth.per_source, self.settings.auth.per_client]
     }
 
     fn lock_auth(&self) -> std::sync::MutexGuard<'_, LocalCounters> {
@@ -224,7 +228,7 @@ impl Quota {
             *window = RateWindow { started: Some(now), count: 0 };
         }
         let elapsed = now.saturating_duration_since(window.started.unwrap_or(now));
-        if window.count < self.rate_per_second {
+        if window.count < self.settings.rate_per_second {
             window.count += 1;
             return None;
         }
@@ -236,23 +240,23 @@ impl LocalCounters {
     /// The same rule as the Redis script: refused at a limit of failures; busy at the
     /// per-client limit of failures plus calls in flight, or at the per-source one once that
     /// source failed; else counted as in flight. `names` and `limits`: per source, per client.
-    fn attempt(&mut self, names: [CounterName; 2], limits: [u32; 2], window: Duration, now: Instant) -> Admission {
+    fn attempt(&mut self, names: [CounterName; 2], limits: [u32; 2], window: Duration, now: Instant) -> Verdict {
         let current = |name: &CounterName| self.0.get(name).filter(|w| w.ends > now).copied();
         for (name, limit) in names.iter().zip(limits) {
             if let Some(w) = current(name).filter(|w| limit > 0 && w.failures >= limit) {
-                return Admission::Refused(w.ends - now);
+                return Verdict::Refused(w.ends - now);
             }
         }
         let full = |w: Window, limit: u32| limit > 0 && w.failures + w.in_flight >= limit;
         let source_full = current(&names[0]).is_some_and(|w| w.failures > 0 && full(w, limits[0]));
         let client_full = current(&names[1]).is_some_and(|w| full(w, limits[1]));
         if source_full || client_full {
-            return Admission::Busy;
+            return Verdict::Busy;
         }
         if self.0.len() + 2 > LOCAL_COUNTERS {
             self.0.retain(|_, w| w.ends > now);
             if self.0.len() + 2 > LOCAL_COUNTERS {
-                return Admission::Refused(window);
+                return Verdict::Refused(window);
             }
         }
         for (name, limit) in names.into_iter().zip(limits) {
@@ -260,7 +264,7 @@ impl LocalCounters {
                 self.window(name, window, now).in_flight += 1;
             }
         }
-        Admission::Counted
+        Verdict::Counted
     }
 
     fn settle(&mut self, names: [CounterName; 2], failed: bool, limits: [u32; 2], window: Duration, now: Instant) {
@@ -302,31 +306,11 @@ pub fn is_failed_authentication(status: StatusCode, body: &[u8]) -> bool {
     serde_json::from_slice::<ErrorBody<'_>>(body).is_ok_and(|b| b.error == "invalid_client")
 }
 
-/// A 429 of the proxy's own, with `Retry-After` in whole seconds.
-fn too_many_requests(description: &str, retry_after: Duration) -> UpstreamResponse {
-    let body = shared::wire::OAuthError::new("temporarily_unavailable", description);
-    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-    UpstreamResponse {
-        status: StatusCode::TOO_MANY_REQUESTS,
-        body: body.to_json().into(),
-        content_type: Some(HeaderValue::from_static("application/json;charset=UTF-8")),
-        retry_after: Some(HeaderValue::from(seconds)),
-        www_authenticate: None,
-    }
-}
-
 fn address_bytes(address: IpAddr) -> Vec<u8> {
     match address {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     }
-}
-
-/// A random number of milliseconds below `max`.
-fn jitter(max: u64) -> u64 {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("the OS random source is available");
-    u64::from_le_bytes(bytes) % max.max(1)
 }
 
 #[cfg(test)]
@@ -343,32 +327,32 @@ mod tests {
         let limits = [2, 4];
         // A source without failures is held only by the per-client limit of calls in flight.
         for _ in 0..4 {
-            assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Counted);
+            assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Verdict::Counted);
         }
-        assert_eq!(counters.attempt([b, client], limits, WINDOW, now), Admission::Busy);
+        assert_eq!(counters.attempt([b, client], limits, WINDOW, now), Verdict::Busy);
         // Successes free their slots and leave nothing behind.
         for _ in 0..3 {
             counters.settle([a, client], false, limits, WINDOW, now);
         }
         // One failure from a: from now on a's calls in flight count against its own limit too.
         counters.settle([a, client], true, limits, WINDOW, now);
-        assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Counted);
-        assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Admission::Busy);
-        assert_eq!(counters.attempt([b, client], limits, WINDOW, now), Admission::Counted);
+        assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Verdict::Counted);
+        assert_eq!(counters.attempt([a, client], limits, WINDOW, now), Verdict::Busy);
+        assert_eq!(counters.attempt([b, client], limits, WINDOW, now), Verdict::Counted);
         // a's second failure reaches its limit: refused for the window's rest, not merely busy.
         counters.settle([a, client], true, limits, WINDOW, now);
         let later = now + Duration::from_secs(10);
         assert_eq!(
             counters.attempt([a, client], limits, WINDOW, later),
-            Admission::Refused(WINDOW - Duration::from_secs(10))
+            Verdict::Refused(WINDOW - Duration::from_secs(10))
         );
         // b fails twice too: the client's 4 failures refuse every source.
         counters.settle([b, client], true, limits, WINDOW, now);
-        assert_eq!(counters.attempt([b, client], limits, WINDOW, later), Admission::Counted);
+        assert_eq!(counters.attempt([b, client], limits, WINDOW, later), Verdict::Counted);
         counters.settle([b, client], true, limits, WINDOW, now);
-        assert!(matches!(counters.attempt([[3; 16], client], limits, WINDOW, later), Admission::Refused(_)));
+        assert!(matches!(counters.attempt([[3; 16], client], limits, WINDOW, later), Verdict::Refused(_)));
         // The window's end forgets everything.
-        assert_eq!(counters.attempt([a, client], limits, WINDOW, now + WINDOW), Admission::Counted);
+        assert_eq!(counters.attempt([a, client], limits, WINDOW, now + WINDOW), Verdict::Counted);
     }
 
     #[test]
@@ -376,7 +360,7 @@ mod tests {
         let mut counters = LocalCounters::default();
         let now = Instant::now();
         for _ in 0..100 {
-            assert_eq!(counters.attempt([[1; 16], [9; 16]], [0, 1000], WINDOW, now), Admission::Counted);
+            assert_eq!(counters.attempt([[1; 16], [9; 16]], [0, 1000], WINDOW, now), Verdict::Counted);
         }
         assert_eq!(counters.0.len(), 1, "no per-source counter is kept when its limit is off");
     }

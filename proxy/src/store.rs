@@ -174,7 +174,7 @@ pub enum Lookup {
 
 /// What the failed-authentication counters say about one more attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub enum Verdict {
     /// Counted as in flight: go ahead.
     Counted,
     /// Too many failures: refused for the rest of the window.
@@ -433,7 +433,7 @@ impl RedisStore {
         counters: &AuthCounters,
         limits: [u32; 2],
         window: Duration,
-    ) -> Result<Admission, StoreError> {
+    ) -> Result<Verdict, StoreError> {
         let args: Vec<Value> = vec![limits[0].into(), limits[1].into(), millis(window).into()];
         let reply: Vec<i64> = self
             .guarded(async {
@@ -441,9 +441,9 @@ impl RedisStore {
             })
             .await?;
         match reply.as_slice() {
-            [0] => Ok(Admission::Counted),
-            [1, left] => Ok(Admission::Refused(Duration::from_millis(left.unsigned_abs()))),
-            [2] => Ok(Admission::Busy),
+            [0] => Ok(Verdict::Counted),
+            [1, left] => Ok(Verdict::Refused(Duration::from_millis(left.unsigned_abs()))),
+            [2] => Ok(Verdict::Busy),
             _ => Err(StoreError::UnexpectedReply),
         }
     }

@@ -401,18 +401,24 @@ impl Inner {
             Purpose::Miss { source } if local.is_none() => Some(source),
             _ => None,
         };
-        let Some(source) = unproven_from else {
-            return Arc::clone(&self).fetch_admitted(keys, request, purpose, redis, local).await;
-        };
-        let hasher = &self.parts.keys.hasher;
-        let attempt = match quota.attempt(store, hasher, &request.client_id, source, metrics).await {
-            Ok(attempt) => attempt,
-            Err(Refused(response)) => return Fetched { source: Source::Upstream, outcome: Outcome::Relayed(response) },
+        let attempt = match unproven_from {
+            Some(source) => {
+                let hasher = &self.parts.keys.hasher;
+                match quota.attempt(store, hasher, &request.client_id, source, metrics).await {
+                    Ok(attempt) => Some(attempt),
+                    Err(Refused(response)) => {
+                        return Fetched { source: Source::Upstream, outcome: Outcome::Relayed(response) };
+                    }
+                }
+            }
+            None => None,
         };
         let fetched = Arc::clone(&self).fetch_admitted(keys, request, purpose, redis, local).await;
-        let failed = fetched.source == Source::Upstream
-            && matches!(&fetched.outcome, Outcome::Relayed(r) if quota::is_failed_authentication(r.status, &r.body));
-        quota.settle(store, attempt, failed, metrics).await;
+        if let Some(attempt) = attempt {
+            let failed = fetched.source == Source::Upstream
+                && matches!(&fetched.outcome, Outcome::Relayed(r) if quota::is_failed_authentication(r.status, &r.body));
+            quota.settle(store, attempt, failed, metrics).await;
+        }
         fetched
     }
 

@@ -34,6 +34,21 @@ pub struct UpstreamResponse {
     pub www_authenticate: Option<HeaderValue>,
 }
 
+impl UpstreamResponse {
+    /// A 429 of the proxy's own, standing in for a call it did not make: an OAuth JSON body
+    /// (`temporarily_unavailable`) and `Retry-After` in whole seconds, at least one.
+    pub fn too_many_requests(description: &str, retry_after: Duration) -> UpstreamResponse {
+        let body = shared::wire::OAuthError::new("temporarily_unavailable", description);
+        UpstreamResponse {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            body: body.to_json().into(),
+            content_type: Some(HeaderValue::from_static("application/json;charset=UTF-8")),
+            retry_after: Some(HeaderValue::from(retry_after.as_secs_f64().ceil().max(1.0) as u64)),
+            www_authenticate: None,
+        }
+    }
+}
+
 /// Why no upstream answer arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
@@ -124,17 +139,10 @@ impl Upstream {
     fn held_back(&self, now: Instant) -> Option<UpstreamResponse> {
         let until = (*self.hold_until.lock().unwrap_or_else(|p| p.into_inner()))?;
         let left = until.checked_duration_since(now).filter(|d| !d.is_zero())?;
-        let body = shared::wire::OAuthError::new(
-            "temporarily_unavailable",
+        Some(UpstreamResponse::too_many_requests(
             "the token endpoint asked for a pause (429 Retry-After); retry later",
-        );
-        Some(UpstreamResponse {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            body: body.to_json().into(),
-            content_type: Some(HeaderValue::from_static("application/json;charset=UTF-8")),
-            retry_after: Some(HeaderValue::from(left.as_secs_f64().ceil() as u64)),
-            www_authenticate: None,
-        })
+            left,
+        ))
     }
 
     fn note_retry_after(&self, response: &UpstreamResponse) {

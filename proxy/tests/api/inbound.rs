@@ -110,6 +110,15 @@ fn write_server_files(dir: &TempDir, leaf: &Leaf) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
+/// A proxy (in front of its own mock-idp with client `app`) serving TLS with `leaf`, its files
+/// in `dir`, plus the `extra` settings.
+async fn tls_app(dir: &TempDir, leaf: &Leaf, extra: &[(&str, &str)]) -> TestApp {
+    let (cert, key) = write_server_files(dir, leaf);
+    let mut settings = vec![("TOKEN_PROXY_TLS_CERT_FILE", cert.as_str()), ("TOKEN_PROXY_TLS_KEY_FILE", key.as_str())];
+    settings.extend_from_slice(extra);
+    TestApp::embedded(vec![client("app", SECRET)], &settings).await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Clients
 
@@ -168,7 +177,7 @@ fn raw_request() -> String {
     format!(
         "POST /oauth2/token HTTP/1.1\r\nHost: proxy\r\nAuthorization: {}\r\n\
          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{BASIC_REQUEST_BODY}",
-        shared::basic::encode("app", "secret"),
+        shared::basic::encode("app", SECRET),
         BASIC_REQUEST_BODY.len()
     )
 }
@@ -222,14 +231,9 @@ async fn read_one_response(stream: &mut TcpStream) -> String {
 async fn tls_serves_tokens_over_https_and_nothing_over_plain_http() {
     let dir = TempDir::new("tls");
     let ca = Ca::new("test CA");
-    let (cert, key) = write_server_files(&dir, &ca.server("proxy"));
-    let app = TestApp::embedded(
-        vec![client("app", "secret")],
-        &[("TOKEN_PROXY_TLS_CERT_FILE", &cert), ("TOKEN_PROXY_TLS_KEY_FILE", &key)],
-    )
-    .await;
+    let app = tls_app(&dir, &ca.server("proxy"), &[]).await;
 
-    let reply = post_with(&https_client(&ca, None), &https_url(app.proxy.addr), "app", "secret").await.unwrap();
+    let reply = post_with(&https_client(&ca, None), &https_url(app.proxy.addr), "app", SECRET).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.raw);
     assert!(!reply.access_token().is_empty());
     assert_eq!(app.upstream_requests(), 1);
@@ -245,7 +249,7 @@ async fn tls_serves_tokens_over_https_and_nothing_over_plain_http() {
     );
     assert!(!String::from_utf8_lossy(&received).contains("access_token"));
     // reqwest over plain HTTP fails the same way.
-    assert!(post_with(&http(), &app.proxy.token_url(), "app", "secret").await.is_err());
+    assert!(post_with(&http(), &app.proxy.token_url(), "app", SECRET).await.is_err());
     assert_eq!(app.upstream_requests(), 1, "the plain-HTTP requests reached the upstream");
     assert!(app.proxy.metric("token_proxy_connections_refused_total{reason=\"tls_handshake\"}").await >= 2.0);
 }
@@ -258,12 +262,7 @@ async fn replaced_certificate_files_are_served_without_a_restart() {
     let dir = TempDir::new("reload");
     let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
     let old = old_ca.server("proxy old");
-    let (cert, key) = write_server_files(&dir, &old);
-    let app = TestApp::embedded(
-        vec![client("app", "secret")],
-        &[("TOKEN_PROXY_TLS_CERT_FILE", &cert), ("TOKEN_PROXY_TLS_KEY_FILE", &key)],
-    )
-    .await;
+    let app = tls_app(&dir, &old, &[]).await;
     let addr = app.proxy.addr;
     assert_eq!(presented_certificate(addr, &[&old_ca]).await, old.der);
 
@@ -278,7 +277,7 @@ async fn replaced_certificate_files_are_served_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Clients trusting only the new CA get tokens now.
-    let reply = post_with(&https_client(&new_ca, None), &https_url(addr), "app", "secret").await.unwrap();
+    let reply = post_with(&https_client(&new_ca, None), &https_url(addr), "app", SECRET).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.raw);
 
     // A certificate file that does not parse: the last good certificate stays, one warning.
@@ -308,28 +307,19 @@ async fn replaced_certificate_files_are_served_without_a_restart() {
 async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
     let dir = TempDir::new("mtls");
     let (server_ca, client_ca, other_ca) = (Ca::new("server CA"), Ca::new("client CA"), Ca::new("other CA"));
-    let (cert, key) = write_server_files(&dir, &server_ca.server("proxy"));
     let client_ca_file = dir.replace("clients.pem", &client_ca.pem).display().to_string();
-    let app = TestApp::embedded(
-        vec![client("app", "secret")],
-        &[
-            ("TOKEN_PROXY_TLS_CERT_FILE", &cert),
-            ("TOKEN_PROXY_TLS_KEY_FILE", &key),
-            ("TOKEN_PROXY_TLS_CLIENT_CA_FILE", &client_ca_file),
-        ],
-    )
-    .await;
+    let app = tls_app(&dir, &server_ca.server("proxy"), &[("TOKEN_PROXY_TLS_CLIENT_CA_FILE", &client_ca_file)]).await;
     let url = https_url(app.proxy.addr);
 
-    let anonymous = post_with(&https_client(&server_ca, None), &url, "app", "secret").await;
+    let anonymous = post_with(&https_client(&server_ca, None), &url, "app", SECRET).await;
     assert!(anonymous.is_err(), "served without a client certificate: {anonymous:?}");
     let stranger = other_ca.client("stranger");
-    let foreign = post_with(&https_client(&server_ca, Some(&stranger)), &url, "app", "secret").await;
+    let foreign = post_with(&https_client(&server_ca, Some(&stranger)), &url, "app", SECRET).await;
     assert!(foreign.is_err(), "served with a certificate from another CA: {foreign:?}");
     assert_eq!(app.upstream_requests(), 0);
 
     let service = client_ca.client("service-a");
-    let reply = post_with(&https_client(&server_ca, Some(&service)), &url, "app", "secret").await.unwrap();
+    let reply = post_with(&https_client(&server_ca, Some(&service)), &url, "app", SECRET).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.raw);
     assert!(!reply.access_token().is_empty());
     assert_eq!(app.upstream_requests(), 1);
@@ -341,26 +331,26 @@ async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
 
 #[tokio::test]
 async fn connections_from_outside_the_allowed_networks_are_closed_unanswered() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[("TOKEN_PROXY_ALLOWED_NETWORKS", "10.0.0.0/8")]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_ALLOWED_NETWORKS", "10.0.0.0/8")]).await;
     let mut stream = TcpStream::connect(app.proxy.addr).await.unwrap();
     // The write may already fail: the proxy may have hung up.
     let _ = stream.write_all(raw_request().as_bytes()).await;
     let (received, _) = read_until_closed(&mut stream, Duration::from_secs(3)).await.expect("the proxy hangs up");
     assert!(received.is_empty(), "an answer: {:?}", String::from_utf8_lossy(&received));
-    assert!(post_with(&http(), &app.proxy.token_url(), "app", "secret").await.is_err());
+    assert!(post_with(&http(), &app.proxy.token_url(), "app", SECRET).await.is_err());
     assert_eq!(app.upstream_requests(), 0);
     assert!(app.proxy.metric("token_proxy_connections_refused_total{reason=\"source\"}").await >= 2.0);
 
     let allowed =
-        TestApp::embedded(vec![client("app", "secret")], &[("TOKEN_PROXY_ALLOWED_NETWORKS", "127.0.0.0/8")]).await;
-    let reply = post_basic(&allowed.proxy.token_url(), "app", "secret", None).await;
+        TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_ALLOWED_NETWORKS", "127.0.0.0/8")]).await;
+    let reply = post_basic(&allowed.proxy.token_url(), "app", SECRET, None).await;
     assert_eq!(reply.status, 200, "{}", reply.raw);
 }
 
 #[tokio::test]
 async fn behind_a_trusted_proxy_the_forwarded_source_is_checked() {
     let app = TestApp::embedded(
-        vec![client("app", "secret")],
+        vec![client("app", SECRET)],
         &[("TOKEN_PROXY_ALLOWED_NETWORKS", "10.0.0.0/8"), ("TOKEN_PROXY_TRUSTED_PROXIES", "127.0.0.1")],
     )
     .await;
@@ -370,7 +360,7 @@ async fn behind_a_trusted_proxy_the_forwarded_source_is_checked() {
             let mut request = http()
                 .post(url)
                 .header("content-type", "application/x-www-form-urlencoded")
-                .header("authorization", shared::basic::encode("app", "secret"))
+                .header("authorization", shared::basic::encode("app", SECRET))
                 .body(BASIC_REQUEST_BODY);
             if let Some(value) = forwarded_for {
                 request = request.header("x-forwarded-for", value);
@@ -397,7 +387,7 @@ async fn behind_a_trusted_proxy_the_forwarded_source_is_checked() {
 
 #[tokio::test]
 async fn slow_request_heads_and_idle_keep_alive_connections_are_closed() {
-    let app = TestApp::embedded(vec![client("app", "secret")], &[("TOKEN_PROXY_HEADER_READ_TIMEOUT", "500ms")]).await;
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_HEADER_READ_TIMEOUT", "500ms")]).await;
 
     // Half a request head, then nothing.
     let mut slow = TcpStream::connect(app.proxy.addr).await.unwrap();
@@ -487,19 +477,14 @@ async fn unusable_tls_files_fail_start_up_with_one_line_naming_the_variable() {
 async fn stopping_lets_an_in_flight_https_request_finish() {
     let dir = TempDir::new("drain");
     let ca = Ca::new("test CA");
-    let (cert, key) = write_server_files(&dir, &ca.server("proxy"));
-    let app = TestApp::embedded(
-        vec![client("app", "secret")],
-        &[("TOKEN_PROXY_TLS_CERT_FILE", &cert), ("TOKEN_PROXY_TLS_KEY_FILE", &key)],
-    )
-    .await;
+    let app = tls_app(&dir, &ca.server("proxy"), &[]).await;
     app.idp.idp.set_latency(Duration::from_millis(600));
     let TestApp { idp, proxy, .. } = app;
     let (addr, url) = (proxy.addr, https_url(proxy.addr));
     let client = https_client(&ca, None);
     let in_flight = tokio::spawn({
         let client = client.clone();
-        async move { post_with(&client, &url, "app", "secret").await }
+        async move { post_with(&client, &url, "app", SECRET).await }
     });
     eventually(Duration::from_secs(5), "the request to reach the upstream", async || idp.idp.requests_total() == 1)
         .await;

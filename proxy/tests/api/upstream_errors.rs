@@ -117,12 +117,19 @@ async fn other_grants_are_forwarded_unchanged_and_never_cached() {
     assert!(app.redis().dump().await.is_empty());
 }
 
-#[tokio::test]
-async fn the_upstream_receives_only_allowlisted_headers() {
-    let dir = std::env::temp_dir().join(format!("tp-hdr-{}", free_port()));
+/// A TOKEN_PROXY_UPSTREAM_HEADERS_FILE holding `contents`, in a directory of its own (removed by
+/// the test).
+fn headers_file(contents: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tp-headers-{}", free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("headers");
-    std::fs::write(&file, "X-Origin-Verify: first-value\n").unwrap();
+    std::fs::write(&file, contents).unwrap();
+    (dir, file)
+}
+
+#[tokio::test]
+async fn the_upstream_receives_only_allowlisted_headers() {
+    let (dir, file) = headers_file("X-Origin-Verify: first-value\n");
     let file_str = file.to_str().unwrap().to_owned();
     let app = TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_UPSTREAM_HEADERS_FILE", &file_str)]).await;
     let reply = read(
@@ -171,10 +178,7 @@ async fn the_upstream_receives_only_allowlisted_headers() {
 /// old value. Not one request is refused at any step, and no replica restarts.
 #[tokio::test]
 async fn the_origin_verify_header_rotates_without_refusing_a_request() {
-    let dir = std::env::temp_dir().join(format!("tp-rotate-{}", free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("headers");
-    std::fs::write(&file, "X-Origin-Verify: old-origin-secret-0001\n").unwrap();
+    let (dir, file) = headers_file("X-Origin-Verify: old-origin-secret-0001\n");
     let file_str = file.to_str().unwrap().to_owned();
     // L1 off and a new key per request: every request reaches the upstream, and its WAF rule.
     let app = TestApp::with_redis(
