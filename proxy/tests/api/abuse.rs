@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use fred::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::*;
@@ -111,6 +112,16 @@ async fn wrong_secrets_are_throttled_across_the_cluster_while_cached_callers_are
     assert_eq!(cluster.metric_sum("token_proxy_auth_failures_total").await, 50.0);
     let throttled = cluster.metric_sum("token_proxy_throttled_total{reason=\"auth_failures\"}").await;
     assert_eq!(throttled, 950.0);
+    // Invariant 4: the counters name clients by keyed hashes only.
+    let redis = cluster.redis.client().await;
+    let keys: Vec<bytes::Bytes> = redis.custom(fred::cmd!("KEYS"), vec!["*"]).await.unwrap();
+    assert!(keys.iter().any(|k| k.starts_with(b"tp:auth:")), "no failure counters in Redis");
+    for key in keys {
+        let serialized: bytes::Bytes = redis.custom(fred::cmd!("DUMP"), vec![key.clone()]).await.unwrap();
+        for text in [&key[..], &serialized[..]] {
+            assert!(!text.windows(ID.len()).any(|w| w == ID.as_bytes()), "the client id in Redis: {key:?}");
+        }
+    }
     println!(
         "1,000 wrong secrets: 200 from one source made {calls_one_source} upstream calls, 800 from \
          800 sources {} more; the honest caller: {served} served, {errors} errors",

@@ -71,3 +71,42 @@ async fn tokens_too_short_lived_to_cache_are_relayed_but_not_cached() {
     assert_eq!(app.issued(), 2);
     assert!(app.redis().dump().await.is_empty());
 }
+
+/// The hit path reads an entry's TTL before its value. The two reads are not atomic; in this
+/// order a write landing between them pairs an older TTL with a newer token, which can only
+/// understate `expires_in`. Redis's MONITOR shows the order in which it ran them.
+#[tokio::test]
+async fn a_hit_from_redis_reads_the_ttl_before_the_value() {
+    use tokio::io::AsyncBufReadExt;
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[("TOKEN_PROXY_L1_CAPACITY", "0")]).await;
+    let url = app.proxy.token_url();
+    assert_eq!(post_basic(&url, "app", SECRET, None).await.x_cache(), "MISS");
+
+    let mut monitor = tokio::process::Command::new("redis-cli")
+        .args(["-p", &app.redis().port.to_string(), "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-cli runs");
+    let mut lines = tokio::io::BufReader::new(monitor.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.unwrap().unwrap();
+    assert_eq!(ready.as_deref(), Some("OK"));
+
+    assert_eq!(post_basic(&url, "app", SECRET, None).await.x_cache(), "HIT");
+    let mut reads = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reads.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = tokio::time::timeout(left, lines.next_line()).await.expect("both reads within 5 s").unwrap();
+        let line = line.expect("MONITOR ended early").to_ascii_uppercase();
+        // Entries only (`"tp:{...}"`, no `:lock`), not the purge epochs or locks.
+        if line.contains("\"TP:{") && !line.contains(":LOCK\"") {
+            for command in ["\"PTTL\"", "\"GET\""] {
+                if line.contains(command) {
+                    reads.push(command);
+                }
+            }
+        }
+    }
+    assert_eq!(reads, ["\"PTTL\"", "\"GET\""], "the TTL must be read first");
+}
