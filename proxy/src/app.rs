@@ -92,6 +92,7 @@ impl Application {
                     command_timeout: config.redis_timeout,
                     breaker_threshold: config.redis_breaker_threshold,
                     breaker_cooldown: config.redis_breaker_cooldown,
+                    pipelined_reads: true,
                 };
                 Some(RedisStore::connect(url, settings, Arc::clone(&metrics))?)
             }

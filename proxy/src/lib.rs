@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod purge;
 pub mod quota;
+pub mod read_pipeline;
 pub mod response;
 pub mod shutdown;
 pub mod single_flight;

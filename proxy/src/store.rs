@@ -30,6 +30,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::breaker::{Breaker, BreakerState};
 use crate::metrics::Metrics;
 use crate::purge::EPOCHS_KEY;
+use crate::read_pipeline::{ReadError, ReadPipeline, Target};
 
 /// The channel every replica subscribes to for flight outcomes.
 pub const CHANNEL: &str = "tp:flights";
@@ -139,6 +140,10 @@ pub enum StoreError {
     UnexpectedReply,
     #[error("redis circuit breaker is open")]
     BreakerOpen,
+    #[error("redis read: {0}")]
+    Read(#[from] ReadError),
+    #[error("redis read timed out")]
+    Timeout,
 }
 
 /// Why the store could not be set up.
@@ -152,6 +157,9 @@ pub struct StoreSettings {
     pub command_timeout: Duration,
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
+    /// Hit-path reads on their own pipelined connection when the server allows it (plain
+    /// `redis://`); `false` reads through fred always (tests compare the two).
+    pub pipelined_reads: bool,
 }
 
 /// A sealed value and its remaining time to live.
@@ -221,6 +229,9 @@ impl LockOwner {
 #[derive(Clone)]
 pub struct RedisStore {
     client: Client,
+    /// The hit path's reads, for plain `redis://` servers; `None` reads through `client`.
+    reads: Option<Arc<ReadPipeline>>,
+    command_timeout: Duration,
     subscriber: SubscriberClient,
     lookup_script: Arc<Script>,
     complete_script: Arc<Script>,
@@ -239,7 +250,7 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("connected", &self.client.is_connected())
+            .field("connected", &self.is_connected())
             .field("breaker", &self.breaker.state())
             .finish()
     }
@@ -253,6 +264,10 @@ impl RedisStore {
         let config =
             Config::from_url(url).map_err(|e| StoreSetupError(format!("invalid Redis URL ({:?})", e.kind())))?;
         let timeout = settings.command_timeout;
+        let unresponsive = (timeout * 4).max(Duration::from_secs(1));
+        let reads = plain_tcp_target(&config)
+            .filter(|_| settings.pipelined_reads)
+            .map(|target| Arc::new(ReadPipeline::start(target, Duration::from_secs(1).max(timeout), unresponsive)));
         let mut builder = Builder::from_config(config);
         builder
             .with_performance_config(|perf| perf.default_command_timeout = timeout)
@@ -262,10 +277,8 @@ impl RedisStore {
                 // A command that fails is not retried: the caller carries on without Redis.
                 conn.max_command_attempts = 1;
                 // Detect a frozen server (e.g. SIGSTOP) and reconnect instead of waiting forever.
-                conn.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some((timeout * 4).max(Duration::from_secs(1))),
-                    interval: Duration::from_millis(250),
-                };
+                conn.unresponsive =
+                    UnresponsiveConfig { max_timeout: Some(unresponsive), interval: Duration::from_millis(250) };
             })
             // Retry forever, 50 ms doubling to 2 s between attempts.
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
@@ -285,6 +298,8 @@ impl RedisStore {
             Arc::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown, Arc::clone(&metrics)));
         Ok(RedisStore {
             client,
+            reads,
+            command_timeout: timeout,
             subscriber,
             lookup_script: Arc::new(Script::from_lua(LOOKUP_LUA)),
             complete_script: Arc::new(Script::from_lua(COMPLETE_LUA)),
@@ -328,24 +343,28 @@ impl RedisStore {
     }
 
     /// Reads an entry and its remaining TTL, one round trip, no lock: the hit path. GET and
-    /// PTTL rather than a script: Redis runs the pair several times cheaper than Lua.
+    /// PTTL rather than a script: Redis runs the pair several times cheaper than Lua. On a
+    /// plain `redis://` server they go through the [`ReadPipeline`], else through fred.
     ///
-    /// The two are sent as plain commands queued together, not as a fred pipeline: fred writes
-    /// them to the socket in one go all the same (it does not flush a command while another
-    /// waits behind it, whereas it flushes each command of a pipeline on its own), and skips the
-    /// pipeline's copies of every command and its buffered responder.
+    /// PTTL goes first: the pair is not atomic, and a write landing between the two then pairs
+    /// an older TTL with a newer token, which can only understate `expires_in` (each write
+    /// stores a token with more life left than the one it replaces), never overstate it.
     pub async fn read(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
         let name = entry_name(key);
-        let (value, ttl): (Option<Bytes>, i64) = self
+        let (value, ttl) = self
             .guarded(async {
+                if let Some(reads) = &self.reads {
+                    let reply = tokio::time::timeout(self.command_timeout, reads.read(&name))
+                        .await
+                        .map_err(|_| StoreError::Timeout)??;
+                    return Ok((reply.value, reply.ttl_ms));
+                }
                 // fred's command futures are kilobytes each: boxed where they are made, so that
-                // this future, and every one that awaits it, stays small.
+                // this future, and every one that awaits it, stays small. Both are written in
+                // one go (fred does not flush a command while another waits behind it), PTTL
+                // first (join! polls in order, and one connection keeps it).
                 let pttl: CommandFuture<'_, i64> = Box::pin(self.client.pttl(&name[..]));
                 let get: CommandFuture<'_, Option<Bytes>> = Box::pin(self.client.get(&name[..]));
-                // PTTL goes first (join! polls in order, and one connection keeps it): the pair is
-                // not atomic, and a write landing between the two then pairs an older TTL with a
-                // newer token, which can only understate `expires_in` (each write stores a token
-                // with more life left than the one it replaces), never overstate it.
                 let (ttl, value) = tokio::join!(pttl, get);
                 Ok((value?, ttl?))
             })
@@ -486,9 +505,9 @@ impl RedisStore {
         self.waiters.register(key)
     }
 
-    /// Whether the command connection is up right now.
+    /// Whether the command connection, and the read connection if there is one, are up.
     pub fn is_connected(&self) -> bool {
-        self.client.is_connected()
+        self.client.is_connected() && !self.reads.as_ref().is_some_and(|reads| reads.is_down())
     }
 
     pub fn breaker_state(&self) -> BreakerState {
@@ -518,6 +537,22 @@ fn entry_name(key: &CacheKey) -> [u8; ENTRY_NAME_LEN] {
         .expect("16 bytes are 22 base64 characters");
     name[ENTRY_NAME_LEN - 1] = b'}';
     name
+}
+
+/// Where the [`ReadPipeline`] connects: a single server over plain TCP, or `None` for TLS,
+/// Sentinel and Cluster, whose reads go through fred.
+fn plain_tcp_target(config: &Config) -> Option<Target> {
+    let ServerConfig::Centralized { server } = &config.server else { return None };
+    if config.tls.is_some() {
+        return None;
+    }
+    Some(Target {
+        host: server.host.to_string(),
+        port: server.port,
+        username: config.username.clone(),
+        password: config.password.clone(),
+        database: config.database,
+    })
 }
 
 fn millis(d: Duration) -> i64 {
@@ -658,6 +693,24 @@ impl Drop for Waiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_single_plain_server_is_read_through_the_pipeline() {
+        let target = |url: &str| plain_tcp_target(&Config::from_url(url).unwrap());
+        let plain = target("redis://proxy:pw@cache.internal:6380/2").expect("a plain server");
+        assert_eq!((plain.host.as_str(), plain.port, plain.database), ("cache.internal", 6380, Some(2)));
+        assert_eq!((plain.username.as_deref(), plain.password.as_deref()), (Some("proxy"), Some("pw")));
+        let password_only = target("redis://:pw@127.0.0.1:6379").expect("a plain server");
+        assert_eq!((password_only.username.as_deref(), password_only.password.as_deref()), (None, Some("pw")));
+        assert_eq!(target("redis://127.0.0.1").map(|t| (t.port, t.password, t.database)), Some((6379, None, None)));
+        for through_fred in [
+            "rediss://cache.internal:6380",
+            "redis-cluster://a:6379?node=b:6379",
+            "redis-sentinel://s1:26379?sentinelServiceName=main",
+        ] {
+            assert!(target(through_fred).is_none(), "{through_fred}");
+        }
+    }
 
     #[test]
     fn entry_names_hash_tag_the_first_128_bits_of_the_key() {

@@ -625,14 +625,21 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: std::path::PathBuf,
+    /// More `redis-server` arguments, e.g. `--requirepass`.
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra_args: &[&str]) -> RedisServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("tp-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut server = RedisServer { port, child: None, dir };
+        let extra_args = extra_args.iter().map(|a| (*a).to_owned()).collect();
+        let mut server = RedisServer { port, child: None, dir, extra_args };
         server.spawn().await;
         server
     }
@@ -643,6 +650,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--rdbcompression", "no", "--dbfilename", "dump.rdb"])
+            .args(&self.extra_args)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())

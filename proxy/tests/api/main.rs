@@ -14,6 +14,7 @@ mod inbound;
 mod leaks;
 mod purge;
 mod raw_socket;
+mod read_pipeline;
 mod redis_faults;
 mod rotation;
 mod sealing;

@@ -1,0 +1,621 @@
+//! The hit path's Redis read (PTTL then GET of one entry) on a connection of its own, pipelined.
+//!
+//! Why not through fred, like every other command: a Redis hit is one read, and fred routes
+//! each command through its router task with a response channel and timers of its own, and it
+//! writes as soon as its queue is empty, so under load every write system call carries one or
+//! two requests and Redis answers each in its own. Here a request encodes its two commands into
+//! a shared buffer; the writer task, once woken, first lets every other ready task run (one
+//! yield), then writes everything queued in one system call, and the reader answers requests
+//! in order from whatever one read brings. Each write ends with `ECHO <batch number>`, and a
+//! batch's replies are handed out only once that marker is back: a read is never paired with
+//! another's reply. Scripts, locks and pub/sub stay with fred.
+//!
+//! Only plain `redis://` servers are read this way (with AUTH and SELECT as the URL asks);
+//! `rediss://`, Sentinel and Cluster reads go through fred.
+//!
+//! Failures: an I/O or protocol error fails every request written or queued, and the next
+//! request connects again, after a backoff (50 ms doubling to 2 s) during which requests fail
+//! at once. A server that stops answering (SIGSTOP, a black hole) is noticed when nothing
+//! arrives for `unresponsive` while requests wait: the connection is dropped and made again.
+//! Callers keep their own deadline; a reply that comes after it is read and dropped.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// A Redis server reached over plain TCP, and how to log in.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub database: Option<u8>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("Target").field("host", &self.host).field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+/// One entry as Redis has it: PTTL's answer (ms; -2 absent, -1 no TTL) and GET's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryReply {
+    pub ttl_ms: i64,
+    pub value: Option<Bytes>,
+}
+
+/// Why a read failed. Carries no reply text: only Redis's error code, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("redis connection: {0}")]
+    Io(std::io::ErrorKind),
+    #[error("redis is not answering")]
+    Unresponsive,
+    #[error("redis answered with an error ({0})")]
+    Server(String),
+    #[error("redis sent a reply that is not valid RESP2 here")]
+    Protocol,
+    #[error("not connected to redis (reconnecting)")]
+    Disconnected,
+}
+
+impl From<std::io::Error> for ReadError {
+    fn from(error: std::io::Error) -> ReadError {
+        ReadError::Io(error.kind())
+    }
+}
+
+type Responder = oneshot::Sender<Result<EntryReply, ReadError>>;
+
+/// What one written request awaits.
+#[derive(Debug)]
+enum Slot {
+    /// A read: two replies.
+    Read(Responder),
+    /// The end of batch `n`: `ECHO n` after its reads. Replies are handed out only once their
+    /// batch's marker has come back as expected, so a stream that lost or gained bytes
+    /// (which TCP never does, but a broken middlebox might) can never pair a read with
+    /// another's reply: it is a protocol error, and the connection is made again.
+    End(u64),
+}
+
+/// A pipelined read connection, and the task that drives it (stopped on drop).
+#[derive(Debug)]
+pub struct ReadPipeline {
+    shared: Arc<Shared>,
+    driver: AbortHandle,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the driver: a request is queued.
+    queued: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Encoded commands not yet written, and whom their replies go to.
+    out: Vec<u8>,
+    queued: Vec<Responder>,
+    /// Written, in order, awaiting replies: each batch's reads, then its end marker.
+    in_flight: VecDeque<Slot>,
+    /// The number of the last batch written.
+    batches: u64,
+    /// Since when the oldest unanswered request has had no reply at all.
+    waiting_since: Option<Instant>,
+    /// Until when requests fail at once (after a failed connection).
+    down_until: Option<Instant>,
+    /// The last connection failed, and none has been made since.
+    failed: bool,
+}
+
+impl ReadPipeline {
+    /// Starts the driver; it connects on the first request. `connect_timeout` bounds a
+    /// connection attempt with its login; `unresponsive` is how long requests may wait with
+    /// nothing at all coming back before the connection is given up.
+    pub fn start(target: Target, connect_timeout: Duration, unresponsive: Duration) -> ReadPipeline {
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), queued: Notify::new() });
+        let driver = tokio::spawn(drive(Arc::clone(&shared), target, connect_timeout, unresponsive)).abort_handle();
+        ReadPipeline { shared, driver }
+    }
+
+    /// Reads `name`'s PTTL, then its value. No deadline of its own: the caller sets one.
+    pub async fn read(&self, name: &[u8]) -> Result<EntryReply, ReadError> {
+        let (responder, reply) = oneshot::channel();
+        {
+            let mut state = self.shared.lock();
+            if state.down_until.is_some_and(|until| Instant::now() < until) {
+                return Err(ReadError::Disconnected);
+            }
+            let wake = state.queued.is_empty();
+            encode_read(&mut state.out, name);
+            state.queued.push(responder);
+            drop(state);
+            if wake {
+                self.shared.queued.notify_one();
+            }
+        }
+        reply.await.unwrap_or(Err(ReadError::Disconnected))
+    }
+}
+
+impl ReadPipeline {
+    /// Whether the last connection failed and none has been made since (for readiness).
+    pub fn is_down(&self) -> bool {
+        self.shared.lock().failed
+    }
+}
+
+impl Drop for ReadPipeline {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic under this lock leaves nothing half-done that matters: requests are only
+        // ever failed or answered.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Fails every request written or queued.
+    fn fail_all(&self, error: &ReadError) {
+        let (queued, in_flight) = {
+            let mut state = self.lock();
+            state.out.clear();
+            state.waiting_since = None;
+            (std::mem::take(&mut state.queued), std::mem::take(&mut state.in_flight))
+        };
+        let in_flight = in_flight.into_iter().filter_map(|slot| match slot {
+            Slot::Read(responder) => Some(responder),
+            Slot::End(_) => None,
+        });
+        for responder in queued.into_iter().chain(in_flight) {
+            let _ = responder.send(Err(error.clone()));
+        }
+    }
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Connects when there is work, serves the connection until it fails, and starts over.
+async fn drive(shared: Arc<Shared>, target: Target, connect_timeout: Duration, unresponsive: Duration) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        shared.queued.notified().await;
+        let error = match tokio::time::timeout(connect_timeout, connect(&target)).await {
+            Ok(Ok(stream)) => {
+                backoff = BACKOFF_MIN;
+                shared.lock().failed = false;
+                // Requests queued while connecting are written at once.
+                shared.queued.notify_one();
+                serve(&shared, stream, unresponsive).await
+            }
+            Ok(Err(error)) => error,
+            Err(_) => ReadError::Unresponsive,
+        };
+        tracing::debug!(%error, "redis read connection lost");
+        let until = Instant::now() + backoff;
+        {
+            let mut state = shared.lock();
+            state.down_until = Some(until);
+            state.failed = true;
+        }
+        shared.fail_all(&error);
+        tokio::time::sleep_until(until).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        // Whatever was queued meanwhile failed at once; the next request connects.
+        shared.lock().down_until = None;
+    }
+}
+
+async fn connect(target: &Target) -> Result<TcpStream, ReadError> {
+    let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+    stream.set_nodelay(true)?;
+    let mut login = Vec::new();
+    let mut replies = 0;
+    if let Some(password) = &target.password {
+        match &target.username {
+            Some(user) => encode_command(&mut login, &[b"AUTH", user.as_bytes(), password.as_bytes()]),
+            None => encode_command(&mut login, &[b"AUTH", password.as_bytes()]),
+        }
+        replies += 1;
+    }
+    if let Some(database) = target.database.filter(|&db| db != 0) {
+        encode_command(&mut login, &[b"SELECT", database.to_string().as_bytes()]);
+        replies += 1;
+    }
+    if replies > 0 {
+        stream.write_all(&login).await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let mut answered = 0;
+        while answered < replies {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof));
+            }
+            while let Some((frame, used)) = parse_frame(&buf)? {
+                match frame {
+                    Frame::Simple => {}
+                    Frame::Error(code) => return Err(ReadError::Server(code)),
+                    _ => return Err(ReadError::Protocol),
+                }
+                let _ = buf.split_to(used);
+                answered += 1;
+            }
+        }
+    }
+    Ok(stream)
+}
+
+/// Writes queued requests and answers written ones until the connection fails.
+async fn serve(shared: &Shared, stream: TcpStream, unresponsive: Duration) -> ReadError {
+    let (reader, writer) = stream.into_split();
+    tokio::select! {
+        error = write_queued(shared, writer) => error,
+        error = read_replies(shared, reader, unresponsive) => error,
+    }
+}
+
+async fn write_queued(shared: &Shared, mut writer: OwnedWriteHalf) -> ReadError {
+    let mut batch = Vec::with_capacity(4096);
+    loop {
+        shared.queued.notified().await;
+        // Let every task that is ready run first: the ones about to queue a read join this
+        // write instead of needing one of their own.
+        tokio::task::yield_now().await;
+        {
+            let mut state = shared.lock();
+            if state.queued.is_empty() {
+                continue;
+            }
+            std::mem::swap(&mut batch, &mut state.out);
+            let queued = std::mem::take(&mut state.queued);
+            if state.in_flight.is_empty() {
+                state.waiting_since = Some(Instant::now());
+            }
+            state.batches += 1;
+            let number = state.batches;
+            state.in_flight.extend(queued.into_iter().map(Slot::Read));
+            state.in_flight.push_back(Slot::End(number));
+            encode_command(&mut batch, &[b"ECHO", itoa::Buffer::new().format(number).as_bytes()]);
+        }
+        if let Err(error) = writer.write_all(&batch).await {
+            return error.into();
+        }
+        batch.clear();
+    }
+}
+
+async fn read_replies(shared: &Shared, mut reader: OwnedReadHalf, unresponsive: Duration) -> ReadError {
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    let mut watchdog = tokio::time::interval(unresponsive / 4);
+    loop {
+        tokio::select! {
+            read = reader.read_buf(&mut buf) => {
+                match read {
+                    Ok(0) => return ReadError::Io(std::io::ErrorKind::UnexpectedEof),
+                    Ok(_) => {}
+                    Err(error) => return error.into(),
+                }
+                if let Err(error) = answer(shared, &mut buf) {
+                    return error;
+                }
+            }
+            now = watchdog.tick() => {
+                let since = shared.lock().waiting_since;
+                if since.is_some_and(|since| now.duration_since(since) >= unresponsive) {
+                    return ReadError::Unresponsive;
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < READ_BUFFER / 16 {
+            buf.reserve(READ_BUFFER);
+        }
+    }
+}
+
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Answers the reads of every batch whose replies, end marker included, are all in `buf`, and
+/// consumes them.
+fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
+    let mut answered = Vec::new();
+    {
+        let mut state = shared.lock();
+        while let Some((replies, used)) = parse_batch(&state.in_flight, buf)? {
+            let frames = buf.split_to(used).freeze();
+            for reply in replies {
+                let Some(Slot::Read(responder)) = state.in_flight.pop_front() else {
+                    unreachable!("parse_batch pairs each reply with a read")
+                };
+                let reply = reply.map(|(ttl_ms, value)| EntryReply { ttl_ms, value: value.map(|r| frames.slice(r)) });
+                answered.push((responder, reply));
+            }
+            state.in_flight.pop_front();
+        }
+        if state.in_flight.is_empty() && !buf.is_empty() {
+            return Err(ReadError::Protocol);
+        }
+        if !answered.is_empty() {
+            state.waiting_since = (!state.in_flight.is_empty()).then(Instant::now);
+        }
+    }
+    for (responder, reply) in answered {
+        // The caller may have given up (deadline): its reply is dropped.
+        let _ = responder.send(reply);
+    }
+    Ok(())
+}
+
+/// One read's reply: PTTL's answer and the range of GET's value in the batch, or an error.
+type ReadReply = Result<(i64, Option<std::ops::Range<usize>>), ReadError>;
+
+/// Parses the first batch awaited in `in_flight` from the start of `buf`: `None` until all of
+/// it is there, else the reads' replies and the batch's length.
+fn parse_batch(in_flight: &VecDeque<Slot>, buf: &[u8]) -> Result<Option<(Vec<ReadReply>, usize)>, ReadError> {
+    let mut replies = Vec::new();
+    let mut at = 0;
+    for slot in in_flight {
+        match slot {
+            Slot::Read(_) => {
+                let Some((ttl, ttl_len)) = parse_frame(&buf[at..])? else { return Ok(None) };
+                let Some((value, value_len)) = parse_frame(&buf[at + ttl_len..])? else { return Ok(None) };
+                let value_at = at + ttl_len;
+                replies.push(match (ttl, value) {
+                    (Frame::Error(code), _) | (_, Frame::Error(code)) => Err(ReadError::Server(code)),
+                    (Frame::Integer(ttl_ms), Frame::Nil) => Ok((ttl_ms, None)),
+                    (Frame::Integer(ttl_ms), Frame::Bulk(r)) => {
+                        Ok((ttl_ms, Some(value_at + r.start..value_at + r.end)))
+                    }
+                    _ => return Err(ReadError::Protocol),
+                });
+                at = value_at + value_len;
+            }
+            Slot::End(number) => {
+                let Some((frame, len)) = parse_frame(&buf[at..])? else { return Ok(None) };
+                match frame {
+                    Frame::Bulk(r)
+                        if buf[at + r.start..at + r.end] == *itoa::Buffer::new().format(*number).as_bytes() =>
+                    {
+                        return Ok(Some((replies, at + len)));
+                    }
+                    // In step, but refused (e.g. NOAUTH): the connection is no use as it is.
+                    Frame::Error(code) => return Err(ReadError::Server(code)),
+                    _ => return Err(ReadError::Protocol),
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// PTTL first: the pair is not atomic, and a write landing between the two then pairs an older
+/// TTL with a newer token, which can only understate `expires_in`, never overstate it.
+fn encode_read(out: &mut Vec<u8>, name: &[u8]) {
+    encode_command(out, &[b"PTTL", name]);
+    encode_command(out, &[b"GET", name]);
+}
+
+fn encode_command(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let mut digits = itoa::Buffer::new();
+    out.push(b'*');
+    out.extend_from_slice(digits.format(parts.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for part in parts {
+        out.push(b'$');
+        out.extend_from_slice(digits.format(part.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The RESP2 replies this connection can get.
+#[derive(Debug, PartialEq, Eq)]
+enum Frame {
+    /// `+OK` and the like.
+    Simple,
+    /// `-CODE message`: the code only (the first word).
+    Error(String),
+    Integer(i64),
+    /// `$-1`.
+    Nil,
+    /// The data's range within the frame.
+    Bulk(std::ops::Range<usize>),
+}
+
+/// The most a bulk reply may hold: far above any token response, and a bound on what a
+/// confused server can make us buffer.
+const MAX_BULK: usize = 1 << 20;
+/// The longest header or error line read without its end.
+const MAX_LINE: usize = 4096;
+
+/// Parses one frame at the start of `buf`: `None` if it is not all there yet, else the frame
+/// and its length.
+fn parse_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, ReadError> {
+    let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return if buf.len() > MAX_LINE { Err(ReadError::Protocol) } else { Ok(None) };
+    };
+    if line_end == 0 {
+        return Err(ReadError::Protocol);
+    }
+    let (kind, line) = (buf[0], &buf[1..line_end]);
+    let after_line = line_end + 2;
+    let frame = match kind {
+        b'+' => Frame::Simple,
+        b'-' => {
+            let code = line.split(|&b| b == b' ').next().unwrap_or_default();
+            Frame::Error(String::from_utf8_lossy(code).into_owned())
+        }
+        b':' => Frame::Integer(parse_int(line)?),
+        b'$' => {
+            let len = parse_int(line)?;
+            if len == -1 {
+                Frame::Nil
+            } else {
+                let len = usize::try_from(len).ok().filter(|&len| len <= MAX_BULK).ok_or(ReadError::Protocol)?;
+                let end = after_line + len;
+                if buf.len() < end + 2 {
+                    return Ok(None);
+                }
+                if &buf[end..end + 2] != b"\r\n" {
+                    return Err(ReadError::Protocol);
+                }
+                return Ok(Some((Frame::Bulk(after_line..end), end + 2)));
+            }
+        }
+        _ => return Err(ReadError::Protocol),
+    };
+    Ok(Some((frame, after_line)))
+}
+
+fn parse_int(digits: &[u8]) -> Result<i64, ReadError> {
+    std::str::from_utf8(digits).ok().and_then(|s| s.parse().ok()).ok_or(ReadError::Protocol)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_is_pttl_then_get_in_resp() {
+        let mut out = Vec::new();
+        encode_read(&mut out, b"tp:{abc}");
+        assert_eq!(out, b"*2\r\n$4\r\nPTTL\r\n$8\r\ntp:{abc}\r\n*2\r\n$3\r\nGET\r\n$8\r\ntp:{abc}\r\n");
+        out.clear();
+        encode_command(&mut out, &[b"ECHO", b"12"]);
+        assert_eq!(out, b"*2\r\n$4\r\nECHO\r\n$2\r\n12\r\n");
+    }
+
+    #[test]
+    fn frames_parse_with_their_length() {
+        assert_eq!(parse_frame(b"+OK\r\nrest").unwrap(), Some((Frame::Simple, 5)));
+        assert_eq!(parse_frame(b":-2\r\n").unwrap(), Some((Frame::Integer(-2), 5)));
+        assert_eq!(parse_frame(b":59000\r\n").unwrap(), Some((Frame::Integer(59_000), 8)));
+        assert_eq!(parse_frame(b"$-1\r\n").unwrap(), Some((Frame::Nil, 5)));
+        assert_eq!(parse_frame(b"$3\r\nabc\r\n:1\r\n").unwrap(), Some((Frame::Bulk(4..7), 9)));
+        assert_eq!(parse_frame(b"$0\r\n\r\n").unwrap(), Some((Frame::Bulk(4..4), 6)));
+        // The error code only: Redis's message text is never kept.
+        let error = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
+        assert_eq!(parse_frame(error).unwrap(), Some((Frame::Error("WRONGTYPE".into()), error.len())));
+    }
+
+    #[test]
+    fn incomplete_frames_wait_for_more() {
+        for partial in [&b""[..], b":12", b":12\r", b"$3\r\nab", b"$3\r\nabc", b"$3\r\nabc\r", b"-ERR some"] {
+            assert_eq!(parse_frame(partial).unwrap(), None, "{:?}", String::from_utf8_lossy(partial));
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_protocol_errors() {
+        let oversized = format!("${}\r\n", MAX_BULK + 1);
+        let endless = vec![b'+'; MAX_LINE + 1];
+        for bad in [
+            &b"*1\r\n"[..],
+            b"%1\r\n",
+            b"\r\n",
+            b":x\r\n",
+            b"$-2\r\n",
+            b"$3\r\nabcd\r\n",
+            oversized.as_bytes(),
+            &endless,
+        ] {
+            assert_eq!(parse_frame(bad), Err(ReadError::Protocol), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    type Receiver = oneshot::Receiver<Result<EntryReply, ReadError>>;
+
+    /// A pipeline state with batches of `reads` reads written, as the writer leaves it.
+    fn written(batches: &[usize]) -> (Shared, Vec<Receiver>) {
+        let shared = Shared { state: Mutex::new(State::default()), queued: Notify::new() };
+        let mut receivers = Vec::new();
+        {
+            let mut state = shared.lock();
+            for (number, &reads) in (1..).zip(batches) {
+                for _ in 0..reads {
+                    let (responder, receiver) = oneshot::channel();
+                    state.in_flight.push_back(Slot::Read(responder));
+                    receivers.push(receiver);
+                }
+                state.in_flight.push_back(Slot::End(number));
+            }
+        }
+        (shared, receivers)
+    }
+
+    #[test]
+    fn replies_are_handed_out_a_whole_batch_at_a_time() {
+        let (shared, mut receivers) = written(&[2, 1]);
+        let mut buf = BytesMut::from(&b":5000\r\n$5\r\nfirst\r\n:-2\r\n$-1\r\n$1\r\n1\r\n:7000\r\n$6\r\nsec"[..]);
+        answer(&shared, &mut buf).unwrap();
+        let first = receivers[0].try_recv().unwrap().unwrap();
+        assert_eq!(first, EntryReply { ttl_ms: 5000, value: Some(Bytes::from_static(b"first")) });
+        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { ttl_ms: -2, value: None });
+        assert_eq!(&buf[..], b":7000\r\n$6\r\nsec", "an incomplete batch stays in the buffer");
+
+        buf.extend_from_slice(b"ond\r\n");
+        answer(&shared, &mut buf).unwrap();
+        assert!(receivers[2].try_recv().is_err(), "complete, but its batch's marker has not come");
+        buf.extend_from_slice(b"$1\r\n2\r\n");
+        answer(&shared, &mut buf).unwrap();
+        assert_eq!(receivers[2].try_recv().unwrap().unwrap().value, Some(Bytes::from_static(b"second")));
+        assert!(buf.is_empty());
+        assert!(shared.lock().waiting_since.is_none(), "nothing is awaited any more");
+    }
+
+    #[test]
+    fn a_server_error_fails_that_read_only() {
+        let (shared, mut receivers) = written(&[2]);
+        let mut buf =
+            BytesMut::from(&b"-LOADING Redis is loading the dataset in memory\r\n$-1\r\n:-2\r\n$-1\r\n$1\r\n1\r\n"[..]);
+        answer(&shared, &mut buf).unwrap();
+        assert_eq!(receivers[0].try_recv().unwrap(), Err(ReadError::Server("LOADING".into())));
+        assert_eq!(receivers[1].try_recv().unwrap(), Ok(EntryReply { ttl_ms: -2, value: None }));
+    }
+
+    #[test]
+    fn a_stream_out_of_step_is_a_protocol_error_before_any_reply_is_handed_out() {
+        // A reply too many, after the batch.
+        let (shared, _receivers) = written(&[1]);
+        let mut buf = BytesMut::from(&b":-2\r\n$-1\r\n$1\r\n1\r\n:-2\r\n"[..]);
+        assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
+        // A TTL that is not an integer.
+        let (shared, _receivers) = written(&[1]);
+        let mut buf = BytesMut::from(&b"$1\r\nx\r\n$-1\r\n$1\r\n1\r\n"[..]);
+        assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
+        // Another batch's marker: replies were lost, and these belong to other reads.
+        let (shared, mut receivers) = written(&[2]);
+        let mut buf = BytesMut::from(&b":100\r\n$1\r\na\r\n:200\r\n$1\r\nb\r\n$1\r\n7\r\n"[..]);
+        assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
+        assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()), "no read got a reply");
+    }
+
+    #[test]
+    fn a_target_never_shows_its_password() {
+        let target = Target {
+            host: "redis.internal".into(),
+            port: 6379,
+            username: Some("proxy".into()),
+            password: Some("hunter2-canary".into()),
+            database: Some(1),
+        };
+        let shown = format!("{target:?}");
+        assert!(shown.contains("redis.internal") && !shown.contains("hunter2"), "{shown}");
+    }
+}

@@ -1,0 +1,184 @@
+//! The hit path's pipelined Redis reads against real `redis-server`s: each read gets its own
+//! entry under concurrency, AUTH and SELECT work, failures are fast and recovery is automatic
+//! (kill and restart, a partition), and the store answers the same through the pipeline as
+//! through fred.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use shared::keys::CacheKey;
+use token_proxy::metrics::Metrics;
+use token_proxy::read_pipeline::{EntryReply, ReadError, ReadPipeline, Target};
+use token_proxy::store::{RedisStore, StoreSettings};
+
+use crate::fault_proxy::FaultProxy;
+use crate::helpers::*;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn target(port: u16) -> Target {
+    Target { host: "127.0.0.1".into(), port, username: None, password: None, database: None }
+}
+
+async fn set(client: &Client, key: &str, value: &str, ttl_ms: i64) {
+    let () = client.set(key, value, Some(Expiration::PX(ttl_ms)), None, false).await.unwrap();
+}
+
+/// A read with a deadline, as the store makes it.
+async fn read(pipeline: &ReadPipeline, key: &str, deadline: Duration) -> Result<EntryReply, ReadError> {
+    tokio::time::timeout(deadline, pipeline.read(key.as_bytes())).await.unwrap_or(Err(ReadError::Unresponsive))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_each_get_their_own_entry() {
+    let redis = RedisServer::start().await;
+    let client = redis.client().await;
+    for i in 0..200 {
+        set(&client, &format!("k{i}"), &format!("value-{i}"), 60_000 + i).await;
+    }
+    let pipeline = Arc::new(ReadPipeline::start(target(redis.port), CONNECT_TIMEOUT, Duration::from_secs(2)));
+    // 250 keys, the last 50 absent, read 2,000 times at once.
+    let reads = (0..2000).map(|n| {
+        let pipeline = Arc::clone(&pipeline);
+        tokio::spawn(async move {
+            let i = n % 250;
+            (i, pipeline.read(format!("k{i}").as_bytes()).await)
+        })
+    });
+    for read in reads {
+        let (i, reply) = read.await.unwrap();
+        let reply = reply.unwrap_or_else(|error| panic!("read of k{i}: {error}"));
+        if i < 200 {
+            assert_eq!(reply.value.as_deref(), Some(format!("value-{i}").as_bytes()), "k{i}");
+            assert!((50_000..=60_000 + i).contains(&reply.ttl_ms), "k{i}: ttl {}", reply.ttl_ms);
+        } else {
+            assert_eq!(reply, EntryReply { ttl_ms: -2, value: None }, "k{i} is absent");
+        }
+    }
+    assert!(!pipeline.is_down());
+}
+
+#[tokio::test]
+async fn reads_log_in_and_select_the_database() {
+    let mut redis = RedisServer::start_with(&["--requirepass", "pipeline-pass"]).await;
+    let url = format!("redis://:pipeline-pass@127.0.0.1:{}/3", redis.port);
+    let client = Client::new(Config::from_url(&url).unwrap(), None, None, None);
+    client.init().await.unwrap();
+    set(&client, "in-db-3", "three", 60_000).await;
+
+    let login = |password: Option<&str>, database: Option<u8>| Target {
+        password: password.map(str::to_owned),
+        database,
+        ..target(redis.port)
+    };
+    let logged_in = ReadPipeline::start(login(Some("pipeline-pass"), Some(3)), CONNECT_TIMEOUT, Duration::from_secs(2));
+    let reply = read(&logged_in, "in-db-3", Duration::from_secs(2)).await.unwrap();
+    assert_eq!(reply.value.as_deref(), Some(&b"three"[..]));
+
+    let other_database =
+        ReadPipeline::start(login(Some("pipeline-pass"), None), CONNECT_TIMEOUT, Duration::from_secs(2));
+    assert_eq!(read(&other_database, "in-db-3", Duration::from_secs(2)).await.unwrap().value, None);
+
+    let wrong = ReadPipeline::start(login(Some("not-the-password"), None), CONNECT_TIMEOUT, Duration::from_secs(2));
+    assert_eq!(read(&wrong, "in-db-3", Duration::from_secs(2)).await, Err(ReadError::Server("WRONGPASS".into())));
+    assert!(wrong.is_down(), "a refused login counts as a failed connection");
+
+    let anonymous = ReadPipeline::start(login(None, None), CONNECT_TIMEOUT, Duration::from_secs(2));
+    assert_eq!(read(&anonymous, "in-db-3", Duration::from_secs(2)).await, Err(ReadError::Server("NOAUTH".into())));
+
+    // The drop-time leak check cannot log in: these values are no canaries.
+    client.quit().await.unwrap();
+    redis.kill();
+}
+
+#[tokio::test]
+async fn a_killed_server_fails_reads_at_once_and_a_restarted_one_is_read_again() {
+    let mut redis = RedisServer::start().await;
+    let pipeline = ReadPipeline::start(target(redis.port), CONNECT_TIMEOUT, Duration::from_secs(2));
+    set(&redis.client().await, "k", "v", 60_000).await;
+    assert_eq!(read(&pipeline, "k", Duration::from_secs(2)).await.unwrap().value.as_deref(), Some(&b"v"[..]));
+
+    redis.kill();
+    for i in 0..20 {
+        let started = Instant::now();
+        let reply = read(&pipeline, "k", Duration::from_secs(5)).await;
+        assert!(reply.is_err(), "read {i} after the kill: {reply:?}");
+        assert!(started.elapsed() < CONNECT_TIMEOUT, "read {i} took {:?}", started.elapsed());
+    }
+    assert!(pipeline.is_down());
+
+    redis.restart().await;
+    set(&redis.client().await, "k", "again", 60_000).await;
+    eventually(Duration::from_secs(5), "reads from the restarted server", async || {
+        read(&pipeline, "k", Duration::from_millis(500)).await.is_ok_and(|r| r.value.as_deref() == Some(&b"again"[..]))
+    })
+    .await;
+    assert!(!pipeline.is_down());
+}
+
+#[tokio::test]
+async fn a_partitioned_connection_is_given_up_and_made_again() {
+    let redis = RedisServer::start().await;
+    set(&redis.client().await, "k", "v", 60_000).await;
+    let network = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let unresponsive = Duration::from_millis(400);
+    let pipeline = ReadPipeline::start(target(network.addr.port()), CONNECT_TIMEOUT, unresponsive);
+    assert!(read(&pipeline, "k", Duration::from_secs(2)).await.is_ok());
+    assert_eq!(network.connections(), 1);
+
+    // The partition swallows the requests and holds the connection open: only the watchdog
+    // can tell.
+    network.set_blackhole(true);
+    let started = Instant::now();
+    while started.elapsed() < unresponsive * 3 {
+        assert!(read(&pipeline, "k", Duration::from_millis(100)).await.is_err());
+    }
+    network.set_blackhole(false);
+    // Bytes lost in the partition never come back: without a new connection every later
+    // read would wait forever (or be paired with another's reply).
+    eventually(Duration::from_secs(5), "reads after the partition", async || {
+        read(&pipeline, "k", Duration::from_millis(200)).await.is_ok_and(|r| r.value.as_deref() == Some(&b"v"[..]))
+    })
+    .await;
+    for _ in 0..50 {
+        let reply = read(&pipeline, "k", Duration::from_secs(1)).await.unwrap();
+        assert_eq!(reply.value.as_deref(), Some(&b"v"[..]), "every reply is its own request's");
+    }
+}
+
+#[tokio::test]
+async fn the_store_reads_the_same_through_the_pipeline_as_through_fred() {
+    let redis = RedisServer::start().await;
+    let store = |pipelined_reads| {
+        let settings = StoreSettings {
+            command_timeout: Duration::from_millis(500),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(1),
+            pipelined_reads,
+        };
+        RedisStore::connect(&redis.url(), settings, Arc::new(Metrics::new())).unwrap()
+    };
+    let (pipelined, through_fred) = (store(true), store(false));
+    let client = redis.client().await;
+    let present = CacheKey::from_bytes([7; 32]);
+    let without_ttl = CacheKey::from_bytes([8; 32]);
+    let absent = CacheKey::from_bytes([9; 32]);
+    let () = client
+        .set(RedisStore::entry_key(&present), &[0u8, 1, 2, 255][..], Some(Expiration::PX(30_000)), None, false)
+        .await
+        .unwrap();
+    let () = client.set(RedisStore::entry_key(&without_ttl), "x", None, None, false).await.unwrap();
+
+    eventually(Duration::from_secs(5), "both stores connected", async || {
+        pipelined.read(&absent).await.is_ok() && through_fred.read(&absent).await.is_ok()
+    })
+    .await;
+    for store in [&pipelined, &through_fred] {
+        let value = store.read(&present).await.unwrap().expect("the entry");
+        assert_eq!(&value.sealed[..], &[0u8, 1, 2, 255][..]);
+        assert!(value.ttl > Duration::from_secs(25) && value.ttl <= Duration::from_secs(30), "{:?}", value.ttl);
+        assert!(store.read(&without_ttl).await.unwrap().is_none(), "an entry we never wrote (no TTL) is no hit");
+        assert!(store.read(&absent).await.unwrap().is_none());
+    }
+}
