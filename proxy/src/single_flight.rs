@@ -1,9 +1,14 @@
-//! In-process single flight: identical concurrent misses on one replica share one fetch.
+//! In-process single flight: identical concurrent requests on one replica share one Redis read
+//! ([`SharedReads`]) and, after a miss, one fetch ([`Flights`]).
 //!
 //! The first request for a key starts the fetch as its own task and is the [`Role::Leader`];
 //! later ones join as [`Role::Follower`]s. The fetch runs to completion even if every caller
 //! goes away (the upstream call is already paid for, and its result fills the caches), and if
 //! it panics the waiters are released with `None` rather than left hanging.
+//!
+//! A read is cheaper than a task: the first caller reads inline and hands its result to those
+//! who joined meanwhile. If that caller goes away first (its client hung up), they read for
+//! themselves.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -102,6 +107,92 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     }
 }
 
+/// Reads under way, by key: identical concurrent reads share one.
+#[derive(Debug)]
+pub struct SharedReads<T> {
+    in_flight: Mutex<HashMap<CacheKey, Slot<T>>>,
+}
+
+impl<T> Default for SharedReads<T> {
+    fn default() -> Self {
+        SharedReads { in_flight: Mutex::new(HashMap::new()) }
+    }
+}
+
+/// The first caller's read, on the map until it is finished or dropped unfinished (its
+/// caller went away); then the waiters, woken by the sender's end, read for themselves.
+struct Reading<'a, T> {
+    reads: &'a SharedReads<T>,
+    key: CacheKey,
+    sender: watch::Sender<Option<T>>,
+    finished: bool,
+}
+
+impl<T> Reading<'_, T> {
+    fn finish(mut self, value: T) {
+        // Off the map before the waiters wake: a read from now on is a new one.
+        self.reads.lock().remove(&self.key);
+        self.finished = true;
+        self.sender.send_replace(Some(value));
+    }
+}
+
+impl<T> Drop for Reading<'_, T> {
+    fn drop(&mut self) {
+        // Unfinished, the entry is still ours: nobody else removes it.
+        if !self.finished {
+            self.reads.lock().remove(&self.key);
+        }
+    }
+}
+
+impl<T> SharedReads<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot<T>>> {
+        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Number of reads under way.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T: Clone> SharedReads<T> {
+    /// `read`'s result for `key`: this caller's own, or that of an identical read under way.
+    pub async fn read<F: Future<Output = T>>(&self, key: CacheKey, read: impl FnOnce() -> F) -> (T, Role) {
+        let joined = {
+            let mut in_flight = self.lock();
+            match in_flight.get(&key) {
+                Some(receiver) => Err(receiver.clone()),
+                None => {
+                    let (sender, receiver) = watch::channel(None);
+                    in_flight.insert(key, receiver);
+                    Ok(Reading { reads: self, key, sender, finished: false })
+                }
+            }
+        };
+        match joined {
+            Ok(reading) => {
+                let value = read().await;
+                reading.finish(value.clone());
+                (value, Role::Leader)
+            }
+            Err(mut receiver) => {
+                let shared = receiver.wait_for(Option::is_some).await.ok().and_then(|value| value.clone());
+                match shared {
+                    Some(value) => (value, Role::Follower),
+                    // The first caller went away without a result.
+                    None => (read().await, Role::Leader),
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +239,60 @@ mod tests {
         let flight = flights.join(key, || async { panic!("fetch failed") });
         assert_eq!(flight.outcome().await, None);
         assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_reads_share_one() {
+        let reads = Arc::new(SharedReads::<u32>::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let key = CacheKey::from_bytes([5; 32]);
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let (reads, runs) = (Arc::clone(&reads), Arc::clone(&runs));
+                tokio::spawn(async move {
+                    reads
+                        .read(key, || async {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            9
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut leaders = 0;
+        for caller in callers {
+            let (value, role) = caller.await.unwrap();
+            assert_eq!(value, 9);
+            leaders += usize::from(role == Role::Leader);
+        }
+        assert_eq!((runs.load(Ordering::SeqCst), leaders), (1, 1));
+        assert!(reads.is_empty());
+        // Finished: the next read is a new one.
+        assert_eq!(reads.read(key, || async { 10 }).await, (10, Role::Leader));
+    }
+
+    #[tokio::test]
+    async fn when_the_first_reader_leaves_the_others_read_for_themselves() {
+        let reads = Arc::new(SharedReads::<u32>::default());
+        let key = CacheKey::from_bytes([6; 32]);
+        let first = {
+            let reads = Arc::clone(&reads);
+            tokio::spawn(async move { reads.read(key, std::future::pending::<u32>).await })
+        };
+        tokio::task::yield_now().await;
+        while reads.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let waiting = {
+            let reads = Arc::clone(&reads);
+            tokio::spawn(async move { reads.read(key, || async { 3 }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "it waits for the first read");
+        first.abort();
+        assert_eq!(waiting.await.unwrap(), (3, Role::Leader));
+        assert!(reads.is_empty());
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@ use crate::normalize::{PassThrough, TokenRequest};
 use crate::purge::{Epochs, PurgeTarget};
 use crate::quota::{self, Quota, Refused};
 use crate::response::{Answer, CacheStatus, ProxyError, Reply, UpstreamFailure};
-use crate::single_flight::{Flights, Role};
+use crate::single_flight::{Flights, Role, SharedReads};
 use crate::store::{LockOwner, Lookup, RedisStore, StoreError, StoredValue, Waiter};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
@@ -113,7 +113,7 @@ struct L1Miss {
 }
 
 /// What the hit path's Redis read found.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Read {
     Hit(Arc<CachedToken>),
     Miss,
@@ -168,6 +168,8 @@ struct Inner {
     l1_hasher: L1Hasher,
     /// Purge epochs, part of every key.
     epochs: Epochs,
+    /// Redis reads under way: identical concurrent requests share one.
+    reads: SharedReads<Read>,
     flights: Arc<Flights<Fetched>>,
 }
 
@@ -186,6 +188,7 @@ impl TokenService {
             upstream_id,
             l1_hasher: L1Hasher::default(),
             epochs: Epochs::default(),
+            reads: SharedReads::default(),
             flights: Arc::default(),
         });
         if inner.parts.store.is_some() {
@@ -258,8 +261,10 @@ impl TokenService {
         let inner = &self.inner;
         let L1Miss { keys, epochs, request, local } = miss;
 
-        // The L2 hit path: one read, inline, no flight. Only a miss pays for the machinery.
-        let redis = match inner.read_fresh(keys, epochs, &request).await {
+        // The L2 hit path: one read, inline and shared with identical requests arriving
+        // meanwhile, no task. Only a miss pays for the flight machinery.
+        let (read, _) = inner.reads.read(keys.cache, || inner.read_fresh(keys, epochs, &request)).await;
+        let redis = match read {
             Read::Hit(token) => {
                 if token.claim_refresh(Instant::now()) {
                     inner.start_refresh(keys, request.clone(), Arc::clone(&token));

@@ -1,5 +1,10 @@
 //! Invariant 1 (isolation) and the basic cache contract.
 
+use std::time::Duration;
+
+use fred::prelude::ClientLike as _;
+
+use crate::fault_proxy::FaultProxy;
 use crate::helpers::*;
 
 #[tokio::test]
@@ -182,4 +187,33 @@ where
         out.push(handle.await.unwrap());
     }
     out
+}
+
+/// DESIGN.md §5's lookup order: L1, then in-process coalescing, then Redis. With L1 off and a
+/// slow link to Redis, a burst of identical requests on one replica shares a handful of reads.
+#[tokio::test]
+async fn identical_concurrent_requests_on_one_replica_share_one_redis_read() {
+    let redis = RedisServer::start().await;
+    let link = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let overrides = [("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_REDIS_TIMEOUT", "3s")];
+    let replica = TestCluster::replica(&format!("redis://{}", link.addr), &idp, &overrides).await;
+    let url = replica.token_url();
+    assert_eq!(post_basic(&url, "app", SECRET, None).await.x_cache(), "MISS");
+    assert_eq!(post_basic(&url, "app", SECRET, None).await.x_cache(), "HIT");
+
+    let inspector = redis.client().await;
+    let gets = async || -> u64 {
+        let stats: String = inspector.custom(fred::cmd!("INFO"), vec!["commandstats"]).await.unwrap();
+        let line = stats.lines().find(|l| l.starts_with("cmdstat_get:")).expect("GET was called");
+        line["cmdstat_get:calls=".len()..].split(',').next().unwrap().parse().unwrap()
+    };
+    // Each read now takes at least 200 ms (100 ms each way): the burst arrives within one.
+    link.set_latency(Duration::from_millis(100));
+    let before = gets().await;
+    let replies = burst(&[url], 200, "app", SECRET, &[]).await;
+    let reads = gets().await - before;
+    assert!(replies.iter().all(|r| (r.status, r.x_cache()) == (200, "HIT")), "every request is a hit");
+    assert!(reads <= 10, "200 identical requests made {reads} Redis reads");
+    assert_eq!(idp.idp.issued_total(), 1);
 }
