@@ -113,7 +113,8 @@ struct State {
     in_flight: VecDeque<Slot>,
     /// The number of the last batch written.
     batches: u64,
-    /// Since when the oldest unanswered request has had no reply at all.
+    /// While replies are awaited: the last time one came (or the first write, if none has
+    /// since). The watchdog gives the connection up when this is `unresponsive` old.
     waiting_since: Option<Instant>,
     /// Until when requests fail at once (after a failed connection).
     down_until: Option<Instant>,
@@ -149,9 +150,7 @@ impl ReadPipeline {
         }
         reply.await.unwrap_or(Err(ReadError::Disconnected))
     }
-}
 
-impl ReadPipeline {
     /// Whether the last connection failed and none has been made since (for readiness).
     pub fn is_down(&self) -> bool {
         self.shared.lock().failed
