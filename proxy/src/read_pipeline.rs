@@ -8,16 +8,20 @@
 //! yield), then writes everything queued in one system call, and the reader answers requests
 //! in order from whatever one read brings. Each write ends with `ECHO <batch number>`, and a
 //! batch's replies are handed out only once that marker is back: a read is never paired with
-//! another's reply. Scripts, locks and pub/sub stay with fred.
+//! another's reply. (A Redis user whose ACL refuses ECHO gets no markers; the replies' types
+//! are still checked.) Scripts, locks and pub/sub stay with fred.
 //!
 //! Only plain `redis://` servers are read this way (with AUTH and SELECT as the URL asks);
 //! `rediss://`, Sentinel and Cluster reads go through fred.
 //!
-//! Failures: an I/O or protocol error fails every request written or queued, and the next
-//! request connects again, after a backoff (50 ms doubling to 2 s) during which requests fail
-//! at once. A server that stops answering (SIGSTOP, a black hole) is noticed when nothing
-//! arrives for `unresponsive` while requests wait: the connection is dropped and made again.
-//! Callers keep their own deadline; a reply that comes after it is read and dropped.
+//! Failures: a connection is made (and checked with one round trip) when there is work. When an
+//! established connection breaks (an idle timeout, a restart, an I/O or protocol error), the
+//! requests written on it fail, and those only queued go out on a new connection, made at once.
+//! When a connection cannot be made, or dies within a second, every request fails and requests
+//! keep failing at once for a backoff (50 ms doubling to 2 s). A server that stops answering
+//! (SIGSTOP, a black hole) is noticed when nothing arrives for `unresponsive` while requests
+//! wait: the connection is dropped. Callers keep their own deadline; a reply that comes after it
+//! is read and dropped.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +38,7 @@ use tokio::time::Instant;
 /// A Redis server reached over plain TCP, and how to log in.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Target {
+    /// A name or an IP address (an IPv6 one without brackets).
     pub host: String,
     pub port: u16,
     pub username: Option<String>,
@@ -120,6 +125,8 @@ struct State {
     down_until: Option<Instant>,
     /// The last connection failed, and none has been made since.
     failed: bool,
+    /// Whether this connection ends its batches with `ECHO` markers.
+    markers: bool,
 }
 
 impl ReadPipeline {
@@ -170,19 +177,30 @@ impl Shared {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Fails every request written or queued.
-    fn fail_all(&self, error: &ReadError) {
-        let (queued, in_flight) = {
+    /// Fails every request written on a connection that is gone; queued ones stay queued.
+    fn fail_in_flight(&self, error: &ReadError) {
+        let in_flight = {
+            let mut state = self.lock();
+            state.waiting_since = None;
+            std::mem::take(&mut state.in_flight)
+        };
+        for slot in in_flight {
+            if let Slot::Read(responder) = slot {
+                let _ = responder.send(Err(error.clone()));
+            }
+        }
+    }
+
+    /// Fails every request queued, and marks the connection down until `until`.
+    fn fail_queued(&self, error: &ReadError, until: Instant) {
+        let queued = {
             let mut state = self.lock();
             state.out.clear();
-            state.waiting_since = None;
-            (std::mem::take(&mut state.queued), std::mem::take(&mut state.in_flight))
+            state.down_until = Some(until);
+            state.failed = true;
+            std::mem::take(&mut state.queued)
         };
-        let in_flight = in_flight.into_iter().filter_map(|slot| match slot {
-            Slot::Read(responder) => Some(responder),
-            Slot::End(_) => None,
-        });
-        for responder in queued.into_iter().chain(in_flight) {
+        for responder in queued {
             let _ = responder.send(Err(error.clone()));
         }
     }
@@ -190,31 +208,40 @@ impl Shared {
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A connection that breaks sooner counts as one that could not be made: no instant retry.
+const SHORTEST_WORKING_LIFE: Duration = Duration::from_secs(1);
 
-/// Connects when there is work, serves the connection until it fails, and starts over.
+/// Connects when there is work, serves the connection until it breaks, and starts over.
 async fn drive(shared: Arc<Shared>, target: Target, connect_timeout: Duration, unresponsive: Duration) {
     let mut backoff = BACKOFF_MIN;
     loop {
         shared.queued.notified().await;
-        let error = match tokio::time::timeout(connect_timeout, connect(&target)).await {
-            Ok(Ok(stream)) => {
-                backoff = BACKOFF_MIN;
-                shared.lock().failed = false;
+        let connected = tokio::time::timeout(connect_timeout, connect(&target)).await;
+        let error = match connected.unwrap_or(Err(ReadError::Unresponsive)) {
+            Ok((stream, markers)) => {
+                let since = Instant::now();
+                {
+                    let mut state = shared.lock();
+                    state.failed = false;
+                    state.markers = markers;
+                }
                 // Requests queued while connecting are written at once.
                 shared.queued.notify_one();
-                serve(&shared, stream, unresponsive).await
+                let error = serve(&shared, stream, unresponsive).await;
+                shared.fail_in_flight(&error);
+                if since.elapsed() >= SHORTEST_WORKING_LIFE {
+                    tracing::debug!(%error, "redis read connection lost; connecting again");
+                    backoff = BACKOFF_MIN;
+                    shared.queued.notify_one();
+                    continue;
+                }
+                error
             }
-            Ok(Err(error)) => error,
-            Err(_) => ReadError::Unresponsive,
+            Err(error) => error,
         };
-        tracing::debug!(%error, "redis read connection lost");
+        tracing::debug!(%error, "no redis read connection; retrying after a backoff");
         let until = Instant::now() + backoff;
-        {
-            let mut state = shared.lock();
-            state.down_until = Some(until);
-            state.failed = true;
-        }
-        shared.fail_all(&error);
+        shared.fail_queued(&error, until);
         tokio::time::sleep_until(until).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
         // Whatever was queued meanwhile failed at once; the next request connects.
@@ -222,42 +249,52 @@ async fn drive(shared: Arc<Shared>, target: Target, connect_timeout: Duration, u
     }
 }
 
-async fn connect(target: &Target) -> Result<TcpStream, ReadError> {
+/// Connects, logs in and checks that the server answers; returns whether it echoes markers.
+async fn connect(target: &Target) -> Result<(TcpStream, bool), ReadError> {
     let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
     stream.set_nodelay(true)?;
     let mut login = Vec::new();
-    let mut replies = 0;
+    let mut logins = 0;
     if let Some(password) = &target.password {
         match &target.username {
             Some(user) => encode_command(&mut login, &[b"AUTH", user.as_bytes(), password.as_bytes()]),
             None => encode_command(&mut login, &[b"AUTH", password.as_bytes()]),
         }
-        replies += 1;
+        logins += 1;
     }
     if let Some(database) = target.database.filter(|&db| db != 0) {
-        encode_command(&mut login, &[b"SELECT", database.to_string().as_bytes()]);
-        replies += 1;
+        encode_command(&mut login, &[b"SELECT", itoa::Buffer::new().format(database).as_bytes()]);
+        logins += 1;
     }
-    if replies > 0 {
-        stream.write_all(&login).await?;
-        let mut buf = BytesMut::with_capacity(256);
-        let mut answered = 0;
-        while answered < replies {
-            if stream.read_buf(&mut buf).await? == 0 {
-                return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof));
-            }
-            while let Some((frame, used)) = parse_frame(&buf)? {
-                match frame {
-                    Frame::Simple => {}
-                    Frame::Error(code) => return Err(ReadError::Server(code)),
-                    _ => return Err(ReadError::Protocol),
+    // The probe: a round trip proves the server answers (a frozen one accepts connections all
+    // the same), and its reply tells whether ECHO may be used for batch markers.
+    encode_command(&mut login, &[b"ECHO", b"0"]);
+    stream.write_all(&login).await?;
+
+    let mut buf = BytesMut::with_capacity(256);
+    let mut answered = 0;
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof));
+        }
+        while let Some((frame, used)) = parse_frame(&buf)? {
+            let probe = answered == logins;
+            let refused_echo = buf.starts_with(b"-NOPERM") || buf.starts_with(b"-ERR unknown command");
+            let reply = buf.split_to(used);
+            answered += 1;
+            let markers = match frame {
+                Frame::Simple if !probe => continue,
+                Frame::Bulk(ref echoed) if probe && reply[echoed.clone()] == *b"0" => true,
+                Frame::Error(_) if probe && refused_echo => {
+                    tracing::info!("the redis user may not run ECHO: hit reads go without batch markers");
+                    false
                 }
-                let _ = buf.split_to(used);
-                answered += 1;
-            }
+                Frame::Error(code) => return Err(ReadError::Server(code)),
+                _ => return Err(ReadError::Protocol),
+            };
+            return if buf.is_empty() { Ok((stream, markers)) } else { Err(ReadError::Protocol) };
         }
     }
-    Ok(stream)
 }
 
 /// Writes queued requests and answers written ones until the connection fails.
@@ -286,11 +323,13 @@ async fn write_queued(shared: &Shared, mut writer: OwnedWriteHalf) -> ReadError 
             if state.in_flight.is_empty() {
                 state.waiting_since = Some(Instant::now());
             }
-            state.batches += 1;
-            let number = state.batches;
             state.in_flight.extend(queued.into_iter().map(Slot::Read));
-            state.in_flight.push_back(Slot::End(number));
-            encode_command(&mut batch, &[b"ECHO", itoa::Buffer::new().format(number).as_bytes()]);
+            if state.markers {
+                state.batches += 1;
+                let number = state.batches;
+                state.in_flight.push_back(Slot::End(number));
+                encode_command(&mut batch, &[b"ECHO", itoa::Buffer::new().format(number).as_bytes()]);
+            }
         }
         if let Err(error) = writer.write_all(&batch).await {
             return error.into();
@@ -304,6 +343,7 @@ async fn read_replies(shared: &Shared, mut reader: OwnedReadHalf, unresponsive: 
     let mut watchdog = tokio::time::interval(unresponsive / 4);
     loop {
         tokio::select! {
+            biased;
             read = reader.read_buf(&mut buf) => {
                 match read {
                     Ok(0) => return ReadError::Io(std::io::ErrorKind::UnexpectedEof),
@@ -314,9 +354,9 @@ async fn read_replies(shared: &Shared, mut reader: OwnedReadHalf, unresponsive: 
                     return error;
                 }
             }
-            now = watchdog.tick() => {
+            _ = watchdog.tick() => {
                 let since = shared.lock().waiting_since;
-                if since.is_some_and(|since| now.duration_since(since) >= unresponsive) {
+                if since.is_some_and(|since| since.elapsed() >= unresponsive) {
                     return ReadError::Unresponsive;
                 }
             }
@@ -335,7 +375,7 @@ fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
     let mut answered = Vec::new();
     {
         let mut state = shared.lock();
-        while let Some((replies, used)) = parse_batch(&state.in_flight, buf)? {
+        while let Some((replies, used)) = parse_batch(&state.in_flight, state.markers, buf)? {
             let frames = buf.split_to(used).freeze();
             for reply in replies {
                 let Some(Slot::Read(responder)) = state.in_flight.pop_front() else {
@@ -344,14 +384,15 @@ fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
                 let reply = reply.map(|(ttl_ms, value)| EntryReply { ttl_ms, value: value.map(|r| frames.slice(r)) });
                 answered.push((responder, reply));
             }
-            state.in_flight.pop_front();
+            if state.markers {
+                state.in_flight.pop_front();
+            }
         }
         if state.in_flight.is_empty() && !buf.is_empty() {
             return Err(ReadError::Protocol);
         }
-        if !answered.is_empty() {
-            state.waiting_since = (!state.in_flight.is_empty()).then(Instant::now);
-        }
+        // Bytes came: the server is alive, whether or not they made a whole batch.
+        state.waiting_since = (!state.in_flight.is_empty()).then(Instant::now);
     }
     for (responder, reply) in answered {
         // The caller may have given up (deadline): its reply is dropped.
@@ -364,8 +405,13 @@ fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
 type ReadReply = Result<(i64, Option<std::ops::Range<usize>>), ReadError>;
 
 /// Parses the first batch awaited in `in_flight` from the start of `buf`: `None` until all of
-/// it is there, else the reads' replies and the batch's length.
-fn parse_batch(in_flight: &VecDeque<Slot>, buf: &[u8]) -> Result<Option<(Vec<ReadReply>, usize)>, ReadError> {
+/// it is there, else the reads' replies and the batch's length. Without markers every read is
+/// a batch of its own.
+fn parse_batch(
+    in_flight: &VecDeque<Slot>,
+    markers: bool,
+    buf: &[u8],
+) -> Result<Option<(Vec<ReadReply>, usize)>, ReadError> {
     let mut replies = Vec::new();
     let mut at = 0;
     for slot in in_flight {
@@ -383,6 +429,9 @@ fn parse_batch(in_flight: &VecDeque<Slot>, buf: &[u8]) -> Result<Option<(Vec<Rea
                     _ => return Err(ReadError::Protocol),
                 });
                 at = value_at + value_len;
+                if !markers {
+                    return Ok(Some((replies, at)));
+                }
             }
             Slot::End(number) => {
                 let Some((frame, len)) = parse_frame(&buf[at..])? else { return Ok(None) };
@@ -437,9 +486,10 @@ enum Frame {
     Bulk(std::ops::Range<usize>),
 }
 
-/// The most a bulk reply may hold: far above any token response, and a bound on what a
-/// confused server can make us buffer.
-const MAX_BULK: usize = 1 << 20;
+/// The most a bulk reply may hold: Redis's own limit (`proto-max-bulk-len`). A value planted
+/// at one key, however large, is then that key's miss (it will not open), not an error that
+/// takes the connection and every other read on it down.
+const MAX_BULK: usize = 512 << 20;
 /// The longest header or error line read without its end.
 const MAX_LINE: usize = 4096;
 
@@ -546,6 +596,7 @@ mod tests {
         let mut receivers = Vec::new();
         {
             let mut state = shared.lock();
+            state.markers = true;
             for (number, &reads) in (1..).zip(batches) {
                 for _ in 0..reads {
                     let (responder, receiver) = oneshot::channel();
@@ -576,6 +627,24 @@ mod tests {
         assert_eq!(receivers[2].try_recv().unwrap().unwrap().value, Some(Bytes::from_static(b"second")));
         assert!(buf.is_empty());
         assert!(shared.lock().waiting_since.is_none(), "nothing is awaited any more");
+    }
+
+    #[test]
+    fn without_markers_each_read_is_answered_when_complete() {
+        let shared = Shared { state: Mutex::new(State::default()), queued: Notify::new() };
+        let mut receivers = Vec::new();
+        for _ in 0..2 {
+            let (responder, receiver) = oneshot::channel();
+            shared.lock().in_flight.push_back(Slot::Read(responder));
+            receivers.push(receiver);
+        }
+        let mut buf = BytesMut::from(&b":900\r\n$2\r\nv1\r\n:800\r\n"[..]);
+        answer(&shared, &mut buf).unwrap();
+        assert_eq!(receivers[0].try_recv().unwrap().unwrap().value, Some(Bytes::from_static(b"v1")));
+        assert!(receivers[1].try_recv().is_err());
+        buf.extend_from_slice(b"$2\r\nv2\r\n");
+        answer(&shared, &mut buf).unwrap();
+        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { ttl_ms: 800, value: Some("v2".into()) });
     }
 
     #[test]

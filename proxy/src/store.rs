@@ -547,7 +547,8 @@ fn plain_tcp_target(config: &Config) -> Option<Target> {
         return None;
     }
     Some(Target {
-        host: server.host.to_string(),
+        // fred keeps a URL's IPv6 literal in its brackets, which a socket address has not.
+        host: server.host.trim_start_matches('[').trim_end_matches(']').to_owned(),
         port: server.port,
         username: config.username.clone(),
         password: config.password.clone(),
@@ -703,6 +704,7 @@ mod tests {
         let password_only = target("redis://:pw@127.0.0.1:6379").expect("a plain server");
         assert_eq!((password_only.username.as_deref(), password_only.password.as_deref()), (None, Some("pw")));
         assert_eq!(target("redis://127.0.0.1").map(|t| (t.port, t.password, t.database)), Some((6379, None, None)));
+        assert_eq!(target("redis://[fd00::1]:6390").map(|t| (t.host, t.port)), Some(("fd00::1".to_owned(), 6390)));
         for through_fred in [
             "rediss://cache.internal:6380",
             "redis-cluster://a:6379?node=b:6379",

@@ -37,6 +37,9 @@ async fn concurrent_reads_each_get_their_own_entry() {
     for i in 0..200 {
         set(&client, &format!("k{i}"), &format!("value-{i}"), 60_000 + i).await;
     }
+    // A planted value far larger than any token response is its key's business only.
+    let planted = "x".repeat(2 << 20);
+    set(&client, "k7", &planted, 60_000).await;
     let pipeline = Arc::new(ReadPipeline::start(target(redis.port), CONNECT_TIMEOUT, Duration::from_secs(2)));
     // 250 keys, the last 50 absent, read 2,000 times at once.
     let reads = (0..2000).map(|n| {
@@ -47,9 +50,11 @@ async fn concurrent_reads_each_get_their_own_entry() {
         })
     });
     for read in reads {
-        let (i, reply) = read.await.unwrap();
+        let (i, reply) = tokio::time::timeout(Duration::from_secs(10), read).await.expect("answered").unwrap();
         let reply = reply.unwrap_or_else(|error| panic!("read of k{i}: {error}"));
-        if i < 200 {
+        if i == 7 {
+            assert_eq!(reply.value.as_deref(), Some(planted.as_bytes()));
+        } else if i < 200 {
             assert_eq!(reply.value.as_deref(), Some(format!("value-{i}").as_bytes()), "k{i}");
             assert!((50_000..=60_000 + i).contains(&reply.ttl_ms), "k{i}: ttl {}", reply.ttl_ms);
         } else {
@@ -120,10 +125,13 @@ async fn a_killed_server_fails_reads_at_once_and_a_restarted_one_is_read_again()
 #[tokio::test]
 async fn a_partitioned_connection_is_given_up_and_made_again() {
     let redis = RedisServer::start().await;
-    set(&redis.client().await, "k", "v", 60_000).await;
+    let client = redis.client().await;
+    for key in ["k", "k1", "k2", "k3"] {
+        set(&client, key, &format!("{key}-value"), 60_000).await;
+    }
     let network = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let unresponsive = Duration::from_millis(400);
-    let pipeline = ReadPipeline::start(target(network.addr.port()), CONNECT_TIMEOUT, unresponsive);
+    let pipeline = Arc::new(ReadPipeline::start(target(network.addr.port()), CONNECT_TIMEOUT, unresponsive));
     assert!(read(&pipeline, "k", Duration::from_secs(2)).await.is_ok());
     assert_eq!(network.connections(), 1);
 
@@ -134,17 +142,58 @@ async fn a_partitioned_connection_is_given_up_and_made_again() {
     while started.elapsed() < unresponsive * 3 {
         assert!(read(&pipeline, "k", Duration::from_millis(100)).await.is_err());
     }
+    assert!(network.connections() >= 2, "the watchdog gave the silent connection up and made another");
     network.set_blackhole(false);
     // Bytes lost in the partition never come back: without a new connection every later
     // read would wait forever (or be paired with another's reply).
     eventually(Duration::from_secs(5), "reads after the partition", async || {
-        read(&pipeline, "k", Duration::from_millis(200)).await.is_ok_and(|r| r.value.as_deref() == Some(&b"v"[..]))
+        read(&pipeline, "k", Duration::from_millis(200))
+            .await
+            .is_ok_and(|r| r.value.as_deref() == Some(&b"k-value"[..]))
     })
     .await;
-    for _ in 0..50 {
-        let reply = read(&pipeline, "k", Duration::from_secs(1)).await.unwrap();
-        assert_eq!(reply.value.as_deref(), Some(&b"v"[..]), "every reply is its own request's");
+    let reads: Vec<_> = (0..60)
+        .map(|i| {
+            let key = ["k1", "k2", "k3"][i % 3];
+            let pipeline = Arc::clone(&pipeline);
+            tokio::spawn(async move { (key, read(&pipeline, key, Duration::from_secs(1)).await) })
+        })
+        .collect();
+    for read in reads {
+        let (key, reply) = read.await.unwrap();
+        assert_eq!(reply.unwrap().value.as_deref(), Some(format!("{key}-value").as_bytes()), "{key}'s own reply");
     }
+}
+
+#[tokio::test]
+async fn a_user_without_echo_reads_without_markers() {
+    let mut redis = RedisServer::start_with(&["--user", "reader", "on", ">reader-pass", "~*", "+get", "+pttl"]).await;
+    set(&redis.client().await, "k", "v", 60_000).await;
+    let reader = Target { username: Some("reader".into()), password: Some("reader-pass".into()), ..target(redis.port) };
+    let pipeline = ReadPipeline::start(reader, CONNECT_TIMEOUT, Duration::from_secs(2));
+    for _ in 0..3 {
+        assert_eq!(read(&pipeline, "k", Duration::from_secs(2)).await.unwrap().value.as_deref(), Some(&b"v"[..]));
+    }
+    assert_eq!(
+        read(&pipeline, "absent", Duration::from_secs(2)).await.unwrap(),
+        EntryReply { ttl_ms: -2, value: None }
+    );
+    redis.kill();
+}
+
+#[tokio::test]
+async fn a_connection_closed_when_idle_is_made_again_without_failing_anything() {
+    let redis = RedisServer::start_with(&["--timeout", "1"]).await;
+    let client = redis.client().await;
+    set(&client, "k", "v", 60_000).await;
+    let pipeline = ReadPipeline::start(target(redis.port), CONNECT_TIMEOUT, Duration::from_secs(2));
+    assert!(read(&pipeline, "k", Duration::from_secs(2)).await.is_ok());
+    // Redis closes clients idle for a second (checked about every 100 ms).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!pipeline.is_down(), "an idle close is no failure");
+    let reply = read(&pipeline, "k", Duration::from_secs(1)).await;
+    assert_eq!(reply.unwrap().value.as_deref(), Some(&b"v"[..]));
+    drop(client);
 }
 
 #[tokio::test]
