@@ -163,7 +163,7 @@ impl<T> SharedReads<T> {
 
 impl<T: Clone> SharedReads<T> {
     /// `read`'s result for `key`: this caller's own, or that of an identical read under way.
-    pub async fn read<F: Future<Output = T>>(&self, key: CacheKey, read: impl FnOnce() -> F) -> (T, Role) {
+    pub async fn read<F: Future<Output = T>>(&self, key: CacheKey, read: impl FnOnce() -> F) -> T {
         let joined = {
             let mut in_flight = self.lock();
             match in_flight.get(&key) {
@@ -179,14 +179,14 @@ impl<T: Clone> SharedReads<T> {
             Ok(reading) => {
                 let value = read().await;
                 reading.finish(value.clone());
-                (value, Role::Leader)
+                value
             }
             Err(mut receiver) => {
                 let shared = receiver.wait_for(Option::is_some).await.ok().and_then(|value| value.clone());
                 match shared {
-                    Some(value) => (value, Role::Follower),
+                    Some(value) => value,
                     // The first caller went away without a result.
-                    None => (read().await, Role::Leader),
+                    None => read().await,
                 }
             }
         }
@@ -260,16 +260,13 @@ mod tests {
                 })
             })
             .collect();
-        let mut leaders = 0;
         for caller in callers {
-            let (value, role) = caller.await.unwrap();
-            assert_eq!(value, 9);
-            leaders += usize::from(role == Role::Leader);
+            assert_eq!(caller.await.unwrap(), 9);
         }
-        assert_eq!((runs.load(Ordering::SeqCst), leaders), (1, 1));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(reads.is_empty());
         // Finished: the next read is a new one.
-        assert_eq!(reads.read(key, || async { 10 }).await, (10, Role::Leader));
+        assert_eq!(reads.read(key, || async { 10 }).await, 10);
     }
 
     #[tokio::test]
@@ -289,9 +286,10 @@ mod tests {
             tokio::spawn(async move { reads.read(key, || async { 3 }).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // Its own read would have finished at once: it is waiting for the first one.
         assert!(!waiting.is_finished(), "it waits for the first read");
         first.abort();
-        assert_eq!(waiting.await.unwrap(), (3, Role::Leader));
+        assert_eq!(waiting.await.unwrap(), 3);
         assert!(reads.is_empty());
     }
 

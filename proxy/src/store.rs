@@ -4,7 +4,8 @@
 //! short deadline, a [`Breaker`] stops paying that deadline while Redis keeps failing, the
 //! client reconnects by itself, and any failure is a [`StoreError`] after which the caller
 //! carries on without Redis. fred's defaults would wait forever across a Redis restart, hence
-//! the explicit settings.
+//! the explicit settings. On a plain `redis://` server the hit path's read goes over a
+//! connection of its own, [`ReadPipeline`], held to the same deadline and breaker.
 //!
 //! Key layout, all in one Redis Cluster slot per entry thanks to the `{...}` hash tag:
 //! `tp:{<base64url of the cache key's first 128 bits>}` holds the sealed entry, `tp:{...}:lock` the single-flight lock

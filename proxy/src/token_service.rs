@@ -263,7 +263,7 @@ impl TokenService {
 
         // The L2 hit path: one read, inline and shared with identical requests arriving
         // meanwhile, no task. Only a miss pays for the flight machinery.
-        let (read, _) = inner.reads.read(keys.cache, || inner.read_fresh(keys, epochs, &request)).await;
+        let read = inner.reads.read(keys.cache, || inner.read_fresh(keys, epochs, &request)).await;
         let redis = match read {
             Read::Hit(token) => {
                 if token.claim_refresh(Instant::now()) {
