@@ -674,6 +674,61 @@ mod tests {
         assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()), "no read got a reply");
     }
 
+    proptest::proptest! {
+        /// Whatever a server sends, parsing returns (never panics) and never claims more than
+        /// it was given.
+        #[test]
+        fn any_bytes_parse_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            if let Ok(Some((_, used))) = parse_frame(&bytes) {
+                proptest::prop_assert!(used <= bytes.len());
+            }
+            let (shared, _receivers) = written(&[2, 1]);
+            let _ = answer(&shared, &mut BytesMut::from(&bytes[..]));
+        }
+
+        /// However the replies are cut into reads, every read gets its own entry.
+        #[test]
+        fn replies_split_anywhere_reach_their_own_reads(
+            entries in proptest::collection::vec(
+                (-2i64..100_000, proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40))),
+                1..12,
+            ),
+            cuts in proptest::collection::vec(1usize..64, 1..40),
+        ) {
+            let (shared, mut receivers) = written(&[entries.len()]);
+            let mut stream = Vec::new();
+            for (ttl, value) in &entries {
+                stream.extend_from_slice(format!(":{ttl}\r\n").as_bytes());
+                match value {
+                    Some(value) => {
+                        stream.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
+                        stream.extend_from_slice(value);
+                        stream.extend_from_slice(b"\r\n");
+                    }
+                    None => stream.extend_from_slice(b"$-1\r\n"),
+                }
+            }
+            stream.extend_from_slice(b"$1\r\n1\r\n");
+            let mut buf = BytesMut::new();
+            let mut rest = &stream[..];
+            for cut in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, tail) = rest.split_at((*cut).min(rest.len()));
+                buf.extend_from_slice(chunk);
+                answer(&shared, &mut buf).unwrap();
+                rest = tail;
+            }
+            proptest::prop_assert!(buf.is_empty());
+            for ((ttl, value), receiver) in entries.iter().zip(&mut receivers) {
+                let reply = receiver.try_recv().unwrap().unwrap();
+                proptest::prop_assert_eq!(reply.ttl_ms, *ttl);
+                proptest::prop_assert_eq!(reply.value.as_deref(), value.as_deref());
+            }
+        }
+    }
+
     #[test]
     fn a_target_never_shows_its_password() {
         let target = Target {
