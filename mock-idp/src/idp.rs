@@ -173,7 +173,6 @@ impl MockIdp {
         *self.last_headers() = None;
     }
 
-    /// The headers of the most recent `POST /oauth2/token`, if any.
     /// Requires header `name` to be one of `accepted` on every token request (403 otherwise),
     /// as the AWS WAF rule of an origin-verify secret does; `None` lifts the requirement.
     /// Accepting two values at once is how such a secret is rotated without refusing anyone.
@@ -185,6 +184,7 @@ impl MockIdp {
         *self.inner.origin_verify.lock().unwrap_or_else(PoisonError::into_inner) = rule;
     }
 
+    /// The headers of the most recent `POST /oauth2/token`, if any.
     pub fn last_request_headers(&self) -> Option<HeaderMap> {
         self.last_headers().clone()
     }

@@ -251,8 +251,8 @@ impl Metrics {
 
     /// The proxy refused a request or an upstream call itself.
     pub fn throttled(&self, reason: Throttle) {
-        let i = Throttle::ALL.iter().position(|t| *t == reason).unwrap_or(0);
-        self.throttled[i].increment(1);
+        // `ALL` lists the variants in declaration order: the discriminant is the index.
+        self.throttled[reason as usize].increment(1);
     }
 
     /// The upstream answered `invalid_client` to credentials nobody had proven.
@@ -321,6 +321,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("token_proxy_upstream_request_duration_seconds_count 1"), "{text}");
+    }
+
+    #[test]
+    fn each_throttle_reason_counts_under_its_own_label() {
+        let metrics = Metrics::new();
+        for (n, reason) in Throttle::ALL.into_iter().enumerate() {
+            for _ in 0..=n {
+                metrics.throttled(reason);
+            }
+        }
+        let text = metrics.render();
+        for (n, reason) in Throttle::ALL.into_iter().enumerate() {
+            let line = format!("token_proxy_throttled_total{{reason=\"{}\"}} {}", reason.label(), n + 1);
+            assert!(text.contains(&line), "{line} in:\n{text}");
+        }
     }
 
     #[test]

@@ -26,15 +26,55 @@ pub enum Role {
 
 type Slot<T> = watch::Receiver<Option<T>>;
 
+/// What is under way, by key: the receiving end of each one's outcome. Shared by [`Flights`]
+/// and [`SharedReads`].
+#[derive(Debug)]
+struct InFlight<T>(Mutex<HashMap<CacheKey, Slot<T>>>);
+
+impl<T> Default for InFlight<T> {
+    fn default() -> Self {
+        InFlight(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T> InFlight<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot<T>>> {
+        // A panic while holding this lock cannot leave the map inconsistent: keep going.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Joins what is under way for `key` (`Err` with its receiver), or registers a new one and
+    /// returns the sender of its outcome.
+    fn join(&self, key: CacheKey) -> Result<watch::Sender<Option<T>>, Slot<T>> {
+        let mut in_flight = self.lock();
+        if let Some(receiver) = in_flight.get(&key) {
+            return Err(receiver.clone());
+        }
+        let (sender, receiver) = watch::channel(None);
+        in_flight.insert(key, receiver);
+        Ok(sender)
+    }
+
+    fn remove(&self, key: &CacheKey) {
+        self.lock().remove(key);
+    }
+
+    /// Whether nothing is under way.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
 /// Fetches under way, by key.
 #[derive(Debug)]
 pub struct Flights<T> {
-    in_flight: Mutex<HashMap<CacheKey, Slot<T>>>,
+    in_flight: InFlight<T>,
 }
 
 impl<T> Default for Flights<T> {
     fn default() -> Self {
-        Flights { in_flight: Mutex::new(HashMap::new()) }
+        Flights { in_flight: InFlight::default() }
     }
 }
 
@@ -60,23 +100,7 @@ struct Landing<T> {
 
 impl<T> Drop for Landing<T> {
     fn drop(&mut self) {
-        self.flights.lock().remove(&self.key);
-    }
-}
-
-impl<T> Flights<T> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot<T>>> {
-        // A panic while holding this lock cannot leave the map inconsistent: keep going.
-        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Number of fetches under way.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.flights.in_flight.remove(&self.key);
     }
 }
 
@@ -86,14 +110,11 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     where
         F: Future<Output = T> + Send + 'static,
     {
-        let mut in_flight = self.lock();
-        if let Some(receiver) = in_flight.get(&key) {
-            return Flight { role: Role::Follower, receiver: receiver.clone() };
-        }
-        let (sender, receiver) = watch::channel(None);
-        in_flight.insert(key, receiver.clone());
-        drop(in_flight);
-
+        let sender = match self.in_flight.join(key) {
+            Ok(sender) => sender,
+            Err(receiver) => return Flight { role: Role::Follower, receiver },
+        };
+        let receiver = sender.subscribe();
         let landing = Landing { flights: Arc::clone(self), key };
         let fetch = fetch();
         tokio::spawn(async move {
@@ -110,12 +131,12 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
 /// Reads under way, by key: identical concurrent reads share one.
 #[derive(Debug)]
 pub struct SharedReads<T> {
-    in_flight: Mutex<HashMap<CacheKey, Slot<T>>>,
+    in_flight: InFlight<T>,
 }
 
 impl<T> Default for SharedReads<T> {
     fn default() -> Self {
-        SharedReads { in_flight: Mutex::new(HashMap::new()) }
+        SharedReads { in_flight: InFlight::default() }
     }
 }
 
@@ -131,7 +152,7 @@ struct Reading<'a, T> {
 impl<T> Reading<'_, T> {
     fn finish(mut self, value: T) {
         // Off the map before the waiters wake: a read from now on is a new one.
-        self.reads.lock().remove(&self.key);
+        self.reads.in_flight.remove(&self.key);
         self.finished = true;
         self.sender.send_replace(Some(value));
     }
@@ -141,42 +162,17 @@ impl<T> Drop for Reading<'_, T> {
     fn drop(&mut self) {
         // Unfinished, the entry is still ours: nobody else removes it.
         if !self.finished {
-            self.reads.lock().remove(&self.key);
+            self.reads.in_flight.remove(&self.key);
         }
-    }
-}
-
-impl<T> SharedReads<T> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot<T>>> {
-        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Number of reads under way.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
 impl<T: Clone> SharedReads<T> {
     /// `read`'s result for `key`: this caller's own, or that of an identical read under way.
     pub async fn read<F: Future<Output = T>>(&self, key: CacheKey, read: impl FnOnce() -> F) -> T {
-        let joined = {
-            let mut in_flight = self.lock();
-            match in_flight.get(&key) {
-                Some(receiver) => Err(receiver.clone()),
-                None => {
-                    let (sender, receiver) = watch::channel(None);
-                    in_flight.insert(key, receiver);
-                    Ok(Reading { reads: self, key, sender, finished: false })
-                }
-            }
-        };
-        match joined {
-            Ok(reading) => {
+        match self.in_flight.join(key) {
+            Ok(sender) => {
+                let reading = Reading { reads: self, key, sender, finished: false };
                 let value = read().await;
                 reading.finish(value.clone());
                 value
@@ -219,7 +215,7 @@ mod tests {
             assert_eq!(flight.outcome().await, Some(7));
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        assert!(flights.is_empty());
+        assert!(flights.in_flight.is_empty());
     }
 
     #[tokio::test]
@@ -238,7 +234,7 @@ mod tests {
         let key = CacheKey::from_bytes([3; 32]);
         let flight = flights.join(key, || async { panic!("fetch failed") });
         assert_eq!(flight.outcome().await, None);
-        assert!(flights.is_empty());
+        assert!(flights.in_flight.is_empty());
     }
 
     #[tokio::test]
@@ -264,7 +260,7 @@ mod tests {
             assert_eq!(caller.await.unwrap(), 9);
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        assert!(reads.is_empty());
+        assert!(reads.in_flight.is_empty());
         // Finished: the next read is a new one.
         assert_eq!(reads.read(key, || async { 10 }).await, 10);
     }
@@ -278,7 +274,7 @@ mod tests {
             tokio::spawn(async move { reads.read(key, std::future::pending::<u32>).await })
         };
         tokio::task::yield_now().await;
-        while reads.is_empty() {
+        while reads.in_flight.is_empty() {
             tokio::task::yield_now().await;
         }
         let waiting = {
@@ -290,7 +286,7 @@ mod tests {
         assert!(!waiting.is_finished(), "it waits for the first read");
         first.abort();
         assert_eq!(waiting.await.unwrap(), 3);
-        assert!(reads.is_empty());
+        assert!(reads.in_flight.is_empty());
     }
 
     #[tokio::test]

@@ -31,8 +31,7 @@ impl SourcePolicy {
         }
         // Walk the hops from the nearest: each trusted proxy appended the address it saw.
         let mut source = peer;
-        let hops = headers.get_all(X_FORWARDED_FOR).iter().collect::<Vec<_>>();
-        for value in hops.iter().rev() {
+        for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
             let Ok(value) = value.to_str() else { return source };
             for hop in value.rsplit(',') {
                 let Ok(hop) = hop.trim().parse::<IpAddr>() else { return source };
