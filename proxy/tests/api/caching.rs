@@ -217,3 +217,47 @@ async fn identical_concurrent_requests_on_one_replica_share_one_redis_read() {
     assert!(reads <= 10, "200 identical requests made {reads} Redis reads");
     assert_eq!(idp.idp.issued_total(), 1);
 }
+
+/// Invariant 1 under shared reads: concurrent requests for different keys (another client,
+/// another scope, a wrong secret) never share a Redis read, however much they overlap.
+#[tokio::test]
+async fn concurrent_requests_for_different_keys_never_share_a_redis_read() {
+    const OTHER_SECRET: &str = "other-shared-read-secret-7731";
+    let redis = RedisServer::start().await;
+    let link = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let idp = spawn_idp(vec![client("app", SECRET), client("other", OTHER_SECRET)]).await;
+    let overrides = [("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_REDIS_TIMEOUT", "3s")];
+    let replica = TestCluster::replica(&format!("redis://{}", link.addr), &idp, &overrides).await;
+    let url = replica.token_url();
+    let callers = [("app", SECRET, None), ("other", OTHER_SECRET, None), ("app", SECRET, Some("api/read"))];
+    let mut tokens = Vec::new();
+    for (id, secret, scope) in callers {
+        tokens.push(post_basic(&url, id, secret, scope).await.access_token().to_owned());
+    }
+
+    // Every read takes at least 200 ms: the burst's requests all overlap.
+    link.set_latency(Duration::from_millis(100));
+    let requests: Vec<_> = (0..60)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                if i % 20 == 0 {
+                    return (None, post_basic(&url, "app", "not-the-secret", None).await);
+                }
+                let which = i % 3;
+                let (id, secret, scope) = callers[which];
+                (Some(which), post_basic(&url, id, secret, scope).await)
+            })
+        })
+        .collect();
+    for request in requests {
+        match request.await.unwrap() {
+            (Some(which), reply) => {
+                assert_eq!((reply.status, reply.x_cache()), (200, "HIT"), "{}", reply.raw);
+                assert_eq!(reply.access_token(), tokens[which], "caller {which} got its own token");
+            }
+            (None, reply) => assert_eq!(reply.status, 400, "a wrong secret is never served: {}", reply.raw),
+        }
+    }
+    assert_eq!(idp.idp.issued_total(), 3);
+}
