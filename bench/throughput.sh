@@ -198,10 +198,12 @@ REDIS_HIT_GETS=0
 for ((round = 1; round <= ROUNDS; round++)); do
     for target in "${TARGETS[@]}"; do
         out=$WORK/wrk-$target-$round.txt
-        gets_before=$(redis_gets)
-        run_wrk "$target" "$DURATION" "$out"
         if [[ $target == redis ]]; then
+            gets_before=$(redis_gets)
+            run_wrk "$target" "$DURATION" "$out"
             REDIS_HIT_GETS=$((REDIS_HIT_GETS + $(redis_gets) - gets_before))
+        else
+            run_wrk "$target" "$DURATION" "$out"
         fi
         rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
         p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")

@@ -16,7 +16,7 @@ import http from 'k6/http';
 import { check } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
 import {
-    TREND_STATS, arrivalRate, envInt, envFloat, idpFaults, loadClient, newRunId, postToken,
+    TREND_STATS, arrivalRate, checkToken, envInt, envFloat, idpFaults, loadClient, newRunId, postToken,
 } from './lib/common.js';
 
 const LIMIT = envInt('LIMIT', 64);
@@ -29,11 +29,14 @@ const RATE = Math.round(CAPACITY * OVERLOAD);
 const shedDuration = new Trend('shed_duration', true);
 const admittedDuration = new Trend('admitted_duration', true);
 const unexpected = new Counter('unexpected_answers');
+const shed = new Counter('shed_answers');
 
 export const options = {
-    scenarios: { overload: arrivalRate(RATE, __ENV.DURATION || '20s', { maxVUs: 2 * LIMIT + RATE / 4 }) },
+    scenarios: { overload: arrivalRate(RATE, __ENV.DURATION || '20s', { maxVUs: 2 * LIMIT + Math.ceil(RATE / 4) }) },
     thresholds: {
         unexpected_answers: ['count==0'],
+        // Offered more than it can handle, the replica must have shed something.
+        shed_answers: ['count>0'],
         // Shed answers must be fast: the point of shedding is not to queue.
         shed_duration: ['p(99)<50'],
         checks: ['rate==1'],
@@ -54,10 +57,12 @@ export default function (data) {
         expected: http.expectedStatuses(200, 503),
     });
     if (res.status === 503) {
+        shed.add(1);
         shedDuration.add(res.timings.duration);
         check(res, { 'shed: Retry-After': (r) => r.headers['Retry-After'] === '1' });
     } else if (res.status === 200) {
         admittedDuration.add(res.timings.duration);
+        checkToken(res, 'admitted');
     } else {
         unexpected.add(1, { status: String(res.status) });
     }

@@ -27,7 +27,7 @@ export function arrivalRate(rate, duration, { maxVUs = 400, ...rest } = {}) {
         rate,
         timeUnit: '1s',
         duration,
-        preAllocatedVUs: 100,
+        preAllocatedVUs: Math.min(100, maxVUs),
         maxVUs,
         ...rest,
     };

@@ -883,6 +883,20 @@ pub fn client(id: &str, secret: &str) -> ClientConfig {
     ClientConfig::new(id, secret, &["api/read", "api/write"])
 }
 
+/// `POST /admin/purge` with `body`, as `bearer` (if any): the status and the JSON answer,
+/// which is checked for canaries.
+pub async fn purge(admin: SocketAddr, bearer: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+    let mut request = http().post(format!("http://{admin}/admin/purge")).body(body.to_owned());
+    if let Some(bearer) = bearer {
+        request = request.header("authorization", format!("Bearer {bearer}"));
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    check_no_leak("a purge answer", text.as_bytes());
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
 /// A mock-idp for these clients, whose secrets and every token it issues become canaries.
 pub async fn spawn_idp(clients: Vec<ClientConfig>) -> RunningMockIdp {
     for client in &clients {

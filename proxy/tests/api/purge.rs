@@ -7,16 +7,6 @@ use crate::helpers::*;
 
 const TOKEN: &str = "admin-token-for-tests-0123456789";
 
-async fn purge(admin: std::net::SocketAddr, bearer: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-    let mut request = http().post(format!("http://{admin}/admin/purge")).body(body.to_owned());
-    if let Some(bearer) = bearer {
-        request = request.header("authorization", format!("Bearer {bearer}"));
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, serde_json::from_str(&response.text().await.unwrap()).unwrap_or_default())
-}
-
 /// Warms `id` on every replica and returns its token.
 async fn warm(cluster: &TestCluster, id: &str) -> String {
     let token = post_basic(&cluster.urls()[0], id, SECRET, None).await.access_token().to_owned();

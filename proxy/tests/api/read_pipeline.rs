@@ -184,16 +184,23 @@ async fn a_user_without_echo_reads_without_markers() {
 #[tokio::test]
 async fn a_connection_closed_when_idle_is_made_again_without_failing_anything() {
     let redis = RedisServer::start_with(&["--timeout", "1"]).await;
-    let client = redis.client().await;
-    set(&client, "k", "v", 60_000).await;
+    set(&redis.client().await, "k", "v", 60_000).await;
+    // The pipeline's connection: the one whose last command was a batch's ECHO marker.
+    let pipeline_connection = async || -> Option<String> {
+        let clients: String = redis.client().await.custom(fred::cmd!("CLIENT"), vec!["LIST"]).await.unwrap();
+        let line = clients.lines().find(|line| line.contains(" cmd=echo "))?;
+        line.split(' ').find_map(|field| field.strip_prefix("id=")).map(str::to_owned)
+    };
     let pipeline = ReadPipeline::start(target(redis.port), CONNECT_TIMEOUT, Duration::from_secs(2));
     assert!(read(&pipeline, "k", Duration::from_secs(2)).await.is_ok());
+    let first = pipeline_connection().await.expect("the pipeline's connection");
     // Redis closes clients idle for a second (checked about every 100 ms).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!pipeline.is_down(), "an idle close is no failure");
     let reply = read(&pipeline, "k", Duration::from_secs(1)).await;
     assert_eq!(reply.unwrap().value.as_deref(), Some(&b"v"[..]));
-    drop(client);
+    let second = pipeline_connection().await.expect("the pipeline's connection");
+    assert_ne!(first, second, "Redis closed the idle connection and the pipeline made another");
 }
 
 #[tokio::test]

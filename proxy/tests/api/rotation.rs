@@ -16,18 +16,13 @@ const SECRET: &str = "rotating-client-secret-1";
 async fn previous_secrets_are_read_and_removed_ones_are_misses() {
     let redis = RedisServer::start().await;
     let idp = spawn_idp(vec![client(ID, SECRET)]).await;
+    let redis_url = redis.url();
     let replica = |secret: &'static str, previous: Option<&'static str>| {
-        let mut vars = vec![
-            ("TOKEN_PROXY_REDIS_URL", redis.url()),
-            ("TOKEN_PROXY_SECRET", secret.to_owned()),
-            // Every read goes to Redis, so what is shown is Redis's content, not L1's.
-            ("TOKEN_PROXY_L1_CAPACITY", "0".to_owned()),
-        ];
-        if let Some(previous) = previous {
-            vars.push(("TOKEN_PROXY_PREVIOUS_SECRETS", previous.to_owned()));
-        }
-        let config = proxy_config(&idp.token_url(), &vars.iter().map(|(n, v)| (*n, v.as_str())).collect::<Vec<_>>());
-        TestProxy::spawn(config)
+        // Every read goes to Redis, so what is shown is Redis's content, not L1's.
+        let mut overrides = vec![("TOKEN_PROXY_SECRET", secret), ("TOKEN_PROXY_L1_CAPACITY", "0")];
+        overrides.extend(previous.map(|previous| ("TOKEN_PROXY_PREVIOUS_SECRETS", previous)));
+        let (redis_url, idp) = (&redis_url, &idp);
+        async move { TestCluster::replica(redis_url, idp, &overrides).await }
     };
 
     let old = replica(ROOT_SECRET, None).await;
