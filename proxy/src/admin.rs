@@ -15,7 +15,7 @@ use shared::canonical::Scope;
 
 use crate::app::AppState;
 use crate::breaker::BreakerState;
-use crate::purge::PurgeTarget;
+use crate::purge::{MAX_CLIENT_ID_BYTES, PurgeError, PurgeTarget};
 
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
@@ -43,7 +43,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let degraded = redis == "down" || breaker != BreakerState::Closed;
     let mode = if degraded { "degraded" } else { "normal" };
-    (status, Json(json!({ "ready": ready, "redis": redis, "breaker": breaker.label(), "mode": mode }))).into_response()
+    // Until the purge epochs are read, Redis's entries are not used (see `crate::purge`).
+    let purges = if state.service.purges_synced() { "synced" } else { "pending" };
+    let body = json!({ "ready": ready, "redis": redis, "breaker": breaker.label(), "mode": mode, "purges": purges });
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -87,6 +90,11 @@ impl PurgeRequest {
     fn target(self) -> Result<PurgeTarget, Refusal> {
         match self {
             PurgeRequest { all: true, client_id: None, scope: None } => Ok(PurgeTarget::All),
+            PurgeRequest { all: false, client_id: Some(id), .. } if id.len() > MAX_CLIENT_ID_BYTES => Err((
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("client_id is longer than {MAX_CLIENT_ID_BYTES} bytes"),
+            )),
             PurgeRequest { all: false, client_id: Some(id), scope } if !id.is_empty() => match scope {
                 None => Ok(PurgeTarget::Client(id)),
                 Some(scope) => Scope::parse(Some(&scope))
@@ -131,6 +139,10 @@ async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
     };
     match state.service.purge(&target).await {
         Ok(epoch) => (StatusCode::OK, Json(json!({ "purged": what, "epoch": epoch }))).into_response(),
+        Err(error @ PurgeError::TooMany) => {
+            tracing::warn!(%error, "purge refused");
+            admin_error(StatusCode::CONFLICT, "too_many_purges", &error.to_string())
+        }
         Err(error) => {
             tracing::error!(%error, "purge failed");
             admin_error(

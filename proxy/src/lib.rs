@@ -15,6 +15,7 @@
 //!   - [`l1`]: the bounded in-process cache.
 //!   - [`single_flight`]: one fetch per key per replica.
 //!   - [`store`]: Redis: sealed entries, the per-key lock, outcome announcements.
+//!   - [`redis_clock`]: entries carry their expiry on Redis's own clock.
 //!   - [`breaker`]: stops paying Redis timeouts while Redis keeps failing.
 //!   - [`flight_message`]: what a leader announces to followers on other replicas.
 //!   - [`upstream`]: the token endpoint client.
@@ -43,6 +44,7 @@ pub mod normalize;
 pub mod purge;
 pub mod quota;
 pub mod read_pipeline;
+pub mod redis_clock;
 pub mod response;
 pub mod shutdown;
 pub mod single_flight;

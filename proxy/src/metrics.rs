@@ -130,6 +130,8 @@ pub struct Metrics {
     upstream_duration: Histogram,
     upstream_calls_avoided: Counter,
     redis_errors: Counter,
+    /// Entries that were there but unusable (wrong type, oversized): misses, not Redis faults.
+    redis_bad_entries: Counter,
     redis_breaker_open: Gauge,
     breaker_transitions: [Counter; 3],
     coalesced_waiters: Counter,
@@ -174,6 +176,7 @@ impl Metrics {
             upstream_duration: histogram("token_proxy_upstream_request_duration_seconds", vec![]),
             upstream_calls_avoided: counter("token_proxy_upstream_calls_avoided_total", vec![]),
             redis_errors: counter("token_proxy_redis_errors_total", vec![]),
+            redis_bad_entries: counter("token_proxy_redis_bad_entries_total", vec![]),
             redis_breaker_open: recorder.register_gauge(&Key::from_name("token_proxy_redis_breaker_open"), &META),
             breaker_transitions: BREAKER_STATES
                 .map(|s| counter("token_proxy_redis_breaker_transitions_total", vec![Label::new("to", s.label())])),
@@ -210,6 +213,10 @@ impl Metrics {
 
     pub fn redis_error(&self) {
         self.redis_errors.increment(1);
+    }
+
+    pub fn redis_bad_entry(&self) {
+        self.redis_bad_entries.increment(1);
     }
 
     /// The Redis circuit breaker changed state; the gauge is 1 unless it is closed.

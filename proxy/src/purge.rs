@@ -4,19 +4,69 @@
 //! purge bumps a generation instead: every purge epoch that applies to a request is part of its
 //! cache key and L1 key, so after a bump the old entries are never found again and expire by TTL.
 //! Epochs live in the Redis hash [`EPOCHS_KEY`] under keyed-hash tags (Redis never learns which
-//! client was purged); every replica reloads them when a purge is announced and once a second.
+//! client was purged); every replica looks at its version when a purge is announced and once a
+//! second, and reads it whole only when the version changed.
+//!
+//! A purge must outlive any loss of Redis state (invariant 9), so epochs never go back:
+//!
+//! - An epoch is Redis's clock in µs at the purge, or one more than the epoch before if that is
+//!   larger: a purge repeated after a loss never reuses a value some entry was keyed with.
+//! - The hash without its `all` field has been lost (a restart, a failover, eviction, `DEL`):
+//!   whoever notices first writes `all` anew, from the clock, so every entry keyed before the loss
+//!   is out of reach for every replica, including one started after the loss. The loss costs one
+//!   upstream call per key; a purged token never comes back.
+//! - A replica that remembers an epoch Redis has lost or holds older (a failover to a replica that
+//!   missed the write) writes it back: Redis's state is the maximum of its own and every
+//!   replica's memory.
+//!
+//! The state is bounded: a client id of at most [`MAX_CLIENT_ID_BYTES`], at most
+//! [`MAX_PURGED`] client (and client-scope) epochs, each kept for the retention (the longest a
+//! cached token lives: entries keyed under the epoch before it have expired by then).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
 
 use shared::canonical::{CanonicalRequest, PurgeEpochs, Scope};
 use shared::keys::{KeyHasher, Tag};
 
-/// The Redis hash of purge epochs: field `all`, and one field per purged tag (hex).
+use crate::store::{RedisStore, StoreError};
+
+/// The Redis hash of purge epochs: field `all`, field `v` (the version), and one field per
+/// purged tag (hex).
 pub const EPOCHS_KEY: &str = "tp:purge";
 /// The field of "purge everything".
 pub const ALL_FIELD: &str = "all";
+/// The field that changes with every change of the hash.
+pub const VERSION_FIELD: &str = "v";
+/// The longest client id a purge accepts (Cognito's are at most 128 characters).
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+/// The most client and client-scope epochs kept at once: a purge beyond it is refused (purging
+/// everything still works). Each field is about 60 bytes, read by every replica on each change.
+pub const MAX_PURGED: usize = 10_000;
+
+/// How long a client's purge epoch is kept until the longest token lifetime is configurable:
+/// a day, Cognito's longest.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The purge hash as Redis holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeState {
+    /// Changes with every change of the hash.
+    pub version: String,
+    /// `field → epoch`, without the version.
+    pub fields: HashMap<String, u64>,
+}
+
+/// Why a purge did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{MAX_PURGED} clients or scopes were purged within the retention; purge everything instead")]
+    TooMany,
+}
 
 /// What to purge.
 #[derive(Debug, Clone)]
@@ -47,6 +97,11 @@ pub struct Epochs {
     /// Whether `tagged` has anything: lets every request skip the lock until a purge of a
     /// client happened (the lock's reader count would be a cache line both cores write).
     any_tagged: AtomicBool,
+    /// The version of the Redis hash these epochs were read at; `None` before the first read.
+    version: Mutex<Option<String>>,
+    /// Whether the epochs were read from Redis at least once. Until then Redis's entries are
+    /// not used: a replica that does not know the epochs yet could find a purged token there.
+    synced: AtomicBool,
 }
 
 impl Epochs {
@@ -63,6 +118,30 @@ impl Epochs {
             client: epoch(hasher.client_tag(&request.client_id)),
             scope: epoch(hasher.scope_tag(&request.client_id, &request.scope)),
         }
+    }
+
+    /// The epochs as fields of [`EPOCHS_KEY`], to compare with Redis's.
+    fn fields(&self) -> HashMap<String, u64> {
+        let tagged = self.tagged.read().unwrap_or_else(|p| p.into_inner());
+        let mut fields: HashMap<String, u64> = tagged.iter().map(|(tag, epoch)| (hex::encode(tag), *epoch)).collect();
+        fields.insert(ALL_FIELD.to_owned(), self.all.load(Ordering::Acquire));
+        fields
+    }
+
+    /// Whether the epochs were read from Redis at least once.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    fn version(&self) -> Option<String> {
+        self.version.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes the state read from Redis.
+    fn adopt(&self, state: PurgeState) {
+        self.replace(state.fields);
+        *self.version.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.version);
+        self.synced.store(true, Ordering::Release);
     }
 
     /// Replaces the epochs with those read from Redis (`field → epoch`).
@@ -94,6 +173,26 @@ impl Epochs {
         self.any_tagged.store(true, Ordering::Release);
         *epoch
     }
+}
+
+/// Brings this replica's epochs and Redis's in step: reads the hash when its version changed
+/// (Redis writes `all` anew first if the hash was lost), writes back whatever this replica
+/// remembers that Redis has lost or holds older, and adopts the result.
+pub async fn sync(epochs: &Epochs, store: &RedisStore, retention: Duration) -> Result<(), StoreError> {
+    let Some(state) = store.purge_state(epochs.version().as_deref()).await? else { return Ok(()) };
+    let behind: Vec<(String, u64)> = epochs
+        .fields()
+        .into_iter()
+        .filter(|(field, epoch)| state.fields.get(field).is_none_or(|theirs| theirs < epoch))
+        .collect();
+    let state = if behind.is_empty() {
+        state
+    } else {
+        tracing::warn!(fields = behind.len(), "Redis lost purge epochs this replica remembers; writing them back");
+        store.restore_purges(&behind, retention).await?
+    };
+    epochs.adopt(state);
+    Ok(())
 }
 
 #[cfg(test)]

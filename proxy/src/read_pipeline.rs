@@ -1,4 +1,5 @@
-//! The hit path's Redis read (PTTL then GET of one entry) on a connection of its own, pipelined.
+//! The hit path's Redis read (one entry's value, then Redis's clock) on a connection of its own,
+//! pipelined.
 //!
 //! Why not through fred, like every other command: a Redis hit is one read, and fred routes
 //! each command through its router task with a response channel and timers of its own, and it
@@ -35,6 +36,8 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use crate::redis_clock::RedisTime;
+
 /// A Redis server reached over plain TCP, and how to log in.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Target {
@@ -53,11 +56,12 @@ impl std::fmt::Debug for Target {
     }
 }
 
-/// One entry as Redis has it: PTTL's answer (ms; -2 absent, -1 no TTL) and GET's.
+/// One entry as Redis has it: its value (at most [`MAX_VALUE`] + 1 bytes of it; `None` when
+/// absent), and Redis's clock read right after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryReply {
-    pub ttl_ms: i64,
     pub value: Option<Bytes>,
+    pub now: RedisTime,
 }
 
 /// Why a read failed. Carries no reply text: only Redis's error code, never a value.
@@ -139,7 +143,7 @@ impl ReadPipeline {
         ReadPipeline { shared, driver }
     }
 
-    /// Reads `name`'s PTTL, then its value. No deadline of its own: the caller sets one.
+    /// Reads `name`'s value, then Redis's clock. No deadline of its own: the caller sets one.
     pub async fn read(&self, name: &[u8]) -> Result<EntryReply, ReadError> {
         let (responder, reply) = oneshot::channel();
         {
@@ -381,7 +385,7 @@ fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
                 let Some(Slot::Read(responder)) = state.in_flight.pop_front() else {
                     unreachable!("parse_batch pairs each reply with a read")
                 };
-                let reply = reply.map(|(ttl_ms, value)| EntryReply { ttl_ms, value: value.map(|r| frames.slice(r)) });
+                let reply = reply.map(|(value, now)| EntryReply { value: value.map(|r| frames.slice(r)), now });
                 answered.push((responder, reply));
             }
             if state.markers {
@@ -401,8 +405,9 @@ fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
     Ok(())
 }
 
-/// One read's reply: PTTL's answer and the range of GET's value in the batch, or an error.
-type ReadReply = Result<(i64, Option<std::ops::Range<usize>>), ReadError>;
+/// One read's reply: the range of the value in the batch (`None` if empty) and Redis's clock,
+/// or an error.
+type ReadReply = Result<(Option<std::ops::Range<usize>>, RedisTime), ReadError>;
 
 /// Parses the first batch awaited in `in_flight` from the start of `buf`: `None` until all of
 /// it is there, else the reads' replies and the batch's length. Without markers every read is
@@ -417,18 +422,15 @@ fn parse_batch(
     for slot in in_flight {
         match slot {
             Slot::Read(_) => {
-                let Some((ttl, ttl_len)) = parse_frame(&buf[at..])? else { return Ok(None) };
-                let Some((value, value_len)) = parse_frame(&buf[at + ttl_len..])? else { return Ok(None) };
-                let value_at = at + ttl_len;
-                replies.push(match (ttl, value) {
-                    (Frame::Error(code), _) | (_, Frame::Error(code)) => Err(ReadError::Server(code)),
-                    (Frame::Integer(ttl_ms), Frame::Nil) => Ok((ttl_ms, None)),
-                    (Frame::Integer(ttl_ms), Frame::Bulk(r)) => {
-                        Ok((ttl_ms, Some(value_at + r.start..value_at + r.end)))
-                    }
+                let Some((value, value_len)) = parse_frame(&buf[at..])? else { return Ok(None) };
+                let Some((now, now_len)) = parse_time(&buf[at + value_len..])? else { return Ok(None) };
+                replies.push(match (value, now) {
+                    (Frame::Error(code), _) | (_, Err(code)) => Err(ReadError::Server(code)),
+                    (Frame::Bulk(r), Ok(now)) if r.is_empty() => Ok((None, now)),
+                    (Frame::Bulk(r), Ok(now)) => Ok((Some(at + r.start..at + r.end), now)),
                     _ => return Err(ReadError::Protocol),
                 });
-                at = value_at + value_len;
+                at += value_len + now_len;
                 if !markers {
                     return Ok(Some((replies, at)));
                 }
@@ -451,11 +453,39 @@ fn parse_batch(
     Ok(None)
 }
 
-/// PTTL first: the pair is not atomic, and a write landing between the two then pairs an older
-/// TTL with a newer token, which can only understate `expires_in`, never overstate it.
+/// The longest value a read returns whole: longer ones come back cut at one byte more, so the
+/// caller knows, and a planted huge value is never read whole.
+pub const MAX_VALUE: usize = crate::store::MAX_ENTRY_BYTES;
+
+/// The value first, then the clock: the time left is computed from a clock reading no earlier
+/// than the value's, so it can only be understated. `GETRANGE` bounds what is read (and
+/// answers an empty string for an absent key).
 fn encode_read(out: &mut Vec<u8>, name: &[u8]) {
-    encode_command(out, &[b"PTTL", name]);
-    encode_command(out, &[b"GET", name]);
+    encode_command(out, &[b"GETRANGE", name, b"0", itoa::Buffer::new().format(MAX_VALUE).as_bytes()]);
+    encode_command(out, &[b"TIME"]);
+}
+
+/// `TIME`'s answer, or the code of the error Redis answered instead.
+type TimeReply = Result<RedisTime, String>;
+
+/// Parses `TIME`'s reply (an array of two bulk integers: seconds, µs) at the start of `buf`;
+/// a server error is passed on as its code.
+fn parse_time(buf: &[u8]) -> Result<Option<(TimeReply, usize)>, ReadError> {
+    let Some((head, mut at)) = parse_frame(buf)? else { return Ok(None) };
+    match head {
+        Frame::Array(2) => {}
+        Frame::Error(code) => return Ok(Some((Err(code), at))),
+        _ => return Err(ReadError::Protocol),
+    }
+    let mut parts = [0u64; 2];
+    for part in &mut parts {
+        let Some((frame, len)) = parse_frame(&buf[at..])? else { return Ok(None) };
+        let Frame::Bulk(r) = frame else { return Err(ReadError::Protocol) };
+        *part = u64::try_from(parse_int(&buf[at + r.start..at + r.end])?).map_err(|_| ReadError::Protocol)?;
+        at += len;
+    }
+    let now = RedisTime::from_parts(parts[0], parts[1]).ok_or(ReadError::Protocol)?;
+    Ok(Some((Ok(now), at)))
 }
 
 fn encode_command(out: &mut Vec<u8>, parts: &[&[u8]]) {
@@ -482,14 +512,16 @@ enum Frame {
     Integer(i64),
     /// `$-1`.
     Nil,
+    /// `*n`: the header of an array of `n` frames.
+    Array(i64),
     /// The data's range within the frame.
     Bulk(std::ops::Range<usize>),
 }
 
-/// The most a bulk reply may hold: Redis's own limit (`proto-max-bulk-len`). A value planted
-/// at one key, however large, is then that key's miss (it will not open), not an error that
-/// takes the connection and every other read on it down.
-const MAX_BULK: usize = 512 << 20;
+/// The most a bulk reply may hold: what `GETRANGE` returns at most. A longer one cannot be an
+/// answer to what this connection sends, so the stream is out of step; and a buffer never
+/// holds more than this of one reply.
+const MAX_BULK: usize = MAX_VALUE + 1;
 /// The longest header or error line read without its end.
 const MAX_LINE: usize = 4096;
 
@@ -511,6 +543,7 @@ fn parse_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, ReadError> {
             Frame::Error(String::from_utf8_lossy(code).into_owned())
         }
         b':' => Frame::Integer(parse_int(line)?),
+        b'*' => Frame::Array(parse_int(line)?),
         b'$' => {
             let len = parse_int(line)?;
             if len == -1 {
@@ -541,13 +574,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_read_is_pttl_then_get_in_resp() {
+    fn a_read_is_a_bounded_getrange_then_time_in_resp() {
         let mut out = Vec::new();
         encode_read(&mut out, b"tp:{abc}");
-        assert_eq!(out, b"*2\r\n$4\r\nPTTL\r\n$8\r\ntp:{abc}\r\n*2\r\n$3\r\nGET\r\n$8\r\ntp:{abc}\r\n");
+        assert_eq!(out, b"*4\r\n$8\r\nGETRANGE\r\n$8\r\ntp:{abc}\r\n$1\r\n0\r\n$5\r\n65536\r\n*1\r\n$4\r\nTIME\r\n");
         out.clear();
         encode_command(&mut out, &[b"ECHO", b"12"]);
         assert_eq!(out, b"*2\r\n$4\r\nECHO\r\n$2\r\n12\r\n");
+    }
+
+    /// The replies to one read: the value (empty = absent), then `TIME` at `secs` s and 7 µs.
+    fn entry(value: &[u8], secs: u64) -> Vec<u8> {
+        let mut out = format!("${}\r\n", value.len()).into_bytes();
+        out.extend_from_slice(value);
+        out.extend_from_slice(format!("\r\n*2\r\n${}\r\n{secs}\r\n$1\r\n7\r\n", secs.to_string().len()).as_bytes());
+        out
+    }
+
+    fn at(secs: u64) -> RedisTime {
+        RedisTime::from_parts(secs, 7).unwrap()
+    }
+
+    #[test]
+    fn times_parse_and_a_refused_time_is_that_reads_error() {
+        let reply = entry(b"", 1_700_000_000);
+        assert_eq!(parse_time(&reply[6..]).unwrap(), Some((Ok(at(1_700_000_000)), reply.len() - 6)));
+        assert_eq!(parse_time(&reply[6..reply.len() - 3]).unwrap(), None, "incomplete");
+        assert_eq!(parse_time(b"-NOPERM no\r\n").unwrap(), Some((Err("NOPERM".into()), 12)));
+        assert_eq!(parse_time(b"*2\r\n:1\r\n:2\r\n"), Err(ReadError::Protocol));
+        assert_eq!(parse_time(b"*3\r\n"), Err(ReadError::Protocol));
     }
 
     #[test]
@@ -556,6 +611,7 @@ mod tests {
         assert_eq!(parse_frame(b":-2\r\n").unwrap(), Some((Frame::Integer(-2), 5)));
         assert_eq!(parse_frame(b":59000\r\n").unwrap(), Some((Frame::Integer(59_000), 8)));
         assert_eq!(parse_frame(b"$-1\r\n").unwrap(), Some((Frame::Nil, 5)));
+        assert_eq!(parse_frame(b"*2\r\n").unwrap(), Some((Frame::Array(2), 4)));
         assert_eq!(parse_frame(b"$3\r\nabc\r\n:1\r\n").unwrap(), Some((Frame::Bulk(4..7), 9)));
         assert_eq!(parse_frame(b"$0\r\n\r\n").unwrap(), Some((Frame::Bulk(4..4), 6)));
         // The error code only: Redis's message text is never kept.
@@ -575,7 +631,7 @@ mod tests {
         let oversized = format!("${}\r\n", MAX_BULK + 1);
         let endless = vec![b'+'; MAX_LINE + 1];
         for bad in [
-            &b"*1\r\n"[..],
+            &b"*x\r\n"[..],
             b"%1\r\n",
             b"\r\n",
             b":x\r\n",
@@ -612,14 +668,17 @@ mod tests {
     #[test]
     fn replies_are_handed_out_a_whole_batch_at_a_time() {
         let (shared, mut receivers) = written(&[2, 1]);
-        let mut buf = BytesMut::from(&b":5000\r\n$5\r\nfirst\r\n:-2\r\n$-1\r\n$1\r\n1\r\n:7000\r\n$6\r\nsec"[..]);
+        let second = entry(b"second", 12);
+        let mut buf = BytesMut::from(
+            &[entry(b"first", 10), entry(b"", 11), b"$1\r\n1\r\n".to_vec(), second[..9].to_vec()].concat()[..],
+        );
         answer(&shared, &mut buf).unwrap();
         let first = receivers[0].try_recv().unwrap().unwrap();
-        assert_eq!(first, EntryReply { ttl_ms: 5000, value: Some(Bytes::from_static(b"first")) });
-        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { ttl_ms: -2, value: None });
-        assert_eq!(&buf[..], b":7000\r\n$6\r\nsec", "an incomplete batch stays in the buffer");
+        assert_eq!(first, EntryReply { value: Some(Bytes::from_static(b"first")), now: at(10) });
+        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { value: None, now: at(11) });
+        assert_eq!(&buf[..], &second[..9], "an incomplete batch stays in the buffer");
 
-        buf.extend_from_slice(b"ond\r\n");
+        buf.extend_from_slice(&second[9..]);
         answer(&shared, &mut buf).unwrap();
         assert!(receivers[2].try_recv().is_err(), "complete, but its batch's marker has not come");
         buf.extend_from_slice(b"$1\r\n2\r\n");
@@ -638,38 +697,41 @@ mod tests {
             shared.lock().in_flight.push_back(Slot::Read(responder));
             receivers.push(receiver);
         }
-        let mut buf = BytesMut::from(&b":900\r\n$2\r\nv1\r\n:800\r\n"[..]);
+        let second = entry(b"v2", 800);
+        let mut buf = BytesMut::from(&[entry(b"v1", 900), second[..8].to_vec()].concat()[..]);
         answer(&shared, &mut buf).unwrap();
         assert_eq!(receivers[0].try_recv().unwrap().unwrap().value, Some(Bytes::from_static(b"v1")));
         assert!(receivers[1].try_recv().is_err());
-        buf.extend_from_slice(b"$2\r\nv2\r\n");
+        buf.extend_from_slice(&second[8..]);
         answer(&shared, &mut buf).unwrap();
-        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { ttl_ms: 800, value: Some("v2".into()) });
+        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { value: Some("v2".into()), now: at(800) });
     }
 
     #[test]
     fn a_server_error_fails_that_read_only() {
         let (shared, mut receivers) = written(&[2]);
-        let mut buf =
-            BytesMut::from(&b"-LOADING Redis is loading the dataset in memory\r\n$-1\r\n:-2\r\n$-1\r\n$1\r\n1\r\n"[..]);
+        let refused = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n".to_vec();
+        let time = entry(b"", 5)[6..].to_vec();
+        let mut buf = BytesMut::from(&[refused, time, entry(b"", 6), b"$1\r\n1\r\n".to_vec()].concat()[..]);
         answer(&shared, &mut buf).unwrap();
-        assert_eq!(receivers[0].try_recv().unwrap(), Err(ReadError::Server("LOADING".into())));
-        assert_eq!(receivers[1].try_recv().unwrap(), Ok(EntryReply { ttl_ms: -2, value: None }));
+        assert_eq!(receivers[0].try_recv().unwrap(), Err(ReadError::Server("WRONGTYPE".into())));
+        assert_eq!(receivers[1].try_recv().unwrap(), Ok(EntryReply { value: None, now: at(6) }));
     }
 
     #[test]
     fn a_stream_out_of_step_is_a_protocol_error_before_any_reply_is_handed_out() {
         // A reply too many, after the batch.
         let (shared, _receivers) = written(&[1]);
-        let mut buf = BytesMut::from(&b":-2\r\n$-1\r\n$1\r\n1\r\n:-2\r\n"[..]);
+        let mut buf = BytesMut::from(&[entry(b"", 1), b"$1\r\n1\r\n:-2\r\n".to_vec()].concat()[..]);
         assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
-        // A TTL that is not an integer.
+        // A value that is not a string (GETRANGE answers one even for an absent key).
         let (shared, _receivers) = written(&[1]);
-        let mut buf = BytesMut::from(&b"$1\r\nx\r\n$-1\r\n$1\r\n1\r\n"[..]);
+        let mut buf =
+            BytesMut::from(&[b"$-1\r\n".to_vec(), entry(b"", 1)[6..].to_vec(), b"$1\r\n1\r\n".to_vec()].concat()[..]);
         assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
         // Another batch's marker: replies were lost, and these belong to other reads.
         let (shared, mut receivers) = written(&[2]);
-        let mut buf = BytesMut::from(&b":100\r\n$1\r\na\r\n:200\r\n$1\r\nb\r\n$1\r\n7\r\n"[..]);
+        let mut buf = BytesMut::from(&[entry(b"a", 1), entry(b"b", 2), b"$1\r\n7\r\n".to_vec()].concat()[..]);
         assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
         assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()), "no read got a reply");
     }
@@ -690,23 +752,15 @@ mod tests {
         #[test]
         fn replies_split_anywhere_reach_their_own_reads(
             entries in proptest::collection::vec(
-                (-2i64..100_000, proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40))),
+                (0u64..2_000_000_000, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)),
                 1..12,
             ),
             cuts in proptest::collection::vec(1usize..64, 1..40),
         ) {
             let (shared, mut receivers) = written(&[entries.len()]);
             let mut stream = Vec::new();
-            for (ttl, value) in &entries {
-                stream.extend_from_slice(format!(":{ttl}\r\n").as_bytes());
-                match value {
-                    Some(value) => {
-                        stream.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
-                        stream.extend_from_slice(value);
-                        stream.extend_from_slice(b"\r\n");
-                    }
-                    None => stream.extend_from_slice(b"$-1\r\n"),
-                }
+            for (secs, value) in &entries {
+                stream.extend_from_slice(&entry(value, *secs));
             }
             stream.extend_from_slice(b"$1\r\n1\r\n");
             let mut buf = BytesMut::new();
@@ -721,10 +775,10 @@ mod tests {
                 rest = tail;
             }
             proptest::prop_assert!(buf.is_empty());
-            for ((ttl, value), receiver) in entries.iter().zip(&mut receivers) {
+            for ((secs, value), receiver) in entries.iter().zip(&mut receivers) {
                 let reply = receiver.try_recv().unwrap().unwrap();
-                proptest::prop_assert_eq!(reply.ttl_ms, *ttl);
-                proptest::prop_assert_eq!(reply.value.as_deref(), value.as_deref());
+                proptest::prop_assert_eq!(reply.now, at(*secs));
+                proptest::prop_assert_eq!(reply.value.as_deref(), (!value.is_empty()).then_some(&value[..]));
             }
         }
     }

@@ -14,7 +14,6 @@
 //! local [`Waiter`] of that key.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,35 +29,125 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::metrics::Metrics;
-use crate::purge::EPOCHS_KEY;
+use crate::purge::{EPOCHS_KEY, PurgeState, VERSION_FIELD};
 use crate::read_pipeline::{ReadError, ReadPipeline, Target};
+use crate::redis_clock::{RedisClock, RedisTime};
 
 /// The channel every replica subscribes to for flight outcomes.
 pub const CHANNEL: &str = "tp:flights";
 /// The channel on which purges are announced (the message is the purged field).
 pub const PURGE_CHANNEL: &str = "tp:purge";
 
-/// Bumps one purge epoch and announces it. KEYS: epochs hash. ARGV: field, channel.
-const PURGE_LUA: &str = r"
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('PUBLISH', ARGV[2], ARGV[1])
-return n
+/// Lua helpers of the purge scripts (see [`crate::purge`]): Redis's clock in µs, exact as a Lua
+/// number until the year 2255; epochs written as integers, never in exponent form; and the
+/// rewrite of a lost hash: `all` anew from the clock, so entries keyed before the loss stay out
+/// of reach.
+const PURGE_LUA_COMMON: &str = r"
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function int(n) return string.format('%.0f', n) end
+local function epoch(field) return tonumber(redis.call('HGET', KEYS[1], field) or '0') end
+local function changed(now)
+  redis.call('HSET', KEYS[1], 'v', int(math.max(epoch('v') + 1, now)))
+end
+local now = now_us()
+if redis.call('HEXISTS', KEYS[1], 'all') == 0 then
+  redis.call('HSET', KEYS[1], 'all', int(now))
+  changed(now)
+end
 ";
 
-/// Reads every purge epoch. KEYS: epochs hash.
-const EPOCHS_LUA: &str = r"return redis.call('HGETALL', KEYS[1])";
+/// Bumps one purge epoch and announces it. KEYS: epochs hash. ARGV: field, channel, retention
+/// (µs), the most tagged fields. A new tagged field first drops the fields older than the
+/// retention; past the bound it is refused. Returns the new epoch, or -1 when refused.
+const PURGE_LUA: &str = r"
+local field = ARGV[1]
+if field ~= 'all' and redis.call('HEXISTS', KEYS[1], field) == 0 then
+  local flat = redis.call('HGETALL', KEYS[1])
+  local kept = 0
+  for i = 1, #flat, 2 do
+    if flat[i] ~= 'all' and flat[i] ~= 'v' then
+      if tonumber(flat[i + 1]) < now - tonumber(ARGV[3]) then redis.call('HDEL', KEYS[1], flat[i])
+      else kept = kept + 1 end
+    end
+  end
+  if kept >= tonumber(ARGV[4]) then return -1 end
+end
+local new = math.max(epoch(field) + 1, now)
+redis.call('HSET', KEYS[1], field, int(new))
+changed(now)
+redis.call('PUBLISH', ARGV[2], field)
+return new
+";
 
-/// Looks up an entry, or takes the lock when there is no fresh entry, in one round trip.
-/// KEYS: entry, lock. ARGV: owner, lock TTL (ms), the entry TTL (ms) above which it is fresh.
-/// Returns {0, ttl, value} (fresh), {1, ttl, value or ''} (locked by us; a stale value, if any,
-/// comes along as a fallback) or {2, lock ttl, value or '', ttl} (locked by someone else).
+/// The purge hash if its version differs from the caller's. KEYS: epochs hash. ARGV: the
+/// version the caller has ('' for none). Returns the hash (flat), or an empty array.
+const PURGE_STATE_LUA: &str = r"
+if redis.call('HGET', KEYS[1], 'v') == ARGV[1] then return {} end
+return redis.call('HGETALL', KEYS[1])
+";
+
+/// Writes back epochs a replica remembers that Redis lost or holds older, unless older than
+/// the retention. KEYS: epochs hash. ARGV: retention (µs), then field, epoch pairs.
+/// Returns the hash (flat).
+const RESTORE_PURGES_LUA: &str = r"
+local wrote = false
+for i = 2, #ARGV, 2 do
+  local field, want = ARGV[i], tonumber(ARGV[i + 1])
+  if want > epoch(field) and (field == 'all' or want >= now - tonumber(ARGV[1])) then
+    redis.call('HSET', KEYS[1], field, int(want))
+    wrote = true
+  end
+end
+if wrote then changed(now) end
+return redis.call('HGETALL', KEYS[1])
+";
+
+/// The largest value an entry may have: a sealed token response is a few KiB (the upstream's
+/// body is bounded, and Cognito's tokens are about 1 KiB). A larger value was planted: it is a
+/// miss for its key, never read whole.
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+/// Lua shared by the scripts that read an entry: `entry(limit)` returns its value (`false` if
+/// absent or unusable), its PTTL, and 1 if it was there but unusable (not a string, or larger
+/// than `limit` bytes), so that one planted key is that key's miss, never a script error.
+/// `now` is Redis's clock (see [`crate::redis_clock`]).
+const ENTRY_LUA: &str = r"
+local function entry(limit)
+  local kind = redis.call('TYPE', KEYS[1]).ok
+  if kind == 'none' then return false, -2, 0 end
+  if kind ~= 'string' or redis.call('STRLEN', KEYS[1]) > tonumber(limit) then return false, -2, 1 end
+  return redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1]), 0
+end
+local now = redis.call('TIME')
+";
+
+/// The hit read through fred (TLS, Sentinel, Cluster): an entry and Redis's clock in one step.
+/// KEYS: entry. ARGV: the size limit. Returns {value or '', seconds, µs, unusable}.
+const READ_LUA: &str = r"
+local v, _, bad = entry(ARGV[1])
+return {v or '', now[1], now[2], bad}
+";
+
+/// Looks up an entry, or takes the lock when there is no fresh one, in one round trip.
+/// KEYS: entry, lock. ARGV: owner, lock TTL (ms), the entry TTL (ms) above which it is fresh,
+/// the size limit. Every reply starts {code, seconds, µs, unusable} (Redis's clock, and whether
+/// an unusable value was found), then for code 0 (fresh) the value; 1 (locked by us) the value
+/// or '' (a stale value comes along as a fallback); 2 (locked by someone else) the value or ''
+/// and the lock's TTL. A lock without a TTL, or with more than ours (a crashed writer, an
+/// operator, another configuration), gets ours: no key waits longer than one lock TTL.
 const LOOKUP_LUA: &str = r"
-local v = redis.call('GET', KEYS[1])
-local t = -2
-if v then t = redis.call('PTTL', KEYS[1]) end
-if v and t > tonumber(ARGV[3]) then return {0, t, v} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, t, v or ''} end
-return {2, redis.call('PTTL', KEYS[2]), v or '', t}
+local v, t, bad = entry(ARGV[4])
+if v and t > tonumber(ARGV[3]) then return {0, now[1], now[2], bad, v} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, now[1], now[2], bad, v or ''} end
+local lock_ttl = redis.call('PTTL', KEYS[2])
+if lock_ttl < 0 or lock_ttl > tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  lock_ttl = tonumber(ARGV[2])
+end
+return {2, now[1], now[2], bad, v or '', lock_ttl}
 ";
 
 /// Finishes a flight: stores the value (if any), releases the lock only if it is still ours
@@ -68,7 +157,10 @@ return {2, redis.call('PTTL', KEYS[2]), v or '', t}
 const COMPLETE_LUA: &str = r"
 if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 local mine = 0
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]); mine = 1 end
+if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  mine = 1
+end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return mine
 ";
@@ -163,11 +255,11 @@ pub struct StoreSettings {
     pub pipelined_reads: bool,
 }
 
-/// A sealed value and its remaining time to live.
+/// A sealed value, and Redis's clock when it was read (see [`crate::redis_clock`]).
 #[derive(Debug, Clone)]
 pub struct StoredValue {
     pub sealed: Bytes,
-    pub ttl: Duration,
+    pub now: RedisTime,
 }
 
 /// What [`RedisStore::lookup`] found.
@@ -175,8 +267,9 @@ pub struct StoredValue {
 pub enum Lookup {
     /// A fresh entry.
     Fresh(StoredValue),
-    /// No fresh entry; we hold the lock now. A stale entry, if any, is a fallback.
-    Acquired { stale: Option<StoredValue> },
+    /// No fresh entry; we hold the lock now. A stale entry, if any, is a fallback. `clock`
+    /// places the entry this flight will write on Redis's clock.
+    Acquired { stale: Option<StoredValue>, clock: RedisClock },
     /// No fresh entry; another flight holds the lock for `lock_ttl` more.
     Held { lock_ttl: Duration, stale: Option<StoredValue> },
 }
@@ -234,10 +327,12 @@ pub struct RedisStore {
     reads: Option<Arc<ReadPipeline>>,
     command_timeout: Duration,
     subscriber: SubscriberClient,
+    read_script: Arc<Script>,
     lookup_script: Arc<Script>,
     complete_script: Arc<Script>,
     purge_script: Arc<Script>,
-    epochs_script: Arc<Script>,
+    purge_state_script: Arc<Script>,
+    restore_purges_script: Arc<Script>,
     auth_attempt_script: Arc<Script>,
     auth_settle_script: Arc<Script>,
     rate_slot_script: Arc<Script>,
@@ -302,10 +397,12 @@ impl RedisStore {
             reads,
             command_timeout: timeout,
             subscriber,
-            lookup_script: Arc::new(Script::from_lua(LOOKUP_LUA)),
+            read_script: Arc::new(Script::from_lua(format!("{ENTRY_LUA}{READ_LUA}"))),
+            lookup_script: Arc::new(Script::from_lua(format!("{ENTRY_LUA}{LOOKUP_LUA}"))),
             complete_script: Arc::new(Script::from_lua(COMPLETE_LUA)),
-            purge_script: Arc::new(Script::from_lua(PURGE_LUA)),
-            epochs_script: Arc::new(Script::from_lua(EPOCHS_LUA)),
+            purge_script: Arc::new(Script::from_lua(format!("{PURGE_LUA_COMMON}{PURGE_LUA}"))),
+            purge_state_script: Arc::new(Script::from_lua(format!("{PURGE_LUA_COMMON}{PURGE_STATE_LUA}"))),
+            restore_purges_script: Arc::new(Script::from_lua(format!("{PURGE_LUA_COMMON}{RESTORE_PURGES_LUA}"))),
             auth_attempt_script: Arc::new(Script::from_lua(AUTH_ATTEMPT_LUA)),
             auth_settle_script: Arc::new(Script::from_lua(AUTH_SETTLE_LUA)),
             rate_slot_script: Arc::new(Script::from_lua(RATE_SLOT_LUA)),
@@ -343,37 +440,42 @@ impl RedisStore {
         result
     }
 
-    /// Reads an entry and its remaining TTL, one round trip, no lock: the hit path. GET and
-    /// PTTL rather than a script: Redis runs the pair several times cheaper than Lua. On a
-    /// plain `redis://` server they go through the [`ReadPipeline`], else through fred.
-    ///
-    /// PTTL goes first: the pair is not atomic, and a write landing between the two then pairs
-    /// an older TTL with a newer token, which can only understate `expires_in` (each write
-    /// stores a token with more life left than the one it replaces), never overstate it.
+    /// Reads an entry and Redis's clock, one round trip, no lock: the hit path. On a plain
+    /// `redis://` server through the [`ReadPipeline`] (GETRANGE and TIME, several times cheaper
+    /// for Redis than a script), else through fred ([`READ_LUA`]: TIME must come from the
+    /// entry's own node in a cluster). A key holding something else, or more than
+    /// [`MAX_ENTRY_BYTES`], is that key's miss (and a metric), never a Redis failure.
     pub async fn read(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
         let name = entry_name(key);
-        let (value, ttl) = self
+        let found = self
             .guarded(async {
                 if let Some(reads) = &self.reads {
-                    let reply = tokio::time::timeout(self.command_timeout, reads.read(&name))
-                        .await
-                        .map_err(|_| StoreError::Timeout)??;
-                    return Ok((reply.value, reply.ttl_ms));
+                    let read = tokio::time::timeout(self.command_timeout, reads.read(&name));
+                    return match read.await.map_err(|_| StoreError::Timeout)? {
+                        Ok(reply) => Ok(Found::of(reply.value, reply.now)),
+                        Err(ReadError::Server(code)) if code == "WRONGTYPE" => Ok(Found::Unusable),
+                        Err(error) => Err(error.into()),
+                    };
                 }
-                // fred's command futures are kilobytes each: boxed where they are made, so that
-                // this future, and every one that awaits it, stays small. Both are written in
-                // one go (fred does not flush a command while another waits behind it), PTTL
-                // first (join! polls in order, and one connection keeps it).
-                let pttl: CommandFuture<'_, i64> = Box::pin(self.client.pttl(&name[..]));
-                let get: CommandFuture<'_, Option<Bytes>> = Box::pin(self.client.get(&name[..]));
-                let (ttl, value) = tokio::join!(pttl, get);
-                Ok((value?, ttl?))
+                let reply: Vec<Value> =
+                    self.read_script.evalsha_with_reload(&self.client, vec![&name[..]], MAX_ENTRY_BYTES as i64).await?;
+                parse_read(reply).ok_or(StoreError::UnexpectedReply)
             })
             .await?;
-        // Absent, expired between the two commands, or without a TTL (never written by us).
-        Ok(value
-            .filter(|_| ttl > 0)
-            .map(|sealed| StoredValue { sealed, ttl: Duration::from_millis(ttl.unsigned_abs()) }))
+        Ok(self.usable(found))
+    }
+
+    /// The value found, if usable; an unusable one is counted.
+    fn usable(&self, found: Found) -> Option<StoredValue> {
+        match found {
+            Found::Value(value) => Some(value),
+            Found::Absent => None,
+            Found::Unusable => {
+                self.metrics.redis_bad_entry();
+                tracing::warn!("a cache entry in Redis is of the wrong type or too large; treated as a miss");
+                None
+            }
+        }
     }
 
     /// Reads the entry, or takes the lock if there is no fresh entry: see [`LOOKUP_LUA`].
@@ -388,10 +490,16 @@ impl RedisStore {
     ) -> Result<Lookup, StoreError> {
         let keys = vec![RedisStore::entry_key(key), RedisStore::lock_key(key)];
         let fresh_ms = fresh_ttl.map_or(i64::MAX, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let args: Vec<Value> = vec![owner.0.as_str().into(), millis(lock_ttl).into(), fresh_ms.into()];
+        let args: Vec<Value> =
+            vec![owner.0.as_str().into(), millis(lock_ttl).into(), fresh_ms.into(), (MAX_ENTRY_BYTES as i64).into()];
         let reply: Vec<Value> =
             self.guarded(async { Ok(self.lookup_script.evalsha_with_reload(&self.client, keys, args).await?) }).await?;
-        parse_lookup(reply).ok_or(StoreError::UnexpectedReply)
+        let arrived = std::time::Instant::now();
+        let (lookup, unusable) = parse_lookup(reply, arrived).ok_or(StoreError::UnexpectedReply)?;
+        if unusable {
+            self.usable(Found::Unusable);
+        }
+        Ok(lookup)
     }
 
     /// Announces a flight's outcome: see [`COMPLETE_LUA`]. `value` is stored with its TTL when
@@ -421,30 +529,56 @@ impl RedisStore {
         Ok(mine == 1)
     }
 
-    /// Bumps the purge epoch `field` and announces it to every replica. Returns the new epoch.
-    pub async fn purge(&self, field: &str) -> Result<u64, StoreError> {
-        let args: Vec<Value> = vec![field.into(), PURGE_CHANNEL.into()];
+    /// Bumps the purge epoch `field` and announces it to every replica: see [`PURGE_LUA`].
+    /// Returns the new epoch, or `None` when `max_tagged` fields are in use already.
+    pub async fn purge(&self, field: &str, retention: Duration, max_tagged: usize) -> Result<Option<u64>, StoreError> {
+        let args: Vec<Value> = vec![
+            field.into(),
+            PURGE_CHANNEL.into(),
+            micros(retention).into(),
+            i64::try_from(max_tagged).unwrap_or(i64::MAX).into(),
+        ];
         let epoch: i64 = self
             .guarded(async { Ok(self.purge_script.evalsha_with_reload(&self.client, vec![EPOCHS_KEY], args).await?) })
             .await?;
-        u64::try_from(epoch).map_err(|_| StoreError::UnexpectedReply)
+        if epoch == -1 {
+            return Ok(None);
+        }
+        u64::try_from(epoch).map(Some).map_err(|_| StoreError::UnexpectedReply)
     }
 
-    /// Every purge epoch, by field.
-    pub async fn purge_epochs(&self) -> Result<HashMap<String, u64>, StoreError> {
+    /// The purge hash, unless its version is `known`: see [`PURGE_STATE_LUA`].
+    pub async fn purge_state(&self, known: Option<&str>) -> Result<Option<PurgeState>, StoreError> {
+        let args: Vec<Value> = vec![known.unwrap_or("").into()];
         let flat: Vec<Value> = self
-            .guarded(async { Ok(self.epochs_script.evalsha_with_reload(&self.client, vec![EPOCHS_KEY], ()).await?) })
+            .guarded(async {
+                Ok(self.purge_state_script.evalsha_with_reload(&self.client, vec![EPOCHS_KEY], args).await?)
+            })
             .await?;
-        let mut fields = HashMap::new();
-        let mut flat = flat.into_iter();
-        while let (Some(field), Some(epoch)) = (flat.next(), flat.next()) {
-            let field = bytes_of(field).and_then(|b| String::from_utf8(b.to_vec()).ok());
-            let epoch = bytes_of(epoch).and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok());
-            if let (Some(field), Some(epoch)) = (field, epoch) {
-                fields.insert(field, epoch);
-            }
+        if flat.is_empty() {
+            return Ok(None);
         }
-        Ok(fields)
+        parse_purge_state(flat).map(Some)
+    }
+
+    /// Writes back the epochs in `fields` that Redis lost or holds older: see
+    /// [`RESTORE_PURGES_LUA`]. Returns the hash afterwards.
+    pub async fn restore_purges(
+        &self,
+        fields: &[(String, u64)],
+        retention: Duration,
+    ) -> Result<PurgeState, StoreError> {
+        let mut args: Vec<Value> = vec![micros(retention).into()];
+        for (field, epoch) in fields {
+            args.push(field.as_str().into());
+            args.push(epoch.to_string().into());
+        }
+        let flat: Vec<Value> = self
+            .guarded(async {
+                Ok(self.restore_purges_script.evalsha_with_reload(&self.client, vec![EPOCHS_KEY], args).await?)
+            })
+            .await?;
+        parse_purge_state(flat)
     }
 
     /// Admits an authentication attempt against `counters`: see [`AUTH_ATTEMPT_LUA`].
@@ -495,9 +629,9 @@ impl RedisStore {
         Ok((wait > 0).then(|| Duration::from_millis(wait.unsigned_abs())))
     }
 
-    /// Resolves when a purge is announced.
-    pub async fn purge_announced(&self) {
-        self.purged.notified().await;
+    /// Resolves when a purge is announced after this call (not after its first poll).
+    pub fn purge_announced(&self) -> tokio::sync::futures::Notified<'_> {
+        self.purged.notified()
     }
 
     /// Registers for the outcome messages of `key`. Register *before* looking the key up,
@@ -521,9 +655,6 @@ impl RedisStore {
         let _ = self.client.quit().await;
     }
 }
-
-/// A fred command, boxed.
-type CommandFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, fred::error::Error>> + Send + 'a>>;
 
 /// Length of an entry's name: `tp:{`, 22 base64url characters (128 bits), `}`.
 const ENTRY_NAME_LEN: usize = 27;
@@ -557,6 +688,30 @@ fn plain_tcp_target(config: &Config) -> Option<Target> {
     })
 }
 
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The purge hash from HGETALL's flat reply; fields that are not `name → integer` are skipped.
+fn parse_purge_state(flat: Vec<Value>) -> Result<PurgeState, StoreError> {
+    let mut state = PurgeState::default();
+    let mut flat = flat.into_iter();
+    while let (Some(field), Some(value)) = (flat.next(), flat.next()) {
+        let field = bytes_of(field).and_then(|b| String::from_utf8(b.to_vec()).ok());
+        let value = bytes_of(value).and_then(|b| String::from_utf8(b.to_vec()).ok());
+        let (Some(field), Some(value)) = (field, value) else { continue };
+        if field == VERSION_FIELD {
+            state.version = value;
+        } else if let Ok(epoch) = value.parse() {
+            state.fields.insert(field, epoch);
+        }
+    }
+    if state.version.is_empty() {
+        return Err(StoreError::UnexpectedReply);
+    }
+    Ok(state)
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -569,28 +724,63 @@ fn bytes_of(value: Value) -> Option<Bytes> {
     }
 }
 
-/// A value that is present (non-empty) with a positive TTL.
-fn stored(value: Option<Value>, ttl: Option<&Value>) -> Option<StoredValue> {
-    let sealed = bytes_of(value?)?;
-    let ttl = ttl?.as_i64()?;
-    (!sealed.is_empty() && ttl > 0).then(|| StoredValue { sealed, ttl: Duration::from_millis(ttl.unsigned_abs()) })
+/// What a read found at an entry's name.
+#[derive(Debug)]
+enum Found {
+    Absent,
+    /// Something that cannot be an entry: another type, or more than [`MAX_ENTRY_BYTES`].
+    Unusable,
+    Value(StoredValue),
 }
 
-fn parse_lookup(reply: Vec<Value>) -> Option<Lookup> {
+impl Found {
+    /// A read value (empty = absent) with Redis's clock.
+    fn of(value: Option<Bytes>, now: RedisTime) -> Found {
+        match value {
+            None => Found::Absent,
+            Some(sealed) if sealed.is_empty() => Found::Absent,
+            Some(sealed) if sealed.len() > MAX_ENTRY_BYTES => Found::Unusable,
+            Some(sealed) => Found::Value(StoredValue { sealed, now }),
+        }
+    }
+}
+
+/// Redis's clock from `TIME`'s two fields, as a script passes them on.
+fn redis_time(seconds: Value, micros: Value) -> Option<RedisTime> {
+    let field = |v: Value| bytes_of(v).and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok());
+    RedisTime::from_parts(field(seconds)?, field(micros)?)
+}
+
+/// [`READ_LUA`]'s reply.
+fn parse_read(reply: Vec<Value>) -> Option<Found> {
+    let [value, seconds, micros, unusable] = <[Value; 4]>::try_from(reply).ok()?;
+    if unusable.as_i64()? == 1 {
+        return Some(Found::Unusable);
+    }
+    Some(Found::of(bytes_of(value), redis_time(seconds, micros)?))
+}
+
+/// [`LOOKUP_LUA`]'s reply, which arrived at `arrived`, and whether it found an unusable value.
+fn parse_lookup(reply: Vec<Value>, arrived: std::time::Instant) -> Option<(Lookup, bool)> {
     let mut reply = reply.into_iter();
     let code = reply.next()?.as_i64()?;
-    let ttl = reply.next()?;
-    let value = reply.next();
-    Some(match code {
-        0 => Lookup::Fresh(stored(value, Some(&ttl))?),
-        1 => Lookup::Acquired { stale: stored(value, Some(&ttl)) },
+    let now = redis_time(reply.next()?, reply.next()?)?;
+    let unusable = reply.next()?.as_i64()? == 1;
+    let mut value = || match Found::of(bytes_of(reply.next()?), now) {
+        Found::Value(value) => Some(value),
+        Found::Absent | Found::Unusable => None,
+    };
+    let lookup = match code {
+        0 => Lookup::Fresh(value()?),
+        1 => Lookup::Acquired { stale: value(), clock: RedisClock::new(now, arrived) },
         2 => {
-            let lock_ttl = Duration::from_millis(ttl.as_i64().unwrap_or(0).max(1).unsigned_abs());
-            let value_ttl = reply.next();
-            Lookup::Held { lock_ttl, stale: stored(value, value_ttl.as_ref()) }
+            let stale = value();
+            let lock_ttl = reply.next()?.as_i64()?;
+            Lookup::Held { lock_ttl: Duration::from_millis(lock_ttl.max(1).unsigned_abs()), stale }
         }
         _ => return None,
-    })
+    };
+    Some((lookup, unusable))
 }
 
 /// Subscribes to [`CHANNEL`], retrying until Redis answers; after that fred re-subscribes on

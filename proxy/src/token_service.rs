@@ -34,11 +34,12 @@ use crate::flight_message::{self, FlightMessage};
 use crate::l1::{L1, L1Hasher, L1Key};
 use crate::metrics::Metrics;
 use crate::normalize::{PassThrough, TokenRequest};
-use crate::purge::{Epochs, PurgeTarget};
+use crate::purge::{self, Epochs, PurgeError, PurgeTarget};
 use crate::quota::{self, Quota, Refused};
+use crate::redis_clock::{self, RedisClock};
 use crate::response::{Answer, CacheStatus, ProxyError, Reply, UpstreamFailure};
 use crate::single_flight::{Flights, Role, SharedReads};
-use crate::store::{LockOwner, Lookup, RedisStore, StoreError, StoredValue, Waiter};
+use crate::store::{LockOwner, Lookup, RedisStore, StoredValue, Waiter};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 /// How often a follower looks at Redis itself, in case the announcement was lost.
@@ -173,6 +174,14 @@ struct Inner {
     flights: Arc<Flights<Fetched>>,
 }
 
+/// The lock of a key this replica's flight holds, and Redis's clock as the lock script read it
+/// (where the entry the flight writes is placed in time).
+#[derive(Debug)]
+struct HeldLock {
+    owner: LockOwner,
+    clock: RedisClock,
+}
+
 /// The two names of one entry: in L1 (cheap, process-local) and in Redis (keyed HMAC).
 #[derive(Debug, Clone, Copy)]
 struct EntryKeys {
@@ -199,15 +208,21 @@ impl TokenService {
 
     /// Drops the cached tokens `target` covers, on every replica (L1 included): bumps its purge
     /// epoch in Redis and announces it; without Redis, here only. Returns the new epoch.
-    pub async fn purge(&self, target: &PurgeTarget) -> Result<u64, StoreError> {
+    pub async fn purge(&self, target: &PurgeTarget) -> Result<u64, PurgeError> {
         let inner = &self.inner;
         let field = target.field(&inner.parts.keys.hasher);
         let Some(store) = &inner.parts.store else { return Ok(inner.epochs.bump_local(&field)) };
-        let epoch = store.purge(&field).await?;
+        let epoch =
+            store.purge(&field, inner.purge_retention(), purge::MAX_PURGED).await?.ok_or(PurgeError::TooMany)?;
         // Apply it here at once rather than on the announcement.
-        inner.epochs.replace(store.purge_epochs().await?);
+        purge::sync(&inner.epochs, store, inner.purge_retention()).await?;
         tracing::info!(epoch, "purged");
         Ok(epoch)
+    }
+
+    /// Whether this replica knows the purge epochs (read once from Redis), or needs none.
+    pub fn purges_synced(&self) -> bool {
+        self.inner.parts.store.is_none() || self.inner.epochs.is_synced()
     }
 
     /// The Redis store, if one is configured.
@@ -319,19 +334,23 @@ impl TokenService {
     }
 }
 
-/// Keeps this replica's purge epochs in step with Redis: on every announcement, and once a
-/// second in case one was lost. Ends with the service.
+/// Keeps this replica's purge epochs in step with Redis (see [`purge::sync`]): at once, on every
+/// announcement, and once a second in case one was lost or Redis lost its state. Ends with the
+/// service.
 async fn follow_purges(inner: std::sync::Weak<Inner>) {
     loop {
         let Some(store) = inner.upgrade().and_then(|i| i.parts.store.clone()) else { return };
-        tokio::select! {
-            () = store.purge_announced() => {}
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        let Ok(fields) = store.purge_epochs().await else { continue };
+        // Registered before the look, so an announcement made meanwhile is not missed.
+        let announced = store.purge_announced();
         match inner.upgrade() {
-            Some(inner) => inner.epochs.replace(fields),
+            Some(inner) => {
+                let _ = purge::sync(&inner.epochs, &store, inner.purge_retention()).await;
+            }
             None => return,
+        }
+        tokio::select! {
+            () = announced => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
@@ -346,6 +365,12 @@ fn classify(result: Result<UpstreamResponse, UpstreamError>) -> Outcome {
 }
 
 impl Inner {
+    /// How long a client's purge epoch must be kept: entries keyed under the epoch before it
+    /// live at most this long (see [`crate::purge`]).
+    fn purge_retention(&self) -> Duration {
+        purge::DEFAULT_RETENTION
+    }
+
     /// Starts one background refresh of `key`, single-flighted on this replica and, through
     /// the lock, across the cluster.
     fn start_refresh(self: &Arc<Self>, keys: EntryKeys, request: CanonicalRequest, current: Arc<CachedToken>) {
@@ -365,6 +390,11 @@ impl Inner {
     /// stores its successor under the current keys.
     async fn read_fresh(&self, keys: EntryKeys, epochs: PurgeEpochs, request: &CanonicalRequest) -> Read {
         let Some(store) = &self.parts.store else { return Read::Miss };
+        if !self.epochs.is_synced() {
+            // Keys built without the purge epochs could find a purged token: go on without
+            // Redis until they are known (the first read happens at start).
+            return Read::Unavailable;
+        }
         let secret = request.client_secret.expose_secret().as_bytes();
         let current = (&self.parts.keys, keys.cache);
         let previous =
@@ -482,7 +512,8 @@ impl Inner {
                     // Unreadable (tampered, foreign) or not fresh after all: replace it.
                     _ => fresh_ttl = None,
                 },
-                Lookup::Acquired { stale: old } => {
+                Lookup::Acquired { stale: old, clock } => {
+                    let lock = HeldLock { owner, clock };
                     stale = stale.or_else(|| self.servable(&key, secret, old));
                     self.parts.metrics.lock_acquired();
                     if seen_held {
@@ -492,10 +523,10 @@ impl Inner {
                         // Redis lost the entry (e.g. it restarted empty) but this replica still
                         // holds a fresh token: put it back instead of calling the upstream.
                         let fetched = Fetched { source: Source::Cache, outcome: Outcome::Token(token) };
-                        self.complete(store, key, secret, &owner, &fetched).await;
+                        self.complete(store, key, secret, &lock, &fetched).await;
                         return fetched;
                     }
-                    return self.lead(keys, &request, Some(owner), purpose, stale).await;
+                    return self.lead(keys, &request, Some(lock), purpose, stale).await;
                 }
                 Lookup::Held { lock_ttl, stale: old } => {
                     stale = stale.or_else(|| self.servable(&key, secret, old));
@@ -560,13 +591,13 @@ impl Inner {
         None
     }
 
-    /// Calls the upstream. With `owner`, this replica holds the key's lock: it then stores the
+    /// Calls the upstream. With `lock`, this replica holds the key's lock: it then stores the
     /// entry, releases the lock and announces the outcome. Without, it only fills L1.
     async fn lead(
         &self,
         keys: EntryKeys,
         request: &CanonicalRequest,
-        owner: Option<LockOwner>,
+        lock: Option<HeldLock>,
         purpose: Purpose,
         stale: Option<Arc<CachedToken>>,
     ) -> Fetched {
@@ -589,23 +620,24 @@ impl Inner {
         if let (Source::Upstream, Outcome::Token(token)) = (&fetched.source, &fetched.outcome) {
             self.remember_locally(keys.l1, token);
         }
-        if let (Some(store), Some(owner)) = (&self.parts.store, owner) {
-            self.complete(store, key, secret, &owner, &fetched).await;
+        if let (Some(store), Some(lock)) = (&self.parts.store, lock) {
+            self.complete(store, key, secret, &lock, &fetched).await;
         }
         fetched
     }
 
     /// Ends a flight this replica led: stores a new token, releases the lock, announces the
     /// outcome. Only a token from the upstream or put back from L1 is stored; never a stale one.
-    async fn complete(&self, store: &RedisStore, key: CacheKey, secret: &[u8], owner: &LockOwner, fetched: &Fetched) {
+    async fn complete(&self, store: &RedisStore, key: CacheKey, secret: &[u8], lock: &HeldLock, fetched: &Fetched) {
         let now = Instant::now();
         let sealer = &self.parts.keys.sealer;
         let (entry, message) = match &fetched.outcome {
             Outcome::Token(token) => {
                 let entry = match fetched.source {
-                    Source::Upstream | Source::Cache => token
-                        .keep_for(now, &self.parts.freshness)
-                        .map(|ttl| (sealer.seal(&key, secret, &token.to_stored()), ttl)),
+                    Source::Upstream | Source::Cache => token.keep_for(now, &self.parts.freshness).map(|ttl| {
+                        let expires = lock.clock.at(now + token.remaining(now));
+                        (sealer.seal(&key, secret, &redis_clock::encode_entry(expires, &token.to_stored())), ttl)
+                    }),
                     Source::Stale | Source::Peer => None,
                 };
                 (entry, flight_message::encode_token(token, now))
@@ -614,7 +646,7 @@ impl Inner {
             Outcome::Failed(failure) => (None, flight_message::encode_failure(failure)),
         };
         let sealed_message = sealer.seal(&key, secret, &message);
-        if let Ok(false) = store.complete(&key, owner, entry, sealed_message).await {
+        if let Ok(false) = store.complete(&key, &lock.owner, entry, sealed_message).await {
             tracing::info!(?key, "the lock expired before the flight ended; another flight may have run");
         }
     }
@@ -661,7 +693,11 @@ impl Inner {
                 return None;
             }
         };
-        CachedToken::from_redis(&plaintext, value.ttl, Instant::now(), &self.parts.freshness).map(Arc::new)
+        let Some((remaining, token)) = redis_clock::decode_entry(&plaintext, value.now) else {
+            tracing::warn!(?key, "cache entry of an earlier layout treated as a miss");
+            return None;
+        };
+        CachedToken::from_stored(token, remaining, Instant::now(), &self.parts.freshness).map(Arc::new)
     }
 
     /// A stale entry from Redis, if it opens and may still be served.

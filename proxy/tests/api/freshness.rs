@@ -72,11 +72,11 @@ async fn tokens_too_short_lived_to_cache_are_relayed_but_not_cached() {
     assert!(app.redis().dump().await.is_empty());
 }
 
-/// The hit path reads an entry's TTL before its value. The two reads are not atomic; in this
-/// order a write landing between them pairs an older TTL with a newer token, which can only
-/// understate `expires_in`. Redis's MONITOR shows the order in which it ran them.
+/// The hit path reads an entry's value, then Redis's clock: the time left is computed from a
+/// clock reading no earlier than the value's, so it can only be understated. Redis's MONITOR
+/// shows the order in which it ran them.
 #[tokio::test]
-async fn a_hit_from_redis_reads_the_ttl_before_the_value() {
+async fn a_hit_from_redis_reads_the_value_before_the_clock() {
     use tokio::io::AsyncBufReadExt;
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[("TOKEN_PROXY_L1_CAPACITY", "0")]).await;
     let url = app.proxy.token_url();
@@ -99,14 +99,80 @@ async fn a_hit_from_redis_reads_the_ttl_before_the_value() {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = tokio::time::timeout(left, lines.next_line()).await.expect("both reads within 5 s").unwrap();
         let line = line.expect("MONITOR ended early").to_ascii_uppercase();
-        // Entries only (`"tp:{...}"`, no `:lock`), not the purge epochs or locks.
-        if line.contains("\"TP:{") && !line.contains(":LOCK\"") {
-            for command in ["\"PTTL\"", "\"GET\""] {
-                if line.contains(command) {
-                    reads.push(command);
-                }
-            }
+        // Entries only (`"tp:{...}"`, no `:lock`) and the clock, not the purge epochs or locks.
+        if line.contains("\"TP:{") && !line.contains(":LOCK\"") && line.contains("\"GETRANGE\"") {
+            reads.push("\"GETRANGE\"");
+        } else if line.ends_with("\"TIME\"") && !reads.is_empty() {
+            reads.push("\"TIME\"");
         }
     }
-    assert_eq!(reads, ["\"PTTL\"", "\"GET\""], "the TTL must be read first");
+    assert_eq!(reads, ["\"GETRANGE\"", "\"TIME\""], "the value must be read first");
+}
+
+/// Issue 10, defect 2: the time left came from the Redis TTL alone, so `PEXPIRE` on an entry
+/// served its token past its expiry (once with `expires_in` 31,535,862).
+#[tokio::test]
+async fn a_stretched_ttl_in_redis_never_serves_a_token_past_its_expiry() {
+    let app = TestApp::with_redis(
+        vec![client("app", SECRET)],
+        &[("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_EXPIRY_MARGIN", "1s"), ("TOKEN_PROXY_MIN_TOKEN_TTL", "1s")],
+    )
+    .await;
+    app.idp.idp.set_token_lifetime(Duration::from_secs(4));
+    let url = app.proxy.token_url();
+    let issued_at = Instant::now();
+    let first = post_basic(&url, "app", SECRET, None).await.access_token().to_owned();
+    let redis = app.redis().client().await;
+    let (entry, _) = app.redis().dump().await.into_iter().next().expect("the entry");
+    let stretched: bool =
+        fred::prelude::KeysInterface::pexpire(&redis, entry, 365 * 24 * 3600 * 1000, None).await.unwrap();
+    assert!(stretched);
+    while issued_at.elapsed() < Duration::from_secs(6) {
+        let reply = post_basic(&url, "app", SECRET, None).await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.expires_in() <= 4, "expires_in {} for a 4 s token", reply.expires_in());
+        if reply.access_token() == first {
+            assert!(
+                issued_at.elapsed() < Duration::from_secs(3),
+                "served {:?} after issue, with {} s left",
+                issued_at.elapsed(),
+                reply.expires_in()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(app.issued() >= 2, "the stretched entry was never replaced");
+}
+
+/// Issue 10, defect 2: an old sealed value written back under its own key, with a long TTL,
+/// is not served once its token has expired.
+#[tokio::test]
+async fn an_old_sealed_value_written_back_is_not_served() {
+    let app = TestApp::with_redis(
+        vec![client("app", SECRET)],
+        &[("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_EXPIRY_MARGIN", "1s"), ("TOKEN_PROXY_MIN_TOKEN_TTL", "1s")],
+    )
+    .await;
+    app.idp.idp.set_token_lifetime(Duration::from_secs(3));
+    let url = app.proxy.token_url();
+    let old = post_basic(&url, "app", SECRET, None).await.access_token().to_owned();
+    let (entry, sealed) = app.redis().dump().await.into_iter().next().expect("the entry");
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let redis = app.redis().client().await;
+    let _: () = fred::prelude::KeysInterface::set(
+        &redis,
+        entry,
+        sealed,
+        Some(fred::types::Expiration::PX(365 * 24 * 3600 * 1000)),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let reply = post_basic(&url, "app", SECRET, None).await;
+        assert_eq!(reply.status, 200);
+        assert_ne!(reply.access_token(), old, "an expired token came back from an old value");
+        assert!(reply.expires_in() <= 3);
+    }
 }

@@ -760,12 +760,16 @@ impl RedisServer {
         Ok(())
     }
 
-    /// Every key and its value.
+    /// Every string key (entries and locks; not the purge hash) and its value.
     pub async fn dump(&self) -> Vec<(Bytes, Bytes)> {
         let client = self.client().await;
         let keys: Vec<Bytes> = client.custom(fred::cmd!("KEYS"), vec!["*"]).await.unwrap();
         let mut out = Vec::new();
         for key in keys {
+            let kind: String = client.custom(fred::cmd!("TYPE"), vec![key.clone()]).await.unwrap();
+            if kind != "string" {
+                continue;
+            }
             let value: Option<Bytes> = client.get(key.clone()).await.unwrap();
             out.push((key, value.unwrap_or_default()));
         }
@@ -949,10 +953,18 @@ impl TestProxy {
         let app = Application::build(config).await.expect("proxy starts");
         let (addr, admin) = (app.client_addr(), app.admin_addr());
         let registry = Arc::clone(&app.state().metrics);
+        // With Redis, a replica uses it once it has read the purge epochs (at start): wait
+        // for that, so tests see the cluster behaviour from the first request (bounded: Redis
+        // may be down on purpose).
+        let service = app.state().service.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
         }));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !service.purges_synced() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         TestProxy { addr, admin, stop: Some(stop), task, registry, checked: false }
     }
 
@@ -1208,7 +1220,14 @@ impl TestCluster {
             scope: Scope::Omitted,
             extra: extra.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
         };
-        let key = keys.hasher.cache_key(&self.idp.token_url(), &request);
+        // The purge-everything epoch is part of every key (see `token_proxy::purge`).
+        let all = RespConnection::open(self.redis.port).unwrap().call(&[b"HGET", b"tp:purge", b"all"]).unwrap();
+        let all = all.flatten().concat();
+        let epochs = shared::canonical::PurgeEpochs {
+            all: std::str::from_utf8(&all).unwrap().parse().unwrap_or(0),
+            ..Default::default()
+        };
+        let key = keys.hasher.cache_key_with(&self.idp.token_url(), &request, epochs);
         format!("{}:lock", token_proxy::store::RedisStore::entry_key(&key))
     }
 }

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use fred::prelude::*;
+
 use crate::helpers::*;
 
 const TOKEN: &str = "admin-token-for-tests-0123456789";
@@ -111,4 +113,73 @@ async fn the_admin_api_needs_its_token_and_a_well_formed_request() {
     // And the client listener never offers it.
     let response = http().post(format!("http://{}/admin/purge", app.proxy.addr)).body("{}").send().await.unwrap();
     assert_eq!(response.status(), 404);
+}
+
+/// Issue 10, defect 1: purge epochs lived only in one Redis hash; when Redis lost it, they fell
+/// back to 0 and the pre-purge token came back.
+#[tokio::test]
+async fn a_purge_outlives_redis_restarting_empty() {
+    let mut app = TestApp::with_redis(
+        vec![client("a", SECRET)],
+        &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN), ("TOKEN_PROXY_L1_MAX_AGE", "60s")],
+    )
+    .await;
+    let url = app.proxy.token_url();
+    let purged = post_basic(&url, "a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(purge(app.proxy.admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    let after = post_basic(&url, "a", SECRET, None).await;
+    assert_ne!(after.access_token(), purged);
+
+    app.redis_mut().restart().await;
+    // Long enough for the replica to notice the empty Redis (it looks once a second).
+    for _ in 0..4 {
+        let reply = post_basic(&url, "a", SECRET, None).await;
+        assert_eq!(reply.status, 200);
+        assert_ne!(reply.access_token(), purged, "the purged token came back after Redis restarted empty");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+
+    // A purge repeated after the loss still takes effect.
+    let current = post_basic(&url, "a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(purge(app.proxy.admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    let reply = post_basic(&url, "a", SECRET, None).await;
+    assert_ne!(reply.access_token(), current, "a purge repeated after the loss changed nothing");
+    assert_ne!(reply.access_token(), purged);
+}
+
+/// Issue 10, defect 1: the purge hash deleted (or evicted) while the entries stay: a replica
+/// started afterwards must not find the pre-purge entry under the old epochs.
+#[tokio::test]
+async fn a_purge_outlives_the_loss_of_its_hash_for_a_replica_started_afterwards() {
+    let cluster = TestCluster::start(1, vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
+    let url = cluster.urls()[0].clone();
+    let purged = post_basic(&url, "a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    assert_ne!(post_basic(&url, "a", SECRET, None).await.access_token(), purged);
+
+    let redis = cluster.redis.client().await;
+    let removed: i64 = redis.del("tp:purge").await.unwrap();
+    assert_eq!(removed, 1, "the purge state is the hash tp:purge");
+    let late = TestCluster::replica(&cluster.redis.url(), &cluster.idp, &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for url in [late.token_url(), url] {
+        for _ in 0..3 {
+            let reply = post_basic(&url, "a", SECRET, None).await;
+            assert_ne!(reply.access_token(), purged, "{url} served the purged token once its hash was gone");
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+    }
+}
+
+/// Issue 10, defect 10: purge state must stay bounded: client ids are bounded in size, and
+/// purges of distinct clients are bounded in number.
+#[tokio::test]
+async fn purge_state_is_bounded() {
+    let app = TestApp::with_redis(vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
+    let admin = app.proxy.admin;
+    let huge = format!(r#"{{"client_id": "{}"}}"#, "x".repeat(100_000));
+    let (status, body) = purge(admin, Some(TOKEN), &huge).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{body}");
+    let fields: i64 = app.redis().client().await.custom(fred::cmd!("HLEN"), vec!["tp:purge"]).await.unwrap();
+    assert!(fields <= 3, "a refused purge wrote {fields} fields");
 }
