@@ -183,3 +183,44 @@ async fn purge_state_is_bounded() {
     let fields: i64 = app.redis().client().await.custom(fred::cmd!("HLEN"), vec!["tp:purge"]).await.unwrap();
     assert!(fields <= 3, "a refused purge wrote {fields} fields");
 }
+
+/// Issue 10, defect 10: at most `max_tagged` client epochs are kept; those older than the
+/// retention (the longest a token lives) make room first, and purging everything always works.
+#[tokio::test]
+async fn client_purges_are_bounded_in_number_and_age() {
+    use token_proxy::store::{RedisStore, StoreSettings};
+    let redis = RedisServer::start().await;
+    let settings = StoreSettings {
+        command_timeout: Duration::from_secs(1),
+        breaker_threshold: 5,
+        breaker_cooldown: Duration::from_secs(1),
+        pipelined_reads: true,
+    };
+    let store =
+        RedisStore::connect(&redis.url(), settings, std::sync::Arc::new(token_proxy::metrics::Metrics::new())).unwrap();
+    let day = Duration::from_secs(24 * 3600);
+    let purge = async |field: &str, retention| {
+        let mut result = store.purge(field, retention, 3).await;
+        for _ in 0..50 {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            result = store.purge(field, retention, 3).await;
+        }
+        result.expect("Redis answers")
+    };
+    let first = purge("aa", day).await.expect("room for 3");
+    assert!(purge("bb", day).await.is_some() && purge("cc", day).await.is_some());
+    assert_eq!(purge("dd", day).await, None, "a fourth client is refused");
+    let again = purge("aa", day).await.expect("a purged client can be purged again");
+    assert!(again > first, "epochs only go up: {first} then {again}");
+    assert!(purge("all", day).await.is_some(), "purging everything is never refused");
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(purge("dd", Duration::from_millis(50)).await.is_some(), "expired epochs made room");
+    let state = store.purge_state(None).await.unwrap().expect("the hash");
+    let mut fields: Vec<_> = state.fields.keys().cloned().collect();
+    fields.sort();
+    assert_eq!(fields, ["all", "dd"]);
+}
