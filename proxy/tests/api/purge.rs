@@ -224,3 +224,30 @@ async fn client_purges_are_bounded_in_number_and_age() {
     fields.sort();
     assert_eq!(fields, ["all", "dd"]);
 }
+
+/// Issue 10, defect 1: a failover to a replica that missed the purge leaves Redis with an older
+/// generation; replicas that remember the newer one write it back and never serve the token.
+#[tokio::test]
+async fn a_generation_redis_holds_older_is_written_back_by_the_replicas() {
+    let cluster = TestCluster::start(2, vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
+    let urls = cluster.urls();
+    let purged = post_basic(&urls[0], "a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    let redis = cluster.redis.client().await;
+    let fields: Vec<String> = redis.custom(fred::cmd!("HKEYS"), vec!["tp:purge"]).await.unwrap();
+    let client_field = fields.iter().find(|f| !["all", "v"].contains(&f.as_str())).expect("the client's field").clone();
+    let purged_epoch: String = redis.custom(fred::cmd!("HGET"), vec!["tp:purge", client_field.as_str()]).await.unwrap();
+
+    // What a replica that missed the purge holds: the field gone, another version.
+    let _: i64 = redis.custom(fred::cmd!("HDEL"), vec!["tp:purge", client_field.as_str()]).await.unwrap();
+    let _: i64 = redis.custom(fred::cmd!("HSET"), vec!["tp:purge", "v", "1"]).await.unwrap();
+    for _ in 0..4 {
+        for url in &urls {
+            assert_ne!(post_basic(url, "a", SECRET, None).await.access_token(), purged, "{url}");
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let restored: Option<String> =
+        redis.custom(fred::cmd!("HGET"), vec!["tp:purge", client_field.as_str()]).await.unwrap();
+    assert_eq!(restored.as_deref(), Some(purged_epoch.as_str()), "the replicas wrote the generation back");
+}
