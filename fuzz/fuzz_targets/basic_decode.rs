@@ -1,4 +1,4 @@
-//! `shared::basic::decode` on arbitrary UTF-8 header values (DESIGN.md invariant 7, RFC 6749
+//! `shared::basic::decode` on arbitrary UTF-8 header values (docs/architecture.md, invariant 7, RFC 6749
 //! §2.3.1).
 //!
 //! Properties: never panics, whether given the header value as is or after a `Basic ` prefix (so

@@ -1,4 +1,4 @@
-//! Cache keys: `Keys::derive(&[7; 32]).hasher.cache_key(upstream, request)` (DESIGN.md
+//! Cache keys: `Keys::derive(&[7; 32]).hasher.cache_key(upstream, request)` (docs/architecture.md,
 //! invariant 1).
 //!
 //! Input layout (readable seeds): `op` byte, then fields separated by `0xFF` (a byte UTF-8 never

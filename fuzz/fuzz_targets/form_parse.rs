@@ -1,4 +1,4 @@
-//! `shared::form::Form::parse` on arbitrary bytes (DESIGN.md invariant 7).
+//! `shared::form::Form::parse` on arbitrary bytes (docs/architecture.md, invariant 7).
 //!
 //! Properties: never panics; an accepted form has unique, non-empty names and non-empty values,
 //! at most `MAX_PARAMETERS` of them; re-encoding the pairs with `encode_pairs` and parsing again

@@ -1,5 +1,5 @@
 //! `token_proxy::normalize::normalize`: an HTTP request's query, `Authorization` header and body
-//! turned into a token request or a rejection (DESIGN.md invariants 1 and 7).
+//! turned into a token request or a rejection (docs/architecture.md, invariants 1 and 7).
 //!
 //! Input layout: `flags` byte, then query `0xFF` authorization `0xFF` body (the body may contain
 //! `0xFF`). Flag bits: 1 = a query string is present, 2 = an `Authorization` header is present

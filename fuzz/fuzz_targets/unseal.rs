@@ -1,4 +1,4 @@
-//! Unsealing cache entries: `Sealer::open` (DESIGN.md invariant 4).
+//! Unsealing cache entries: `Sealer::open` (docs/architecture.md, invariant 4).
 //!
 //! Input layout: `n` byte, then `n % 64` bytes of client secret, then the payload.
 //!

@@ -1,4 +1,4 @@
-//! A cached token response and its freshness rules (DESIGN.md invariant 2).
+//! A cached token response and its freshness rules (docs/architecture.md, invariant 2).
 //!
 //! An entry remembers *when its token expires* as an [`Instant`] on this host, anchored at the
 //! moment the upstream request was sent (so upstream latency can only make it expire early,

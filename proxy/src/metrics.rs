@@ -1,4 +1,4 @@
-//! Prometheus metrics, all named `token_proxy_*` (DESIGN.md §3).
+//! Prometheus metrics, all named `token_proxy_*` (the README lists them).
 //!
 //! Each replica owns its recorder rather than installing a global one, so several replicas can
 //! run in one process (the integration tests do) without mixing their numbers. Every handle is

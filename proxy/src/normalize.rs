@@ -1,4 +1,4 @@
-//! Turns an HTTP request into a [`TokenRequest`], or refuses it (DESIGN.md invariant 7).
+//! Turns an HTTP request into a [`TokenRequest`], or refuses it (docs/architecture.md, invariant 7).
 //!
 //! The rules are RFC 6749's, applied strictly because whatever two requests share a cache key
 //! must be interchangeable: one client-authentication method per request (§2.3), Basic

@@ -1,6 +1,6 @@
 //! The shared cache (L2) and the cluster-wide single-flight primitives, in Redis.
 //!
-//! Redis is an accelerator, never a dependency (DESIGN.md invariant 5): every command has a
+//! Redis is an accelerator, never a dependency (docs/architecture.md, invariant 5): every command has a
 //! short deadline, a [`Breaker`] stops paying that deadline while Redis keeps failing, the
 //! client reconnects by itself, and any failure is a [`StoreError`] after which the caller
 //! carries on without Redis. fred's defaults would wait forever across a Redis restart, hence

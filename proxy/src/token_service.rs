@@ -1,6 +1,6 @@
 //! The token service: answers a normalized request from the caches or the upstream.
 //!
-//! Lookup order for a cacheable request (DESIGN.md §5):
+//! Lookup order for a cacheable request (docs/architecture.md):
 //!
 //! 1. **L1**, the in-process cache. A fresh token is a HIT; past its refresh point the hit
 //!    also starts one background refresh, so hot keys never wait at expiry.

@@ -1,7 +1,7 @@
 //! A client-credentials request reduced to exactly what determines the token it yields.
 //!
 //! Two requests with equal [`CanonicalRequest`]s must be interchangeable at the token endpoint,
-//! and two that differ in anything the endpoint looks at must differ here (DESIGN.md invariant 1).
+//! and two that differ in anything the endpoint looks at must differ here (docs/architecture.md, invariant 1).
 //! So the credentials are kept however they were sent (Basic or body), scope is a set (order and
 //! duplicates do not matter, but an omitted scope is distinct from any explicit one), and every
 //! other parameter, known or not (Cognito's `aws_client_metadata`, Auth0's `audience`, ...), is

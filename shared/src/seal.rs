@@ -1,4 +1,4 @@
-//! AES-256-GCM sealing of cached token responses (DESIGN.md invariant 4).
+//! AES-256-GCM sealing of cached token responses (docs/architecture.md, invariant 4).
 //!
 //! A sealed value is `key id (1 byte) ‖ nonce (12) ‖ ciphertext ‖ tag (16)`. The associated data
 //! is the key id and the cache key, so a value copied under another key, truncated or altered

@@ -189,7 +189,7 @@ where
     out
 }
 
-/// DESIGN.md §5's lookup order: L1, then in-process coalescing, then Redis. With L1 off and a
+/// The lookup order (docs/architecture.md): L1, then in-process coalescing, then Redis. With L1 off and a
 /// slow link to Redis, a burst of identical requests on one replica shares a handful of reads.
 #[tokio::test]
 async fn identical_concurrent_requests_on_one_replica_share_one_redis_read() {

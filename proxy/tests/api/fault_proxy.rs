@@ -1,4 +1,4 @@
-//! A small fault-injecting TCP proxy, put in front of Redis or of the upstream (DESIGN.md §6).
+//! A small fault-injecting TCP proxy, put in front of Redis or of the upstream (docs/architecture.md, testing).
 //!
 //! These machines have neither `tc netem` nor toxiproxy. So a test that needs a bad network between
 //! token-proxy and Redis (or the upstream) starts a [`FaultProxy`] in front of the real server and
@@ -154,7 +154,7 @@ impl FaultProxy {
     ///
     /// Why: Redis pub/sub is at-most-once. A notification can be lost while the subscriber stays
     /// connected, and the design relies on a periodic `GET` backstop and on lock expiry for exactly
-    /// that case (DESIGN.md §5). Only whole chunks are dropped, and a chunk can carry more than one
+    /// that case (docs/architecture.md, the lock protocol). Only whole chunks are dropped, and a chunk can carry more than one
     /// reply, so use this on connections whose traffic is only the pushes to lose, e.g. a dedicated
     /// subscriber connection. An empty pattern matches every chunk.
     pub fn set_drop_downstream_matching(&self, pattern: Option<Vec<u8>>) {
@@ -165,7 +165,7 @@ impl FaultProxy {
     ///
     /// Why: a Redis restart or failover, a load balancer or NAT that forgets a connection, or a
     /// crashed peer. The client learns of it only on its next read or write, and must reconnect
-    /// rather than hang (fred's defaults hang forever: DESIGN.md §5). The proxy keeps listening, so
+    /// rather than hang (fred's defaults hang forever). The proxy keeps listening, so
     /// reconnecting works unless [`set_refuse`](Self::set_refuse) is on. [`connections`](Self::connections)
     /// falls to 0 shortly after, not at once: poll it.
     pub fn reset_all(&self) {

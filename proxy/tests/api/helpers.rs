@@ -106,7 +106,7 @@ pub fn captured_log_bytes() -> Vec<u8> {
 
 // ---------------------------------------------------------------------------------------------
 // Canaries: every client secret and access token of this process, and every form in which they
-// must never show up in logs, panics, metrics, response bodies or Redis (DESIGN.md invariant 4).
+// must never show up in logs, panics, metrics, response bodies or Redis (docs/architecture.md, invariant 4).
 //
 // `client()` and `spawn_idp()` register client secrets, `proxy_config()` secret settings, and
 // tokens come from the record of every mock-idp `spawn_idp()` started, including tokens the test
