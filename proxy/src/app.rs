@@ -201,7 +201,7 @@ impl Application {
             }
         });
         let client_router = client_router(state.clone())
-            .layer(axum::middleware::map_response_with_state(state.clone(), close_while_draining));
+            .layer(axum::middleware::map_response_with_state(Arc::clone(&state.shutting_down), close_while_draining));
         let client = listener::serve(
             client_listener,
             client_router,
@@ -258,8 +258,8 @@ struct Drain {
 /// While draining, every client answer closes its connection: a keep-alive client then opens
 /// its next connection through the load balancer, to a replica that stays, instead of racing
 /// the close of its idle connection when the listener stops.
-async fn close_while_draining(State(state): State<AppState>, mut response: Response) -> Response {
-    if state.is_shutting_down() {
+async fn close_while_draining(State(draining): State<Arc<AtomicBool>>, mut response: Response) -> Response {
+    if draining.load(Ordering::Relaxed) {
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
