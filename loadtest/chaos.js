@@ -2,8 +2,11 @@
 // request may fail.
 //
 // `loadtest/run chaos` runs this script and, during it, SIGKILLs one token-proxy replica
-// (t=10 s), stops Redis for 3 s and starts it again empty (t=16 s), and restarts the killed
-// replica (t=24 s). The load mixes warm keys (HITs) with keys that turn cold every ROTATE
+// (t=10 s), stops Redis for 3 s and starts it again empty (t=16 s), restarts the killed
+// replica (t=24 s), then SIGTERMs another one (t=28 s) as a rolling deploy does: it must drain
+// (its /readyz turns 503 while it keeps serving for TOKEN_PROXY_DRAIN_DELAY, so HAProxy takes
+// it out before its listeners close) and exit 0, and is started again. `loadtest/run drain`
+// runs only that SIGTERM (t=10 s). The load mixes warm keys (HITs) with keys that turn cold every ROTATE
 // seconds, so misses, cluster-wide single flight and the upstream are exercised throughout,
 // including while Redis is down and while HAProxy still thinks the dead replica is up.
 // mock-idp answers after UPSTREAM_LATENCY_MS (set through /admin/faults, reset afterwards), so
@@ -15,9 +18,9 @@
 //   loadtest/run chaos
 //   docker compose run --rm k6 run /scripts/chaos.js   (and meanwhile, by hand:
 //       docker kill -s KILL token-proxy-token-proxy-2; docker compose restart redis;
-//       docker compose start token-proxy)
+//       docker compose start token-proxy; docker restart token-proxy-token-proxy-3)
 //
-// RATE [300] requests/s, DURATION [40s], KEYS [50], COLD_SHARE [0.2], ROTATE [5] seconds,
+// RATE [300] requests/s, DURATION [45s], KEYS [50], COLD_SHARE [0.2], ROTATE [5] seconds,
 // UPSTREAM_LATENCY_MS [50]
 
 import { check } from 'k6';
@@ -27,7 +30,7 @@ import {
 } from './lib/common.js';
 
 const RATE = envInt('RATE', 300);
-const DURATION = __ENV.DURATION || '40s';
+const DURATION = __ENV.DURATION || '45s';
 const KEYS = envInt('KEYS', 50);
 const COLD_SHARE = envFloat('COLD_SHARE', 0.2);
 const ROTATE_MS = envInt('ROTATE', 5) * 1000;

@@ -2,7 +2,8 @@
 //!
 //! [`Application::build`] binds before returning, so callers (and tests using port 0) can read
 //! the real addresses; [`Application::run_until`] serves until the given future resolves, then
-//! drains: `/readyz` turns 503 first so load balancers stop routing, then in-flight requests
+//! drains: `/readyz` turns 503 while both listeners keep serving for the drain delay, so load
+//! balancers stop routing here first; then the listeners stop accepting and in-flight requests
 //! finish.
 
 use std::future::Future;
@@ -11,6 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::response::Response;
+use http::{HeaderValue, header};
 use secrecy::ExposeSecret;
 use shared::keys::Keys;
 use tokio::net::TcpListener;
@@ -75,6 +79,7 @@ pub struct Application {
     admin_listener: TcpListener,
     inbound: Inbound,
     state: AppState,
+    drain: Drain,
 }
 
 impl Application {
@@ -153,7 +158,8 @@ impl Application {
             admission,
             shutting_down: Arc::default(),
         };
-        Ok(Application { client_listener, admin_listener, inbound, state })
+        let drain = Drain { delay: config.drain_delay, in_flight_bound: config.request_timeout };
+        Ok(Application { client_listener, admin_listener, inbound, state, drain })
     }
 
     pub fn client_addr(&self) -> SocketAddr {
@@ -168,9 +174,9 @@ impl Application {
         &self.state
     }
 
-    /// Serves both listeners until `shutdown` resolves, then drains.
+    /// Serves both listeners until `shutdown` resolves, then drains (see [`Drain`]).
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Application { client_listener, admin_listener, inbound, state } = self;
+        let Application { client_listener, admin_listener, inbound, state, drain } = self;
         tracing::info!(
             client = %client_listener.local_addr()?,
             admin = %admin_listener.local_addr()?,
@@ -194,29 +200,67 @@ impl Application {
                 }
             }
         });
+        let client_router = client_router(state.clone())
+            .layer(axum::middleware::map_response_with_state(Arc::clone(&state.shutting_down), close_while_draining));
         let client = listener::serve(
             client_listener,
-            client_router(state.clone()),
+            client_router,
             inbound,
             Arc::clone(&state.sources),
             Arc::clone(&state.metrics),
             stopped(),
         );
         let admin = axum::serve(admin_listener, admin_router(state.clone())).with_graceful_shutdown(stopped());
-        let signal = {
+        let serving = async {
+            let (client, admin) = tokio::join!(client, admin.into_future());
+            client.and(admin)
+        };
+        // Resolves only if requests are still in flight once their bound has passed.
+        let draining = {
             let state = state.clone();
             async move {
                 shutdown.await;
-                tracing::info!("shutting down: draining");
                 state.shutting_down.store(true, Ordering::Relaxed);
+                tracing::info!(delay = ?drain.delay, "shutting down: /readyz answers 503; still serving for the drain delay");
+                tokio::time::sleep(drain.delay).await;
+                tracing::info!("draining: no new connections; finishing the requests in flight");
                 let _ = stop_tx.send(true);
+                tokio::time::sleep(drain.in_flight_bound).await;
             }
         };
-        let (client, admin, ()) = tokio::join!(client, admin.into_future(), signal);
+        let result = tokio::select! {
+            result = serving => result,
+            () = draining => {
+                tracing::warn!(bound = ?drain.in_flight_bound, "requests still in flight after the drain bound; abandoning them");
+                Ok(())
+            }
+        };
         upkeep.abort();
         if let Some(store) = state.service.store() {
             store.quit().await;
         }
-        client.and(admin)
+        result
     }
+}
+
+/// How a replica stops, so that a rolling deploy fails no request: on the shutdown signal
+/// `/readyz` answers 503 at once while both listeners keep serving for `delay`, long enough
+/// for load balancers' health checks to take the replica out; only then do the listeners stop
+/// accepting, and requests in flight get up to `in_flight_bound` to finish.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    /// `TOKEN_PROXY_DRAIN_DELAY`.
+    delay: Duration,
+    /// `TOKEN_PROXY_REQUEST_TIMEOUT`: no token request may take longer.
+    in_flight_bound: Duration,
+}
+
+/// While draining, every client answer closes its connection: a keep-alive client then opens
+/// its next connection through the load balancer, to a replica that stays, instead of racing
+/// the close of its idle connection when the listener stops.
+async fn close_while_draining(State(draining): State<Arc<AtomicBool>>, mut response: Response) -> Response {
+    if draining.load(Ordering::Relaxed) {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }

@@ -172,6 +172,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "time a client has to send a request's headers; idle keep-alive connections close after it too",
     },
     Setting {
+        name: "TOKEN_PROXY_DRAIN_DELAY",
+        default: Some("5s"),
+        help: "after SIGTERM, how long both listeners keep serving while /readyz answers 503 (load balancers take the replica out); 0 = stop at once",
+    },
+    Setting {
         name: "TOKEN_PROXY_TLS_CERT_FILE",
         default: None,
         help: "PEM certificate chain: serve TLS on the client listener (re-read when it changes)",
@@ -268,6 +273,11 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Time a client has to send a request's headers. Default 5 s.
     pub header_read_timeout: Duration,
+    /// After SIGTERM, how long both listeners keep serving while `/readyz` answers 503, so
+    /// load balancers stop routing here before connections are refused; zero skips it. Then
+    /// the listeners stop accepting and requests in flight get up to `request_timeout` to
+    /// finish. Default 5 s.
+    pub drain_delay: Duration,
     /// TLS on the client listener; `None` = plain HTTP.
     pub tls: Option<TlsFiles>,
     /// Source networks allowed on the client listener; empty = any.
@@ -427,6 +437,7 @@ impl Config {
             )?,
             request_timeout: duration(&get, "TOKEN_PROXY_REQUEST_TIMEOUT")?,
             header_read_timeout: duration(&get, "TOKEN_PROXY_HEADER_READ_TIMEOUT")?,
+            drain_delay: duration(&get, "TOKEN_PROXY_DRAIN_DELAY")?,
             tls: parse_tls(
                 get("TOKEN_PROXY_TLS_CERT_FILE"),
                 get("TOKEN_PROXY_TLS_KEY_FILE"),
@@ -716,6 +727,7 @@ mod tests {
         assert!(config.secret.is_none());
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.redis_timeout, Duration::from_millis(250));
+        assert_eq!(config.drain_delay, Duration::from_secs(5));
         assert!(!config.allow_query_params);
     }
 
@@ -762,6 +774,7 @@ mod tests {
             ("TOKEN_PROXY_MAX_CONCURRENT_REQUESTS", "0"),
             ("TOKEN_PROXY_REQUEST_TIMEOUT", "5s"),
             ("TOKEN_PROXY_HEADER_READ_TIMEOUT", "0s"),
+            ("TOKEN_PROXY_DRAIN_DELAY", "soon"),
             ("TOKEN_PROXY_TLS_CLIENT_CA_FILE", "/etc/ca.pem"),
             ("TOKEN_PROXY_ALLOWED_NETWORKS", "10.0.0.0/8, not-a-network"),
             ("TOKEN_PROXY_TRUSTED_PROXIES", "10.0.0.0/33"),

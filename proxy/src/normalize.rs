@@ -45,6 +45,11 @@ pub enum TokenRequest {
 pub struct PassThrough {
     pub form_body: String,
     pub authorization: Option<HeaderValue>,
+    /// The client whose secret the request presents (Basic, or `client_id` with
+    /// `client_secret` in the body). The upstream checks that secret whatever the grant, so
+    /// its verdict counts against the failed-authentication throttle like any other; `None`
+    /// when no secret is presented (nothing to guess).
+    pub client_id: Option<String>,
 }
 
 /// The body and header carry credentials: never print them.
@@ -53,6 +58,7 @@ impl std::fmt::Debug for PassThrough {
         f.debug_struct("PassThrough")
             .field("form_body_len", &self.form_body.len())
             .field("authorization", &self.authorization.is_some())
+            .field("client_id", &self.client_id.is_some())
             .finish()
     }
 }
@@ -61,10 +67,25 @@ impl std::fmt::Debug for PassThrough {
 pub fn check_head(headers: &HeaderMap, limits: &RequestLimits) -> Result<(), Rejection> {
     // hyper refuses conflicting Content-Lengths and, given Content-Length with
     // Transfer-Encoding, frames by the latter and closes the connection (RFC 9112 §6.1). It does
-    // accept a repeated Transfer-Encoding (`chunked, chunked`), which another hop may read
-    // differently: refuse that here. tests/api/raw_socket.rs holds both to it.
-    if headers.get_all(header::TRANSFER_ENCODING).iter().count() > 1 {
-        return Err(Rejection::ambiguous_framing());
+    // accept a repeated Transfer-Encoding (`chunked, chunked`), and a list ending in chunked
+    // (`gzip, chunked`) whose other codings it ignores, which another hop may read differently:
+    // only exactly `chunked` is accepted here. tests/api/raw_socket.rs holds both to it.
+    let mut transfer_encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(coding) = transfer_encodings.next() {
+        let exactly_chunked = coding.to_str().is_ok_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        if !exactly_chunked || transfer_encodings.next().is_some() {
+            return Err(Rejection::ambiguous_framing());
+        }
+    }
+    // Two of either would be taken first-wins here, and may be read otherwise by another hop
+    // or by the upstream: which client, which body format, is not a guess to make.
+    for (name, refusal) in [
+        (header::AUTHORIZATION, "more than one Authorization header"),
+        (header::CONTENT_TYPE, "more than one Content-Type header"),
+    ] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(Rejection::invalid_request(refusal));
+        }
     }
     let header_bytes: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
     if header_bytes > limits.max_header_bytes {
@@ -148,6 +169,10 @@ pub fn normalize(
         if basic.is_some() && form.get("client_secret").is_some() {
             return Err(two_methods());
         }
+        let client_id = match &basic {
+            Some(basic) => basic.client_secret.as_ref().map(|_| basic.client_id.clone()),
+            None => form.get("client_secret").and(form.get("client_id")).map(str::to_owned),
+        };
         let form_body = if merged_query {
             let mut pairs = vec![("grant_type", grant_type.as_str())];
             pairs.extend(form.iter());
@@ -155,7 +180,11 @@ pub fn normalize(
         } else {
             String::from_utf8(body.to_vec()).map_err(|_| form_rejection(FormError::NotUtf8))?
         };
-        return Ok(TokenRequest::PassThrough(PassThrough { form_body, authorization: authorization.cloned() }));
+        return Ok(TokenRequest::PassThrough(PassThrough {
+            form_body,
+            authorization: authorization.cloned(),
+            client_id,
+        }));
     }
 
     let body_id = form.take("client_id");
@@ -351,6 +380,51 @@ mod tests {
         assert_eq!(check_head(&big, &LIMITS).unwrap_err().status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         let long = headers(&[("content-length", "9000")]);
         assert_eq!(check_head(&long, &LIMITS).unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn repeated_credentials_or_content_types_and_codings_other_than_chunked_are_refused() {
+        let with = |name: header::HeaderName, values: &[&str]| {
+            let mut map = headers(&[]);
+            map.remove(&name);
+            for value in values {
+                map.append(&name, HeaderValue::from_str(value).unwrap());
+            }
+            check_head(&map, &LIMITS)
+        };
+        let form = "application/x-www-form-urlencoded";
+        for (name, values) in [
+            (header::AUTHORIZATION, &["Basic YTpi", "Basic YzpkZA=="][..]),
+            (header::AUTHORIZATION, &["Basic YTpi", "Basic YTpi"]),
+            (header::CONTENT_TYPE, &[form, form]),
+            (header::TRANSFER_ENCODING, &["gzip, chunked"]),
+            (header::TRANSFER_ENCODING, &["chunked", "chunked"]),
+            (header::TRANSFER_ENCODING, &["identity"]),
+        ] {
+            let refusal = with(name.clone(), values).unwrap_err();
+            assert_eq!((refusal.status, refusal.error), (StatusCode::BAD_REQUEST, "invalid_request"), "{name}");
+        }
+        assert!(with(header::TRANSFER_ENCODING, &[" Chunked "]).is_ok());
+        assert!(with(header::AUTHORIZATION, &["Basic YTpi"]).is_ok());
+    }
+
+    #[test]
+    fn other_grants_name_the_client_whose_secret_they_present() {
+        let client_of = |h: &HeaderMap, body: &'static str| {
+            let request = normalize(None, h, &Bytes::from_static(body.as_bytes()), &LIMITS);
+            match request {
+                Ok(TokenRequest::PassThrough(p)) => p.client_id,
+                other => panic!("{other:?}"),
+            }
+        };
+        let refresh = "grant_type=refresh_token&refresh_token=r";
+        let basic = headers(&[("authorization", &basic::encode("app", "s"))]);
+        assert_eq!(client_of(&basic, refresh).as_deref(), Some("app"));
+        let body = "grant_type=refresh_token&refresh_token=r&client_id=app&client_secret=s";
+        assert_eq!(client_of(&headers(&[]), body).as_deref(), Some("app"));
+        // No secret presented: nothing to guess.
+        assert_eq!(client_of(&headers(&[]), "grant_type=refresh_token&refresh_token=r&client_id=app"), None);
+        assert_eq!(client_of(&headers(&[("authorization", "Basic YXBwOg==")]), refresh), None); // "app:"
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   failed) make further attempts wait for one to settle. So a concurrent burst of guesses
 //!   cannot overshoot the per-client limit while the first guesses are being answered, and an
 //!   honest burst of many new keys is at most slowed to that limit's concurrency, not refused.
+//!   Requests of other grants that present a client secret are counted the same way (nothing
+//!   of theirs is cached, so they are never proven): the upstream checks their secret too.
 //! - **Upstream rate cap.** At most N calls per second for the whole cluster; a call over the cap
 //!   waits briefly for the next second, then gives up with 429.
 //!

@@ -242,7 +242,7 @@ impl TokenService {
                 L1Lookup::Hit(reply) => reply,
                 L1Lookup::Miss(miss) => Box::pin(self.cacheable(miss, source)).await,
             },
-            TokenRequest::PassThrough(request) => Box::pin(self.pass_through(request)).await,
+            TokenRequest::PassThrough(request) => Box::pin(self.pass_through(request, source)).await,
         }
     }
 
@@ -323,12 +323,36 @@ impl TokenService {
         Reply { cache, answer }
     }
 
-    async fn pass_through(&self, request: PassThrough) -> Reply {
-        let result = self.inner.exchange(request.form_body, request.authorization).await;
-        let answer = match classify(result) {
-            Outcome::Failed(failure) => Err(ProxyError::Upstream(failure)),
-            Outcome::Relayed(response) => Ok(Answer::Relayed(response)),
-            Outcome::Token(_) => unreachable!("classify never builds a token"),
+    /// Forwards a request of another grant, uncached. When it presents a client secret, the
+    /// upstream's verdict on that secret counts against the failed-authentication throttle,
+    /// as on the cacheable path: `invalid_client` or not would otherwise tell right secrets
+    /// from wrong ones, unthrottled. Runs as its own task, like a fetch, so a caller that
+    /// disconnects cannot leave its attempt counted as in flight.
+    async fn pass_through(&self, request: PassThrough, source: IpAddr) -> Reply {
+        let inner = Arc::clone(&self.inner);
+        let task = tokio::spawn(async move {
+            let (quota, store, metrics) = (&inner.parts.quota, inner.parts.store.as_ref(), &inner.parts.metrics);
+            let attempt = match &request.client_id {
+                Some(client_id) => {
+                    match quota.attempt(store, &inner.parts.keys.hasher, client_id, source, metrics).await {
+                        Ok(attempt) => Some(attempt),
+                        Err(Refused(response)) => return Outcome::Relayed(response),
+                    }
+                }
+                None => None,
+            };
+            let result = inner.exchange(request.form_body, request.authorization).await;
+            if let Some(attempt) = attempt {
+                let failed = matches!(&result, Ok(r) if quota::is_failed_authentication(r.status, &r.body));
+                quota.settle(store, attempt, failed, metrics).await;
+            }
+            classify(result)
+        });
+        let answer = match task.await {
+            Ok(Outcome::Relayed(response)) => Ok(Answer::Relayed(response)),
+            Ok(Outcome::Failed(failure)) => Err(ProxyError::Upstream(failure)),
+            Ok(Outcome::Token(_)) => unreachable!("classify never builds a token"),
+            Err(_) => Err(ProxyError::Internal),
         };
         Reply { cache: CacheStatus::Bypass, answer }
     }

@@ -1,6 +1,7 @@
 //! Validates the cluster that `docker compose up` starts, without Docker: docker-compose.yml
 //! parses, its services and images are the intended ones, every file it mounts exists, the
-//! HAProxy config names the replicas and checks `/readyz`, Prometheus scrapes every replica's
+//! HAProxy config names the replicas and checks `/readyz` often enough to take a draining
+//! replica out within the drain delay, Prometheus scrapes every replica's
 //! admin port, Grafana is provisioned with the dashboard (whose metric names exist), every
 //! `TOKEN_PROXY_*` variable set is a real setting and the whole configuration is accepted by
 //! `Config::from_lookup`, and the process-level runner (`loadtest/run`) reads the same files.
@@ -363,6 +364,27 @@ fn haproxy_names_the_replicas_checks_readyz_and_retries_elsewhere() {
         }
         Err(_) => eprintln!("note: haproxy is not installed; `haproxy -c` skipped (apt-get install haproxy)"),
     }
+}
+
+/// A SIGTERMed replica keeps serving for TOKEN_PROXY_DRAIN_DELAY while its /readyz answers 503:
+/// HAProxy must mark it DOWN within that time, or requests meet a closed listener.
+#[test]
+fn haproxy_takes_a_draining_replica_out_within_the_default_drain_delay() {
+    let cfg = read(&runner_value("HAPROXY_CFG"));
+    let default_server = cfg.lines().map(str::trim).find(|l| l.starts_with("default-server ")).unwrap();
+    let words: Vec<&str> = default_server.split_whitespace().collect();
+    let value = |name: &str| {
+        let at = words.iter().position(|w| *w == name).unwrap_or_else(|| panic!("no {name} in {default_server}"));
+        words[at + 1]
+    };
+    let duration = |name: &str| humantime::parse_duration(value(name)).unwrap();
+    let fall: u32 = value("fall").parse().unwrap();
+    let marked_down_after = duration("inter") + duration("fastinter") * (fall - 1);
+    let name = "TOKEN_PROXY_DRAIN_DELAY";
+    let default = SETTINGS.iter().find(|s| s.name == name).and_then(|s| s.default).unwrap();
+    let drain_delay = humantime::parse_duration(token_proxy_env().get(name).map_or(default, String::as_str)).unwrap();
+    // Half the delay: room for the checks' own round trips and a loaded machine.
+    assert!(marked_down_after * 2 <= drain_delay, "{marked_down_after:?} to mark DOWN, drain delay {drain_delay:?}");
 }
 
 #[test]

@@ -288,3 +288,49 @@ async fn a_client_trickling_its_body_is_cut_off_at_the_request_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(500), "cut off early: {:?}", started.elapsed());
     assert_eq!(app.upstream_requests(), 0);
 }
+
+/// A secret presented with another grant is checked by the upstream all the same
+/// (`invalid_client` when wrong, `unsupported_grant_type` here when right): those answers count
+/// against the same throttle, or they would tell right secrets from wrong ones unthrottled.
+#[tokio::test]
+async fn other_grants_answered_invalid_client_count_against_the_failed_authentication_throttle() {
+    let app = TestApp::with_redis(vec![client(ID, SECRET)], &[("TOKEN_PROXY_TRUSTED_PROXIES", "127.0.0.1")]).await;
+    let url = app.proxy.token_url();
+    assert_eq!(post_from(&url, "192.0.2.10", ID, SECRET, None).await.x_cache(), "MISS");
+    let refresh = async |source: &str, secret: &str, basic: bool| {
+        let mut pairs = vec![("grant_type", "refresh_token"), ("refresh_token", "some-refresh-token")];
+        let mut request = http().post(&url).header("content-type", "application/x-www-form-urlencoded");
+        if basic {
+            request = request.header("authorization", shared::basic::encode(ID, secret));
+        } else {
+            pairs.extend([("client_id", ID), ("client_secret", secret)]);
+        }
+        let body = shared::form::encode_pairs(pairs);
+        read(request.header("x-forwarded-for", source).body(body).send().await.unwrap()).await
+    };
+    let calls_before = app.upstream_requests();
+
+    // TOKEN_PROXY_AUTH_FAILURE_LIMIT (5) wrong secrets from one source reach the upstream...
+    for i in 0..5 {
+        let reply = refresh("198.51.100.7", &format!("guess-{i:04}-wrong-secret"), i % 2 == 0).await;
+        assert_eq!((reply.status, reply.error()), (400, "invalid_client"), "{}", reply.raw);
+    }
+    // ...then that source is refused, whatever it presents: the right secret tells it nothing.
+    for (secret, basic) in [("guess-9999-wrong-secret", true), (SECRET, true), (SECRET, false)] {
+        let reply = refresh("198.51.100.7", secret, basic).await;
+        assert_eq!((reply.status, reply.error()), (429, "temporarily_unavailable"), "{}", reply.raw);
+    }
+    // The same counter as the cacheable path: unproven client_credentials are refused too.
+    let guess = post_from(&url, "198.51.100.7", ID, "guess-cc-wrong-secret", None).await;
+    assert_eq!(guess.status, 429, "{}", guess.raw);
+    assert_eq!(app.upstream_requests() - calls_before, 5, "refused attempts reached the upstream");
+
+    // Another source, and the cached caller, are not affected.
+    let other = refresh("192.0.2.20", SECRET, false).await;
+    assert_eq!((other.status, other.error()), (400, "unsupported_grant_type"), "{}", other.raw);
+    assert_eq!(post_from(&url, "198.51.100.7", ID, SECRET, None).await.x_cache(), "HIT");
+    // A grant presenting no secret is not an attempt at one.
+    let public = post_form(&url, "grant_type=refresh_token&refresh_token=r&client_id=attacked-client").await;
+    assert_eq!(public.status, 400, "{}", public.raw);
+    assert_eq!(app.proxy.metric("token_proxy_auth_failures_total").await, 5.0);
+}

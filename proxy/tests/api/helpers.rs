@@ -918,12 +918,14 @@ fn is_secret_setting(name: &str) -> bool {
     (name.contains("SECRET") || name.contains("ADMIN_TOKEN")) && !name.ends_with("_FILE")
 }
 
-/// Builds a proxy config: loopback port 0, the given upstream, then the overrides.
+/// Builds a proxy config: loopback port 0, the given upstream, no drain delay, then the overrides.
 pub fn proxy_config(upstream: &str, overrides: &[(&str, &str)]) -> Config {
     let mut vars: HashMap<String, String> = HashMap::from([
         ("TOKEN_PROXY_UPSTREAM_URL".into(), upstream.to_owned()),
         ("TOKEN_PROXY_LISTEN".into(), "127.0.0.1:0".into()),
         ("TOKEN_PROXY_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
+        // Stopping a test replica need not wait for a load balancer: binary.rs tests the delay.
+        ("TOKEN_PROXY_DRAIN_DELAY".into(), "0".into()),
     ]);
     for (name, value) in overrides {
         if is_secret_setting(name) {

@@ -26,6 +26,14 @@ fn chunked(body: &str) -> String {
 /// Sends raw bytes and reads until the server closes or 2 s pass. Returns the status code
 /// (None if the connection closed without one) and whether the connection was closed.
 async fn send_raw(addr: std::net::SocketAddr, raw: &str) -> (Option<u16>, bool) {
+    let (text, closed) = exchange_raw(addr, raw).await;
+    let status = text.strip_prefix("HTTP/1.1 ").and_then(|rest| rest.get(..3)).and_then(|code| code.parse().ok());
+    (status, closed)
+}
+
+/// Sends raw bytes; returns everything read until the server closed or 2 s passed, and
+/// whether it closed.
+async fn exchange_raw(addr: std::net::SocketAddr, raw: &str) -> (String, bool) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(raw.as_bytes()).await.unwrap();
     let mut received = Vec::new();
@@ -37,9 +45,7 @@ async fn send_raw(addr: std::net::SocketAddr, raw: &str) -> (Option<u16>, bool) 
             Err(_) => break false,
         }
     };
-    let text = String::from_utf8_lossy(&received);
-    let status = text.strip_prefix("HTTP/1.1 ").and_then(|rest| rest.get(..3)).and_then(|code| code.parse().ok());
-    (status, closed)
+    (String::from_utf8_lossy(&received).into_owned(), closed)
 }
 
 #[tokio::test]
@@ -70,6 +76,45 @@ async fn ambiguous_or_broken_requests_get_400_or_a_closed_connection() {
         }
     }
     assert_eq!(app.upstream_requests(), 0, "an ambiguous request reached the upstream");
+}
+
+/// What hyper would take first-wins, or with a transfer coding ignored, is refused with an
+/// OAuth 400 before any upstream call: another hop may read it otherwise.
+#[tokio::test]
+async fn repeated_credentials_or_content_types_and_unknown_transfer_codings_get_an_oauth_400() {
+    let app = TestApp::embedded(vec![client("app", SECRET), client("other", SECRET)], &[]).await;
+    let n = BODY.len();
+    let other = shared::basic::encode("other", SECRET);
+    let cases = [
+        ("two Authorization headers", request(&format!("Authorization: {other}\r\nContent-Length: {n}\r\n"), BODY)),
+        (
+            "two Content-Type headers",
+            request(&format!("Content-Type: application/json\r\nContent-Length: {n}\r\n"), BODY),
+        ),
+        (
+            "two identical Content-Type headers",
+            request(&format!("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {n}\r\n"), BODY),
+        ),
+        ("gzip, then chunked", request("Transfer-Encoding: gzip, chunked\r\n", &chunked(BODY))),
+        ("deflate, then chunked", request("Transfer-Encoding: deflate,chunked\r\n", &chunked(BODY))),
+    ];
+    let mut accepted = Vec::new();
+    for (name, raw) in &cases {
+        let (answer, closed) = exchange_raw(app.proxy.addr, raw).await;
+        if !(answer.starts_with("HTTP/1.1 400 ") && answer.contains(r#""error":"invalid_request""#)) {
+            accepted.push(format!("{name}: {}", answer.lines().next().unwrap_or("no answer")));
+            continue;
+        }
+        assert!(answer.contains("no-store"), "{name}: {answer}");
+        if name.contains("chunked") {
+            assert!(closed, "{name}: the connection must not be reused after ambiguous framing");
+        }
+    }
+    assert!(accepted.is_empty(), "not refused with an OAuth 400: {accepted:#?}");
+    assert_eq!(app.upstream_requests(), 0, "an ambiguous request reached the upstream");
+    // Exactly chunked, in any letter case, is not ambiguous.
+    let (status, _) = send_raw(app.proxy.addr, &request("Transfer-Encoding: Chunked\r\n", &chunked(BODY))).await;
+    assert_eq!(status, Some(200));
 }
 
 /// hyper handles this one itself, as RFC 9112 §6.1 requires: Transfer-Encoding wins, the
