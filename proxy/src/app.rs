@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::entry::Freshness;
 use crate::handler::{Admission, client_router};
 use crate::l1::L1;
-use crate::listener::{self, Inbound, TlsSetupError};
+use crate::listener::{self, AcceptFailures, Inbound, TlsSetupError};
 use crate::metrics::Metrics;
 use crate::normalize::RequestLimits;
 use crate::quota::{Quota, QuotaSettings};
@@ -59,6 +59,8 @@ pub struct AppState {
     /// Which source addresses may call, and how to tell them behind a load balancer.
     pub sources: Arc<SourcePolicy>,
     pub admission: Arc<Admission>,
+    /// When each listener last failed to accept a connection; `/readyz` reports it.
+    pub accept_failures: Arc<AcceptFailures>,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -74,6 +76,7 @@ pub struct Application {
     client_listener: TcpListener,
     admin_listener: TcpListener,
     inbound: Inbound,
+    admin_inbound: Inbound,
     state: AppState,
 }
 
@@ -132,18 +135,21 @@ impl Application {
             max_body_bytes: config.max_body_bytes,
             allow_query_params: config.allow_query_params,
         });
-        let inbound = Inbound::from_config(&config)?;
+        let sources = Arc::new(SourcePolicy {
+            allowed: config.allowed_networks.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+        });
+        let accept_failures = Arc::new(AcceptFailures::default());
+        let inbound = Inbound::client(&config, Arc::clone(&sources), Arc::clone(&accept_failures))?;
+        let admin_inbound = Inbound::admin(&config, Arc::clone(&accept_failures));
         let bind = |variable, address| async move {
             TcpListener::bind(address).await.map_err(|source| StartError::Bind { variable, address, source })
         };
         let client_listener = bind("TOKEN_PROXY_LISTEN", config.listen).await?;
         let admin_listener = bind("TOKEN_PROXY_ADMIN_LISTEN", config.admin_listen).await?;
         let admin_token_digest = config.admin_token.as_ref().map(|t| crate::admin::digest(t.expose_secret()));
-        let sources = Arc::new(SourcePolicy {
-            allowed: config.allowed_networks.clone(),
-            trusted_proxies: config.trusted_proxies.clone(),
-        });
-        let admission = Arc::new(Admission::new(config.max_concurrent_requests, config.request_timeout));
+        let admission =
+            Arc::new(Admission::new(config.max_concurrent_requests, config.request_timeout, config.body_timeout));
         let state = AppState {
             service,
             metrics,
@@ -151,9 +157,10 @@ impl Application {
             admin_token_digest,
             sources,
             admission,
+            accept_failures,
             shutting_down: Arc::default(),
         };
-        Ok(Application { client_listener, admin_listener, inbound, state })
+        Ok(Application { client_listener, admin_listener, inbound, admin_inbound, state })
     }
 
     pub fn client_addr(&self) -> SocketAddr {
@@ -170,7 +177,7 @@ impl Application {
 
     /// Serves both listeners until `shutdown` resolves, then drains.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Application { client_listener, admin_listener, inbound, state } = self;
+        let Application { client_listener, admin_listener, inbound, admin_inbound, state } = self;
         tracing::info!(
             client = %client_listener.local_addr()?,
             admin = %admin_listener.local_addr()?,
@@ -198,11 +205,16 @@ impl Application {
             client_listener,
             client_router(state.clone()),
             inbound,
-            Arc::clone(&state.sources),
             Arc::clone(&state.metrics),
             stopped(),
         );
-        let admin = axum::serve(admin_listener, admin_router(state.clone())).with_graceful_shutdown(stopped());
+        let admin = listener::serve(
+            admin_listener,
+            admin_router(state.clone()),
+            admin_inbound,
+            Arc::clone(&state.metrics),
+            stopped(),
+        );
         let signal = {
             let state = state.clone();
             async move {
@@ -212,7 +224,7 @@ impl Application {
                 let _ = stop_tx.send(true);
             }
         };
-        let (client, admin, ()) = tokio::join!(client, admin.into_future(), signal);
+        let (client, admin, ()) = tokio::join!(client, admin, signal);
         upkeep.abort();
         if let Some(store) = state.service.store() {
             store.quit().await;
