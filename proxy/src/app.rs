@@ -142,14 +142,19 @@ impl Application {
         let accept_failures = Arc::new(AcceptFailures::default());
         let inbound = Inbound::client(&config, Arc::clone(&sources), Arc::clone(&accept_failures))?;
         let admin_inbound = Inbound::admin(&config, Arc::clone(&accept_failures));
+        listener::warn_if_descriptors_short(&config);
         let bind = |variable, address| async move {
             TcpListener::bind(address).await.map_err(|source| StartError::Bind { variable, address, source })
         };
         let client_listener = bind("TOKEN_PROXY_LISTEN", config.listen).await?;
         let admin_listener = bind("TOKEN_PROXY_ADMIN_LISTEN", config.admin_listen).await?;
         let admin_token_digest = config.admin_token.as_ref().map(|t| crate::admin::digest(t.expose_secret()));
-        let admission =
-            Arc::new(Admission::new(config.max_concurrent_requests, config.request_timeout, config.body_timeout));
+        let admission = Arc::new(Admission::new(
+            config.max_concurrent_requests,
+            config.request_timeout,
+            config.body_timeout,
+            config.max_connections_per_source,
+        ));
         let state = AppState {
             service,
             metrics,

@@ -183,8 +183,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "TOKEN_PROXY_MAX_CONNECTIONS_PER_SOURCE",
-        default: Some("256"),
-        help: "open client connections from one source address (IPv6: one /64); more are closed at once; trusted proxies are exempt",
+        default: Some("1024"),
+        help: "open client connections from one source address (IPv6: one /64), more are closed at once; behind a trusted proxy, unfinished requests per source, more get 429",
     },
     Setting {
         name: "TOKEN_PROXY_ADMIN_MAX_CONNECTIONS",
@@ -294,7 +294,10 @@ pub struct Config {
     /// Open connections on the client listener; more are closed at once. Default 4096.
     pub max_connections: usize,
     /// Open client connections from one source address (an IPv6 /64 counts as one); more are
-    /// closed at once. Trusted proxies are exempt. Default 256.
+    /// closed at once. Connections from trusted proxies are not counted; instead each source
+    /// they name may have this many unfinished requests, more get 429. Default 1024, as many as
+    /// `max_concurrent_requests`: a load balancer not listed as a trusted proxy meets load
+    /// shedding before it meets this cap.
     pub max_connections_per_source: usize,
     /// Open connections on the admin listener; more are closed at once. Default 64.
     pub admin_max_connections: usize,

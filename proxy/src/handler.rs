@@ -3,6 +3,7 @@
 //! (or a rejection), makes one call into the token service, and records the outcome.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use axum::routing::post;
 use http::StatusCode;
 
 use crate::app::AppState;
+use crate::listener::Occupancy;
 use crate::metrics::{Outcome, Throttle};
 use crate::normalize::{body_too_large, check_head, normalize};
 use crate::response::{CacheStatus, ProxyError, Rejection, Reply};
@@ -29,17 +31,24 @@ pub fn client_router(state: AppState) -> Router {
 /// is admitted only once its body has arrived, within a body timeout of its own: a client
 /// trickling its body holds its own connection, never one of the slots every client shares. A
 /// counter, not a semaphore: releasing a tokio semaphore permit takes a lock, on every request.
+///
+/// The listener caps open connections per source. Connections from a trusted proxy carry many
+/// sources, so for them the cap applies here instead, to the unfinished requests of each
+/// source the proxy names: a load balancer that does not buffer bodies cannot pass one
+/// client's slow flood on to fill the listener.
 #[derive(Debug)]
 pub struct Admission {
     in_flight: AtomicUsize,
     limit: usize,
     pub request_timeout: Duration,
     pub body_timeout: Duration,
+    forwarded: Arc<Occupancy>,
 }
 
 impl Admission {
-    pub fn new(limit: usize, request_timeout: Duration, body_timeout: Duration) -> Admission {
-        Admission { in_flight: AtomicUsize::new(0), limit, request_timeout, body_timeout }
+    pub fn new(limit: usize, request_timeout: Duration, body_timeout: Duration, per_source: usize) -> Admission {
+        let forwarded = Arc::new(Occupancy::new(usize::MAX, per_source));
+        Admission { in_flight: AtomicUsize::new(0), limit, request_timeout, body_timeout, forwarded }
     }
 
     /// A slot for one request, held until dropped; `None` when all are taken.
@@ -63,7 +72,10 @@ impl Drop for Slot<'_> {
 /// Why a token request got no reply from the token service.
 enum Refused {
     Rejected(Rejection),
+    /// All slots taken (503).
     Overloaded,
+    /// The source already has its share of unfinished requests (429).
+    SourceBusy,
 }
 
 impl From<Rejection> for Refused {
@@ -84,14 +96,25 @@ async fn token(
         Ok(Err(Refused::Rejected(rejection))) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
         Ok(Err(Refused::Overloaded)) => {
             state.metrics.throttled(Throttle::Overload);
-            let mut response = ProxyError::Rejected(Rejection::new(
+            let rejection = Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
                 "the proxy is overloaded; retry shortly",
-            ))
-            .into_response();
-            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-            (Outcome::Rejected, response)
+            );
+            (Outcome::Rejected, retry_shortly(rejection))
+        }
+        Ok(Err(Refused::SourceBusy)) => {
+            state.metrics.throttled(Throttle::PerSource);
+            // Its body was not read: where the next request starts is unknown.
+            let rejection = Rejection {
+                close: true,
+                ..Rejection::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "temporarily_unavailable",
+                    "too many unfinished requests from this source; retry shortly",
+                )
+            };
+            (Outcome::Rejected, retry_shortly(rejection))
         }
         Err(_) => {
             state.metrics.throttled(Throttle::Timeout);
@@ -106,12 +129,27 @@ async fn token(
     response
 }
 
+fn retry_shortly(rejection: Rejection) -> Response {
+    let mut response = ProxyError::Rejected(rejection).into_response();
+    response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    response
+}
+
 async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Reply, Refused> {
     let (parts, body) = request.into_parts();
     let source = state.sources.source(peer, &parts.headers);
     if !state.sources.allows(source) {
         return Err(Rejection::new(StatusCode::FORBIDDEN, "access_denied", "this source address may not call").into());
     }
+    // Direct peers are capped per connection by the listener already; a trusted proxy's
+    // connections are counted by no source, so their requests are, by the source they name.
+    let behind_proxy = state.sources.connection_source(peer).is_none();
+    let _unfinished = if behind_proxy {
+        let source = state.sources.connection_source(source);
+        Some(Occupancy::enter(&state.admission.forwarded, source).map_err(|_| Refused::SourceBusy)?)
+    } else {
+        None
+    };
     check_head(&parts.headers, &state.limits)?;
     let body = match tokio::time::timeout(
         state.admission.body_timeout,

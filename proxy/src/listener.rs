@@ -262,8 +262,9 @@ pub async fn serve(
 
 /// Open connections of one listener, in total and per source, against its caps. One lock
 /// taken twice per connection (not per request): keep-alive connections carry many requests.
+/// The handler counts unfinished requests of sources behind trusted proxies with one too.
 #[derive(Debug)]
-struct Occupancy {
+pub(crate) struct Occupancy {
     max_open: usize,
     max_per_source: usize,
     counts: Mutex<Counts>,
@@ -276,19 +277,19 @@ struct Counts {
     per_source: HashMap<IpAddr, usize>,
 }
 
-/// One open connection's place, given back when dropped.
-struct Occupant {
+/// One open connection's (or request's) place, given back when dropped.
+pub(crate) struct Occupant {
     occupancy: Arc<Occupancy>,
     source: Option<IpAddr>,
 }
 
 impl Occupancy {
-    fn new(max_open: usize, max_per_source: usize) -> Occupancy {
+    pub(crate) fn new(max_open: usize, max_per_source: usize) -> Occupancy {
         Occupancy { max_open, max_per_source, counts: Mutex::default() }
     }
 
     /// A place for a connection counted against `source` (`None`: against the total only).
-    fn enter(occupancy: &Arc<Occupancy>, source: Option<IpAddr>) -> Result<Occupant, Refusal> {
+    pub(crate) fn enter(occupancy: &Arc<Occupancy>, source: Option<IpAddr>) -> Result<Occupant, Refusal> {
         let mut counts = occupancy.counts.lock().unwrap_or_else(PoisonError::into_inner);
         if counts.open >= occupancy.max_open {
             return Err(Refusal::ListenerFull);
@@ -449,6 +450,41 @@ impl Activity {
     }
 }
 
+/// File descriptors a replica uses besides connections: the runtime's, standard streams,
+/// certificate, header and secret files being re-read, Redis connections (three per server).
+const OTHER_DESCRIPTORS: usize = 64;
+
+/// File descriptors the configuration may use at once: both listeners' connection caps, one
+/// upstream connection per admitted request, and [`OTHER_DESCRIPTORS`]. With the defaults,
+/// 4096 + 64 + 1024 + 64 = 5248.
+pub fn descriptors_needed(config: &Config) -> usize {
+    config.max_connections + config.admin_max_connections + config.max_concurrent_requests + OTHER_DESCRIPTORS
+}
+
+/// Warns at start-up when the open-file limit is below [`descriptors_needed`]: past the limit
+/// accepts fail (`/readyz` says so), and the operator can act before that happens.
+pub fn warn_if_descriptors_short(config: &Config) {
+    let needed = descriptors_needed(config);
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    if let Some(limit) = open_file_limit(&limits)
+        && limit < needed as u64
+    {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit (ulimit -n) is below what the connection caps allow; raise it (e.g. LimitNOFILE) \
+             or lower TOKEN_PROXY_MAX_CONNECTIONS, or accepts fail under load"
+        );
+    }
+}
+
+/// The soft `Max open files` of a `/proc/self/limits` text (Linux); `None` when absent or
+/// unlimited.
+fn open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
 /// Errors about one connection that went away before it was accepted: no reason to pause.
 fn is_connection_error(error: &io::Error) -> bool {
     matches!(
@@ -598,5 +634,34 @@ impl ReloadingCertificate {
 impl ResolvesServerCert for ReloadingCertificate {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_is_read_from_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             63471                63471                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(open_file_limit(limits), Some(1024));
+        assert_eq!(open_file_limit("Max open files            unlimited            unlimited            files"), None);
+        assert_eq!(open_file_limit(""), None);
+    }
+
+    #[test]
+    fn connection_caps_hold_in_total_and_per_source() {
+        let occupancy = Arc::new(Occupancy::new(3, 2));
+        let (a, b) = (Some("192.0.2.1".parse().unwrap()), Some("192.0.2.2".parse().unwrap()));
+        let first = Occupancy::enter(&occupancy, a).unwrap();
+        let _second = Occupancy::enter(&occupancy, a).unwrap();
+        assert_eq!(Occupancy::enter(&occupancy, a).err(), Some(Refusal::PerSource));
+        let _third = Occupancy::enter(&occupancy, b).unwrap();
+        assert_eq!(Occupancy::enter(&occupancy, None).err(), Some(Refusal::ListenerFull));
+        drop(first);
+        assert!(Occupancy::enter(&occupancy, a).is_ok(), "a closed connection gives its place back");
+        assert!(occupancy.counts.lock().unwrap().per_source.len() <= 2);
     }
 }

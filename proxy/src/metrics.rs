@@ -104,11 +104,19 @@ pub enum Throttle {
     Timeout,
     /// The body did not arrive within the body timeout (408).
     BodyTimeout,
+    /// A source behind a trusted proxy had its cap of unfinished requests (429).
+    PerSource,
 }
 
 impl Throttle {
-    const ALL: [Throttle; 5] =
-        [Throttle::AuthFailures, Throttle::RateCap, Throttle::Overload, Throttle::Timeout, Throttle::BodyTimeout];
+    const ALL: [Throttle; 6] = [
+        Throttle::AuthFailures,
+        Throttle::RateCap,
+        Throttle::Overload,
+        Throttle::Timeout,
+        Throttle::BodyTimeout,
+        Throttle::PerSource,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -117,6 +125,7 @@ impl Throttle {
             Throttle::Overload => "overload",
             Throttle::Timeout => "timeout",
             Throttle::BodyTimeout => "body_timeout",
+            Throttle::PerSource => "per_source",
         }
     }
 }
@@ -143,7 +152,7 @@ pub struct Metrics {
     notification_misses: Counter,
     refreshes: Counter,
     upstream_held_back: Counter,
-    throttled: [Counter; 5],
+    throttled: [Counter; 6],
     auth_failures: Counter,
     accept_errors: [Counter; 2],
 }

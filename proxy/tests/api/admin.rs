@@ -161,10 +161,12 @@ async fn running_out_of_file_descriptors_shows_in_readyz_and_metrics() {
         ],
     );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut warned = false;
     let (client_addr, admin_addr) = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let line = lines.next_line().await.unwrap().expect("the proxy exited before listening");
             let json: serde_json::Value = serde_json::from_str(&line).expect("logs are JSON lines");
+            warned |= json["level"] == "WARN" && json["message"].as_str().unwrap_or("").contains("open-file limit");
             if json["message"] == "token-proxy listening" {
                 let addr = |field: &str| json[field].as_str().unwrap().parse::<SocketAddr>().unwrap();
                 return (addr("client"), addr("admin"));
@@ -173,6 +175,7 @@ async fn running_out_of_file_descriptors_shows_in_readyz_and_metrics() {
     })
     .await
     .expect("the proxy starts within 20 s");
+    assert!(warned, "no start-up warning about the open-file limit of 64");
     // Drain the logs, or the child blocks writing them.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 

@@ -229,3 +229,50 @@ async fn a_slow_body_flood_from_one_source_does_not_deny_service_to_another() {
     let refused = "token_proxy_connections_refused_total{listener=\"client\",reason=\"per_source\"}";
     assert!(app.proxy.metric(refused).await > 0.0, "the per-source cap never struck");
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_one_source_gets_no_more_than_its_share_of_unfinished_requests() {
+    let app = TestApp::embedded(
+        vec![client(ID, SECRET)],
+        &[
+            ("TOKEN_PROXY_TRUSTED_PROXIES", "127.0.0.1"),
+            ("TOKEN_PROXY_MAX_CONNECTIONS_PER_SOURCE", "4"),
+            ("TOKEN_PROXY_BODY_TIMEOUT", "20s"),
+        ],
+    )
+    .await;
+    // A load balancer that does not buffer bodies relays four slow requests of one client.
+    let slow_head = |source: &str| SLOW_HEAD.replacen("\r\n\r\n", &format!("\r\nx-forwarded-for: {source}\r\n\r\n"), 1);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut socket = TcpStream::connect(app.proxy.addr).await.unwrap();
+        socket.write_all(slow_head("192.0.2.66").as_bytes()).await.unwrap();
+        held.push(socket);
+    }
+    // The handler counts a request once its head is in: wait until all four are.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fifth = TcpStream::connect(app.proxy.addr).await.unwrap();
+    fifth.write_all(slow_head("192.0.2.66").as_bytes()).await.unwrap();
+    let (received, _) = read_until_closed(&mut fifth, Duration::from_secs(3)).await.expect("answered and closed");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(text.contains("\"error\":\"temporarily_unavailable\""), "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after: 1"), "{text}");
+
+    // Another client behind the same balancer is served.
+    let reply = read(
+        http()
+            .post(app.proxy.token_url())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("authorization", shared::basic::encode(ID, SECRET))
+            .header("x-forwarded-for", "192.0.2.77")
+            .body("grant_type=client_credentials")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    assert_eq!(app.proxy.metric("token_proxy_throttled_total{reason=\"per_source\"}").await, 1.0);
+    drop(held);
+}
