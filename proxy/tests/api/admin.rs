@@ -199,12 +199,23 @@ async fn running_out_of_file_descriptors_shows_in_readyz_and_metrics() {
     let json: serde_json::Value = serde_json::from_str(&unready).unwrap();
     assert_eq!(json["ready"], false, "{unready}");
     assert!(json["reason"].as_str().unwrap().contains("client listener"), "{unready}");
-    let (_, metrics) = get_on(&mut admin, "/metrics").await;
-    let errors = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("token_proxy_accept_errors_total{listener=\"client\"}")?.trim().parse().ok())
-        .unwrap_or(0.0);
+    let accept_errors = async |admin: &mut TcpStream| -> f64 {
+        let (_, metrics) = get_on(admin, "/metrics").await;
+        let series = "token_proxy_accept_errors_total{listener=\"client\"}";
+        metrics.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    let errors = accept_errors(&mut admin).await;
     assert!(errors >= 1.0, "token_proxy_accept_errors_total = {errors}");
+    // Still failing past the 2 s a failure is remembered: the loop keeps retrying and failing.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, body) = get_on(&mut admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let later = accept_errors(&mut admin).await;
+    assert!(later > errors, "no accept retried: {errors} then {later}");
+    eprintln!(
+        "out of descriptors (nofile 64, 100 idle client connections): /readyz {unready}; \
+         {errors} accept errors, {later} 2.5 s later"
+    );
 
     // Descriptors free again: accepts succeed and the replica is ready again.
     drop(flood);
