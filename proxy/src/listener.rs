@@ -222,8 +222,12 @@ pub async fn serve(
                 }
                 Err(error) => {
                     metrics.accept_error(kind);
-                    failures.record(kind);
-                    tracing::warn!(listener = kind.label(), %error, "cannot accept connections; retrying shortly");
+                    // Once per spell of failures, not at every retry.
+                    if failures.record(kind) {
+                        tracing::warn!(listener = kind.label(), %error, "cannot accept connections; retrying shortly");
+                    } else {
+                        tracing::debug!(listener = kind.label(), %error, "still cannot accept connections");
+                    }
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
@@ -329,8 +333,12 @@ pub struct AcceptFailures {
 }
 
 impl AcceptFailures {
-    fn record(&self, kind: ListenerKind) {
-        *self.last[kind as usize].lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    /// Remembers a failure now; whether it starts a new spell (none within the memory before).
+    fn record(&self, kind: ListenerKind) -> bool {
+        let mut last = self.last[kind as usize].lock().unwrap_or_else(PoisonError::into_inner);
+        let new = !last.is_some_and(|at| at.elapsed() < ACCEPT_FAILURE_MEMORY);
+        *last = Some(Instant::now());
+        new
     }
 
     /// The first listener that failed to accept within the last [`ACCEPT_FAILURE_MEMORY`].
