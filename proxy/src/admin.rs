@@ -1,8 +1,9 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, and, when `TOKEN_PROXY_ADMIN_TOKEN`
 //! is set, the admin API (`POST /admin/purge`) behind that bearer token. Keep the listener off
-//! the public network either way.
+//! the public network either way. It is served by the same accept loop as the client listener
+//! (header-read timeout, a connection cap; see [`crate::listener`]).
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,20 +34,29 @@ async fn healthz() -> &'static str {
 
 /// Ready to serve. A replica whose Redis is down still serves (degraded, from L1 and the
 /// upstream), so it stays ready: taking it out of the load balancer would only shed capacity.
-/// Only shutdown makes it unready, so the load balancer drains it first.
+/// Shutdown makes it unready, so the load balancer drains it first; so does a listener that
+/// cannot accept connections (out of file descriptors), while it cannot.
 async fn readyz(State(state): State<AppState>) -> Response {
     let (redis, breaker) = match state.service.store() {
         None => ("disabled", BreakerState::Closed),
         Some(store) => (if store.is_connected() { "up" } else { "down" }, store.breaker_state()),
     };
-    let ready = !state.is_shutting_down();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let degraded = redis == "down" || breaker != BreakerState::Closed;
     let mode = if degraded { "degraded" } else { "normal" };
     // Until the purge epochs are read, Redis's entries are not used (see `crate::purge`).
     let purges = if state.service.purges_synced() { "synced" } else { "pending" };
-    let body = json!({ "ready": ready, "redis": redis, "breaker": breaker.label(), "mode": mode, "purges": purges });
-    (status, Json(body)).into_response()
+    let mut body = json!({ "ready": true, "redis": redis, "breaker": breaker.label(), "mode": mode, "purges": purges });
+    let reason = if state.is_shutting_down() {
+        Some("shutting down".to_owned())
+    } else {
+        state.accept_failures.failing().map(|listener| {
+            format!("the {} listener cannot accept connections (out of file descriptors?)", listener.label())
+        })
+    };
+    let Some(reason) = reason else { return (StatusCode::OK, Json(body)).into_response() };
+    body["ready"] = false.into();
+    body["reason"] = reason.into();
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -110,8 +120,14 @@ impl PurgeRequest {
     }
 }
 
-/// Drops the covered cached tokens on every replica (see [`crate::purge`]).
-async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+/// Largest purge request body read. A purge names one client and scope; anything bigger is no
+/// purge request.
+const MAX_PURGE_BODY_BYTES: usize = 64 * 1024;
+
+/// Drops the covered cached tokens on every replica (see [`crate::purge`]). The bearer token is
+/// checked before a byte of the body is read: a caller without it can make the replica read
+/// nothing, let alone a huge or never-ending body.
+async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let Some(expected) = &state.admin_token_digest else {
         return admin_error(StatusCode::NOT_FOUND, "not_found", "the admin API is off (set TOKEN_PROXY_ADMIN_TOKEN)");
     };
@@ -121,6 +137,16 @@ async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
+    let body = match tokio::time::timeout(
+        state.admission.body_timeout,
+        axum::body::to_bytes(body, MAX_PURGE_BODY_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return admin_error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request", "the body is too large"),
+        Err(_) => return admin_error(StatusCode::REQUEST_TIMEOUT, "invalid_request", "the body took too long"),
+    };
     let Ok(request) = serde_json::from_slice::<PurgeRequest>(&body) else {
         return admin_error(
             StatusCode::BAD_REQUEST,

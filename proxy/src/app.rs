@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::entry::Freshness;
 use crate::handler::{Admission, client_router};
 use crate::l1::L1;
-use crate::listener::{self, Inbound, TlsSetupError};
+use crate::listener::{self, AcceptFailures, Inbound, TlsSetupError};
 use crate::metrics::Metrics;
 use crate::normalize::RequestLimits;
 use crate::quota::{Quota, QuotaSettings};
@@ -63,6 +63,8 @@ pub struct AppState {
     /// Which source addresses may call, and how to tell them behind a load balancer.
     pub sources: Arc<SourcePolicy>,
     pub admission: Arc<Admission>,
+    /// When each listener last failed to accept a connection; `/readyz` reports it.
+    pub accept_failures: Arc<AcceptFailures>,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -78,6 +80,7 @@ pub struct Application {
     client_listener: TcpListener,
     admin_listener: TcpListener,
     inbound: Inbound,
+    admin_inbound: Inbound,
     state: AppState,
     drain: Drain,
 }
@@ -137,18 +140,26 @@ impl Application {
             max_body_bytes: config.max_body_bytes,
             allow_query_params: config.allow_query_params,
         });
-        let inbound = Inbound::from_config(&config)?;
+        let sources = Arc::new(SourcePolicy {
+            allowed: config.allowed_networks.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+        });
+        let accept_failures = Arc::new(AcceptFailures::default());
+        let inbound = Inbound::client(&config, Arc::clone(&sources), Arc::clone(&accept_failures))?;
+        let admin_inbound = Inbound::admin(&config, Arc::clone(&accept_failures));
+        listener::warn_if_descriptors_short(&config);
         let bind = |variable, address| async move {
             TcpListener::bind(address).await.map_err(|source| StartError::Bind { variable, address, source })
         };
         let client_listener = bind("TOKEN_PROXY_LISTEN", config.listen).await?;
         let admin_listener = bind("TOKEN_PROXY_ADMIN_LISTEN", config.admin_listen).await?;
         let admin_token_digest = config.admin_token.as_ref().map(|t| crate::admin::digest(t.expose_secret()));
-        let sources = Arc::new(SourcePolicy {
-            allowed: config.allowed_networks.clone(),
-            trusted_proxies: config.trusted_proxies.clone(),
-        });
-        let admission = Arc::new(Admission::new(config.max_concurrent_requests, config.request_timeout));
+        let admission = Arc::new(Admission::new(
+            config.max_concurrent_requests,
+            config.request_timeout,
+            config.body_timeout,
+            config.max_connections_per_source,
+        ));
         let state = AppState {
             service,
             metrics,
@@ -156,10 +167,11 @@ impl Application {
             admin_token_digest,
             sources,
             admission,
+            accept_failures,
             shutting_down: Arc::default(),
         };
         let drain = Drain { delay: config.drain_delay, in_flight_bound: config.request_timeout };
-        Ok(Application { client_listener, admin_listener, inbound, state, drain })
+        Ok(Application { client_listener, admin_listener, inbound, admin_inbound, state, drain })
     }
 
     pub fn client_addr(&self) -> SocketAddr {
@@ -176,7 +188,7 @@ impl Application {
 
     /// Serves both listeners until `shutdown` resolves, then drains (see [`Drain`]).
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Application { client_listener, admin_listener, inbound, state, drain } = self;
+        let Application { client_listener, admin_listener, inbound, admin_inbound, state, drain } = self;
         tracing::info!(
             client = %client_listener.local_addr()?,
             admin = %admin_listener.local_addr()?,
@@ -202,17 +214,16 @@ impl Application {
         });
         let client_router = client_router(state.clone())
             .layer(axum::middleware::map_response_with_state(Arc::clone(&state.shutting_down), close_while_draining));
-        let client = listener::serve(
-            client_listener,
-            client_router,
-            inbound,
-            Arc::clone(&state.sources),
+        let client = listener::serve(client_listener, client_router, inbound, Arc::clone(&state.metrics), stopped());
+        let admin = listener::serve(
+            admin_listener,
+            admin_router(state.clone()),
+            admin_inbound,
             Arc::clone(&state.metrics),
             stopped(),
         );
-        let admin = axum::serve(admin_listener, admin_router(state.clone())).with_graceful_shutdown(stopped());
         let serving = async {
-            let (client, admin) = tokio::join!(client, admin.into_future());
+            let (client, admin) = tokio::join!(client, admin);
             client.and(admin)
         };
         // Resolves only if requests are still in flight once their bound has passed.

@@ -177,6 +177,26 @@ pub const SETTINGS: &[Setting] = &[
         help: "after SIGTERM, how long both listeners keep serving while /readyz answers 503 (load balancers take the replica out); 0 = stop at once",
     },
     Setting {
+        name: "TOKEN_PROXY_BODY_TIMEOUT",
+        default: Some("5s"),
+        help: "time a client has to send a request's body once its headers are in (408 past it)",
+    },
+    Setting {
+        name: "TOKEN_PROXY_MAX_CONNECTIONS",
+        default: Some("4096"),
+        help: "open connections on the client listener; more are closed at once",
+    },
+    Setting {
+        name: "TOKEN_PROXY_MAX_CONNECTIONS_PER_SOURCE",
+        default: Some("1024"),
+        help: "open client connections from one source address (IPv6: one /64), more are closed at once; behind a trusted proxy, unfinished requests per source, more get 429",
+    },
+    Setting {
+        name: "TOKEN_PROXY_ADMIN_MAX_CONNECTIONS",
+        default: Some("64"),
+        help: "open connections on the admin listener; more are closed at once",
+    },
+    Setting {
         name: "TOKEN_PROXY_TLS_CERT_FILE",
         default: None,
         help: "PEM certificate chain: serve TLS on the client listener (re-read when it changes)",
@@ -278,6 +298,19 @@ pub struct Config {
     /// the listeners stop accepting and requests in flight get up to `request_timeout` to
     /// finish. Default 5 s.
     pub drain_delay: Duration,
+    /// Time a client has to send a request's body once its headers are in; a body still
+    /// arriving after it gets 408. Default 5 s.
+    pub body_timeout: Duration,
+    /// Open connections on the client listener; more are closed at once. Default 4096.
+    pub max_connections: usize,
+    /// Open client connections from one source address (an IPv6 /64 counts as one); more are
+    /// closed at once. Connections from trusted proxies are not counted; instead each source
+    /// they name may have this many unfinished requests, more get 429. Default 1024, as many as
+    /// `max_concurrent_requests`: a load balancer not listed as a trusted proxy meets load
+    /// shedding before it meets this cap.
+    pub max_connections_per_source: usize,
+    /// Open connections on the admin listener; more are closed at once. Default 64.
+    pub admin_max_connections: usize,
     /// TLS on the client listener; `None` = plain HTTP.
     pub tls: Option<TlsFiles>,
     /// Source networks allowed on the client listener; empty = any.
@@ -438,6 +471,22 @@ impl Config {
             request_timeout: duration(&get, "TOKEN_PROXY_REQUEST_TIMEOUT")?,
             header_read_timeout: duration(&get, "TOKEN_PROXY_HEADER_READ_TIMEOUT")?,
             drain_delay: duration(&get, "TOKEN_PROXY_DRAIN_DELAY")?,
+            body_timeout: duration(&get, "TOKEN_PROXY_BODY_TIMEOUT")?,
+            max_connections: parse(
+                &required("TOKEN_PROXY_MAX_CONNECTIONS")?,
+                "TOKEN_PROXY_MAX_CONNECTIONS",
+                "a whole number",
+            )?,
+            max_connections_per_source: parse(
+                &required("TOKEN_PROXY_MAX_CONNECTIONS_PER_SOURCE")?,
+                "TOKEN_PROXY_MAX_CONNECTIONS_PER_SOURCE",
+                "a whole number",
+            )?,
+            admin_max_connections: parse(
+                &required("TOKEN_PROXY_ADMIN_MAX_CONNECTIONS")?,
+                "TOKEN_PROXY_ADMIN_MAX_CONNECTIONS",
+                "a whole number",
+            )?,
             tls: parse_tls(
                 get("TOKEN_PROXY_TLS_CERT_FILE"),
                 get("TOKEN_PROXY_TLS_KEY_FILE"),
@@ -489,6 +538,18 @@ impl Config {
         }
         if self.header_read_timeout.is_zero() {
             return Err(error("TOKEN_PROXY_HEADER_READ_TIMEOUT", "must be more than zero"));
+        }
+        if self.body_timeout.is_zero() {
+            return Err(error("TOKEN_PROXY_BODY_TIMEOUT", "must be more than zero"));
+        }
+        for (variable, value) in [
+            ("TOKEN_PROXY_MAX_CONNECTIONS", self.max_connections),
+            ("TOKEN_PROXY_MAX_CONNECTIONS_PER_SOURCE", self.max_connections_per_source),
+            ("TOKEN_PROXY_ADMIN_MAX_CONNECTIONS", self.admin_max_connections),
+        ] {
+            if value == 0 {
+                return Err(error(variable, "must be at least 1"));
+            }
         }
         if !self.previous_secrets.is_empty() && self.secret.is_none() {
             return Err(error("TOKEN_PROXY_PREVIOUS_SECRETS", "needs TOKEN_PROXY_SECRET (the current secret)"));
@@ -775,6 +836,10 @@ mod tests {
             ("TOKEN_PROXY_REQUEST_TIMEOUT", "5s"),
             ("TOKEN_PROXY_HEADER_READ_TIMEOUT", "0s"),
             ("TOKEN_PROXY_DRAIN_DELAY", "soon"),
+            ("TOKEN_PROXY_BODY_TIMEOUT", "0s"),
+            ("TOKEN_PROXY_MAX_CONNECTIONS", "0"),
+            ("TOKEN_PROXY_MAX_CONNECTIONS_PER_SOURCE", "many"),
+            ("TOKEN_PROXY_ADMIN_MAX_CONNECTIONS", "0"),
             ("TOKEN_PROXY_TLS_CLIENT_CA_FILE", "/etc/ca.pem"),
             ("TOKEN_PROXY_ALLOWED_NETWORKS", "10.0.0.0/8, not-a-network"),
             ("TOKEN_PROXY_TRUSTED_PROXIES", "10.0.0.0/33"),

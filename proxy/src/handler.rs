@@ -3,6 +3,7 @@
 //! (or a rejection), makes one call into the token service, and records the outcome.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use axum::routing::post;
 use http::StatusCode;
 
 use crate::app::AppState;
+use crate::listener::Occupancy;
 use crate::metrics::{Outcome, Throttle};
 use crate::normalize::{body_too_large, check_head, normalize};
 use crate::response::{CacheStatus, ProxyError, Rejection, Reply};
@@ -25,19 +27,28 @@ pub fn client_router(state: AppState) -> Router {
 
 /// Admission control of token requests: past the concurrency limit a request is shed at once
 /// with 503 (a fast answer the load balancer can retry elsewhere, instead of a queue that grows
-/// until memory runs out), and no request may take longer than the request timeout (a client
-/// trickling its body cannot hold a slot forever). A counter, not a semaphore: releasing a
-/// tokio semaphore permit takes a lock, on every request.
+/// until memory runs out), and no request may take longer than the request timeout. A request
+/// is admitted only once its body has arrived, within a body timeout of its own: a client
+/// trickling its body holds its own connection, never one of the slots every client shares. A
+/// counter, not a semaphore: releasing a tokio semaphore permit takes a lock, on every request.
+///
+/// The listener caps open connections per source. Connections from a trusted proxy carry many
+/// sources, so for them the cap applies here instead, to the unfinished requests of each
+/// source the proxy names: a load balancer that does not buffer bodies cannot pass one
+/// client's slow flood on to fill the listener.
 #[derive(Debug)]
 pub struct Admission {
     in_flight: AtomicUsize,
     limit: usize,
     pub request_timeout: Duration,
+    pub body_timeout: Duration,
+    forwarded: Arc<Occupancy>,
 }
 
 impl Admission {
-    pub fn new(limit: usize, request_timeout: Duration) -> Admission {
-        Admission { in_flight: AtomicUsize::new(0), limit, request_timeout }
+    pub fn new(limit: usize, request_timeout: Duration, body_timeout: Duration, per_source: usize) -> Admission {
+        let forwarded = Arc::new(Occupancy::new(usize::MAX, per_source));
+        Admission { in_flight: AtomicUsize::new(0), limit, request_timeout, body_timeout, forwarded }
     }
 
     /// A slot for one request, held until dropped; `None` when all are taken.
@@ -58,28 +69,53 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Why a token request got no reply from the token service.
+enum Refused {
+    Rejected(Rejection),
+    /// All slots taken (503).
+    Overloaded,
+    /// The source already has its share of unfinished requests (429).
+    SourceBusy,
+}
+
+impl From<Rejection> for Refused {
+    fn from(rejection: Rejection) -> Refused {
+        Refused::Rejected(rejection)
+    }
+}
+
 async fn token(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let Some(_slot) = state.admission.try_admit() else {
-        state.metrics.throttled(Throttle::Overload);
-        state.metrics.request(Outcome::Rejected, started.elapsed());
-        let mut response = ProxyError::Rejected(Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "temporarily_unavailable",
-            "the proxy is overloaded; retry shortly",
-        ))
-        .into_response();
-        response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-        return response;
-    };
     let timeout = state.admission.request_timeout;
     let (outcome, response) = match tokio::time::timeout(timeout, answer(&state, peer.ip(), request)).await {
         Ok(Ok(reply)) => (outcome_of(&reply), reply.into_response()),
-        Ok(Err(rejection)) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
+        Ok(Err(Refused::Rejected(rejection))) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
+        Ok(Err(Refused::Overloaded)) => {
+            state.metrics.throttled(Throttle::Overload);
+            let rejection = Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "the proxy is overloaded; retry shortly",
+            );
+            (Outcome::Rejected, retry_shortly(rejection))
+        }
+        Ok(Err(Refused::SourceBusy)) => {
+            state.metrics.throttled(Throttle::PerSource);
+            // Its body was not read: where the next request starts is unknown.
+            let rejection = Rejection {
+                close: true,
+                ..Rejection::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "temporarily_unavailable",
+                    "too many unfinished requests from this source; retry shortly",
+                )
+            };
+            (Outcome::Rejected, retry_shortly(rejection))
+        }
         Err(_) => {
             state.metrics.throttled(Throttle::Timeout);
             let rejection = Rejection {
@@ -93,15 +129,48 @@ async fn token(
     response
 }
 
-async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Reply, Rejection> {
+fn retry_shortly(rejection: Rejection) -> Response {
+    let mut response = ProxyError::Rejected(rejection).into_response();
+    response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    response
+}
+
+async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Reply, Refused> {
     let (parts, body) = request.into_parts();
     let source = state.sources.source(peer, &parts.headers);
     if !state.sources.allows(source) {
-        return Err(Rejection::new(StatusCode::FORBIDDEN, "access_denied", "this source address may not call"));
+        return Err(Rejection::new(StatusCode::FORBIDDEN, "access_denied", "this source address may not call").into());
     }
+    // Direct peers are capped per connection by the listener already; a trusted proxy's
+    // connections are counted by no source, so their requests are, by the source they name.
+    let behind_proxy = state.sources.connection_source(peer).is_none();
+    let _unfinished = if behind_proxy {
+        let source = state.sources.connection_source(source);
+        Some(Occupancy::enter(&state.admission.forwarded, source).map_err(|_| Refused::SourceBusy)?)
+    } else {
+        None
+    };
     check_head(&parts.headers, &state.limits)?;
-    let body = axum::body::to_bytes(body, state.limits.max_body_bytes).await.map_err(|_| body_too_large())?;
+    let body = match tokio::time::timeout(
+        state.admission.body_timeout,
+        axum::body::to_bytes(body, state.limits.max_body_bytes),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return Err(body_too_large().into()),
+        Err(_) => {
+            state.metrics.throttled(Throttle::BodyTimeout);
+            // The rest of the body may still come: where the next request starts is unknown.
+            return Err(Rejection {
+                close: true,
+                ..Rejection::new(StatusCode::REQUEST_TIMEOUT, "invalid_request", "the request body took too long")
+            }
+            .into());
+        }
+    };
     let request = normalize(parts.uri.query(), &parts.headers, &body, &state.limits)?;
+    let Some(_slot) = state.admission.try_admit() else { return Err(Refused::Overloaded) };
     Ok(state.service.handle(request, source).await)
 }
 

@@ -7,7 +7,8 @@
 //!
 //! - [`config`]: settings from `TOKEN_PROXY_*` variables or flags, validated up front.
 //! - [`app`]: builds a replica from its config, binds both listeners, runs until shutdown.
-//! - [`listener`]: the client listener: source networks, TLS (reloaded, optional mTLS), timeouts.
+//! - [`listener`]: both listeners' accept loop: source networks, connection caps, TLS (reloaded,
+//!   optional mTLS), timeouts, accept failures.
 //! - [`handler`]: the client-facing HTTP surface (`POST /oauth2/token`).
 //! - [`source`]: the caller's source address (behind trusted load balancers too), the allowlist.
 //! - [`normalize`]: HTTP request → [`normalize::TokenRequest`], or a 4xx rejection.

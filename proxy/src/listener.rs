@@ -1,26 +1,32 @@
-//! The client listener's accept loop and its inbound protections.
+//! The accept loop of both listeners and their inbound protections.
 //!
 //! Per connection, in order:
 //!
 //! 1. The source network: a peer that is neither in `TOKEN_PROXY_ALLOWED_NETWORKS` nor a trusted
 //!    proxy is dropped at once, before any TLS handshake or byte of HTTP. (Clients behind a
-//!    trusted proxy are checked request by request in the handler.)
-//! 2. TLS, when configured: the handshake must finish within the header-read timeout. The
+//!    trusted proxy are checked request by request in the handler.) The admin listener has no
+//!    allowlist: keep it off the public network.
+//! 2. Connection caps: past the listener's cap of open connections, or its cap per source
+//!    address, a new connection is closed at once, so one source cannot take every descriptor
+//!    or every connection task (see [`Occupancy`]).
+//! 3. TLS, when configured (client listener only): the handshake must finish within the header-read timeout. The
 //!    certificate and key are re-read when their files change; with a client CA, a client
 //!    certificate signed by it is required (mTLS).
-//! 3. HTTP/1.1 with a header-read timeout: a client must send each request head within it, and an
+//! 4. HTTP/1.1 with a header-read timeout: a client must send each request head within it, and an
 //!    idle keep-alive connection is closed after it too. One watchdog per connection enforces it
 //!    (see [`Activity`]) rather than hyper's own header timer, which arms a timer for every
 //!    request: at 100k requests a second that alone cost 6 % of the throughput of a cache hit.
 //!
-//! The peer address reaches the handler as `axum::extract::ConnectInfo<SocketAddr>`. When the
-//! shutdown future resolves, the loop stops accepting and waits for open connections to finish
-//! their in-flight requests.
+//! The peer address reaches the handler as `axum::extract::ConnectInfo<SocketAddr>`. A failing
+//! `accept` (above all, no file descriptor left) is counted and remembered for `/readyz` (see
+//! [`AcceptFailures`]). When the shutdown future resolves, the loop stops accepting and waits for
+//! open connections to finish their in-flight requests.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -51,17 +57,47 @@ use crate::source::SourcePolicy;
 const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause after an accept error that is not about one connection (e.g. out of file descriptors).
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// A listener counts as failing to accept this long after its last accept error. The loop
+/// retries every [`ACCEPT_ERROR_BACKOFF`] while connections wait, so an ongoing failure renews
+/// it many times over; once the errors stop, `/readyz` recovers by itself (a flag cleared only by
+/// the next successful accept would keep a replica that a load balancer stopped sending
+/// connections to unready forever).
+const ACCEPT_FAILURE_MEMORY: Duration = Duration::from_secs(2);
 
 const CERT_VARIABLE: &str = "TOKEN_PROXY_TLS_CERT_FILE";
 const KEY_VARIABLE: &str = "TOKEN_PROXY_TLS_KEY_FILE";
 const CLIENT_CA_VARIABLE: &str = "TOKEN_PROXY_TLS_CLIENT_CA_FILE";
 
-/// Why the listener refused a connection; the `reason` label of
+/// Which listener: the `listener` label of its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// `TOKEN_PROXY_LISTEN`: token requests.
+    Client,
+    /// `TOKEN_PROXY_ADMIN_LISTEN`: health, readiness, metrics, the admin API.
+    Admin,
+}
+
+impl ListenerKind {
+    pub const ALL: [ListenerKind; 2] = [ListenerKind::Client, ListenerKind::Admin];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ListenerKind::Client => "client",
+            ListenerKind::Admin => "admin",
+        }
+    }
+}
+
+/// Why a listener refused a connection; the `reason` label of
 /// `token_proxy_connections_refused_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// The peer is not in an allowed network and is no trusted proxy.
     Source,
+    /// The listener already had its cap of open connections.
+    ListenerFull,
+    /// The peer's source address already had its cap of open connections.
+    PerSource,
     /// The TLS handshake failed (no or a bad client certificate, plain HTTP on the TLS port, ...).
     TlsHandshake,
     /// The TLS handshake did not finish within the header-read timeout.
@@ -72,6 +108,8 @@ impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Source => "source",
+            Refusal::ListenerFull => "listener_full",
+            Refusal::PerSource => "per_source",
             Refusal::TlsHandshake => "tls_handshake",
             Refusal::TlsTimeout => "tls_timeout",
         }
@@ -91,32 +129,61 @@ fn tls_error(variable: &'static str, message: impl Into<String>) -> TlsSetupErro
     TlsSetupError { variable, message: message.into() }
 }
 
-/// How the client listener treats connections, built from the config before binding is done.
+/// How a listener treats connections, built from the config before binding is done.
 pub struct Inbound {
+    kind: ListenerKind,
     tls: Option<TlsAcceptor>,
     client_certificates: bool,
     header_read_timeout: Duration,
+    sources: Arc<SourcePolicy>,
+    occupancy: Arc<Occupancy>,
+    failures: Arc<AcceptFailures>,
 }
 
 impl fmt::Debug for Inbound {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Inbound")
+            .field("kind", &self.kind)
             .field("tls", &self.tls.is_some())
             .field("client_certificates", &self.client_certificates)
             .field("header_read_timeout", &self.header_read_timeout)
+            .field("occupancy", &self.occupancy)
             .finish()
     }
 }
 
 impl Inbound {
-    /// Reads the TLS files, if any: a file that cannot be used fails here, at start-up.
-    pub fn from_config(config: &Config) -> Result<Inbound, TlsSetupError> {
+    /// The client listener's: reads the TLS files, if any (a file that cannot be used fails
+    /// here, at start-up).
+    pub fn client(
+        config: &Config,
+        sources: Arc<SourcePolicy>,
+        failures: Arc<AcceptFailures>,
+    ) -> Result<Inbound, TlsSetupError> {
         let tls = config.tls.as_ref().map(server_config).transpose()?;
         Ok(Inbound {
+            kind: ListenerKind::Client,
             tls: tls.map(TlsAcceptor::from),
             client_certificates: config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
             header_read_timeout: config.header_read_timeout,
+            sources,
+            occupancy: Arc::new(Occupancy::new(config.max_connections, config.max_connections_per_source)),
+            failures,
         })
+    }
+
+    /// The admin listener's: plain HTTP, any source, the same header-read timeout, a cap of
+    /// its own (and no cap per source: its callers are the operator's few monitors).
+    pub fn admin(config: &Config, failures: Arc<AcceptFailures>) -> Inbound {
+        Inbound {
+            kind: ListenerKind::Admin,
+            tls: None,
+            client_certificates: false,
+            header_read_timeout: config.header_read_timeout,
+            sources: Arc::new(SourcePolicy::default()),
+            occupancy: Arc::new(Occupancy::new(config.admin_max_connections, config.admin_max_connections)),
+            failures,
+        }
     }
 }
 
@@ -126,20 +193,22 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     inbound: Inbound,
-    sources: Arc<SourcePolicy>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let Inbound { kind, tls, client_certificates, header_read_timeout, sources, occupancy, failures } = inbound;
     tracing::info!(
-        tls = inbound.tls.is_some(),
-        client_certificates = inbound.client_certificates,
-        header_read_timeout = ?inbound.header_read_timeout,
-        "client listener protections"
+        listener = kind.label(),
+        tls = tls.is_some(),
+        client_certificates,
+        ?header_read_timeout,
+        max_connections = occupancy.max_open,
+        max_connections_per_source = occupancy.max_per_source,
+        "listener protections"
     );
     let mut http = http1::Builder::new();
     http.keep_alive(true);
-    let connection =
-        Arc::new(Connection { http, tls: inbound.tls, header_read_timeout: inbound.header_read_timeout, router });
+    let connection = Arc::new(Connection { kind, http, tls, header_read_timeout, router });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -152,7 +221,13 @@ pub async fn serve(
                     continue;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot accept connections; retrying shortly");
+                    metrics.accept_error(kind);
+                    // Once per spell of failures, not at every retry.
+                    if failures.record(kind) {
+                        tracing::warn!(listener = kind.label(), %error, "cannot accept connections; retrying shortly");
+                    } else {
+                        tracing::debug!(listener = kind.label(), %error, "still cannot accept connections");
+                    }
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
@@ -161,24 +236,123 @@ pub async fn serve(
             },
         };
         if !sources.admits_connection(peer.ip()) {
-            metrics.connection_refused(Refusal::Source);
+            metrics.connection_refused(kind, Refusal::Source);
             tracing::debug!(%peer, "connection from a source outside the allowed networks dropped");
             drop(stream);
             continue;
         }
+        let occupant = match Occupancy::enter(&occupancy, sources.connection_source(peer.ip())) {
+            Ok(occupant) => occupant,
+            Err(refusal) => {
+                metrics.connection_refused(kind, refusal);
+                tracing::debug!(%peer, listener = kind.label(), reason = refusal.label(), "connection over a cap dropped");
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let connection = Arc::clone(&connection);
         let metrics = Arc::clone(&metrics);
         let watcher = graceful.watcher();
-        tokio::spawn(async move { connection.serve(stream, peer, watcher, &metrics).await });
+        tokio::spawn(async move {
+            connection.serve(stream, peer, watcher, &metrics).await;
+            drop(occupant);
+        });
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
 }
 
+/// Open connections of one listener, in total and per source, against its caps. One lock
+/// taken twice per connection (not per request): keep-alive connections carry many requests.
+/// The handler counts unfinished requests of sources behind trusted proxies with one too.
+#[derive(Debug)]
+pub(crate) struct Occupancy {
+    max_open: usize,
+    max_per_source: usize,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    open: usize,
+    /// Only sources with open connections have an entry, so the map is bounded by `max_open`.
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// One open connection's (or request's) place, given back when dropped.
+pub(crate) struct Occupant {
+    occupancy: Arc<Occupancy>,
+    source: Option<IpAddr>,
+}
+
+impl Occupancy {
+    pub(crate) fn new(max_open: usize, max_per_source: usize) -> Occupancy {
+        Occupancy { max_open, max_per_source, counts: Mutex::default() }
+    }
+
+    /// A place for a connection counted against `source` (`None`: against the total only).
+    pub(crate) fn enter(occupancy: &Arc<Occupancy>, source: Option<IpAddr>) -> Result<Occupant, Refusal> {
+        let mut counts = occupancy.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if counts.open >= occupancy.max_open {
+            return Err(Refusal::ListenerFull);
+        }
+        if let Some(source) = source {
+            let from_source = counts.per_source.entry(source).or_default();
+            if *from_source >= occupancy.max_per_source {
+                return Err(Refusal::PerSource);
+            }
+            *from_source += 1;
+        }
+        counts.open += 1;
+        Ok(Occupant { occupancy: Arc::clone(occupancy), source })
+    }
+}
+
+impl Drop for Occupant {
+    fn drop(&mut self) {
+        let mut counts = self.occupancy.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.open -= 1;
+        if let Some(source) = self.source
+            && let Some(from_source) = counts.per_source.get_mut(&source)
+        {
+            *from_source -= 1;
+            if *from_source == 0 {
+                counts.per_source.remove(&source);
+            }
+        }
+    }
+}
+
+/// When each listener last failed to accept a connection, for `/readyz`: a replica that cannot
+/// accept (out of file descriptors) must say so, or a load balancer keeps sending it clients.
+#[derive(Debug, Default)]
+pub struct AcceptFailures {
+    last: [Mutex<Option<Instant>>; 2],
+}
+
+impl AcceptFailures {
+    /// Remembers a failure now; whether it starts a new spell (none within the memory before).
+    fn record(&self, kind: ListenerKind) -> bool {
+        let mut last = self.last[kind as usize].lock().unwrap_or_else(PoisonError::into_inner);
+        let new = !last.is_some_and(|at| at.elapsed() < ACCEPT_FAILURE_MEMORY);
+        *last = Some(Instant::now());
+        new
+    }
+
+    /// The first listener that failed to accept within the last [`ACCEPT_FAILURE_MEMORY`].
+    pub fn failing(&self) -> Option<ListenerKind> {
+        ListenerKind::ALL.into_iter().find(|kind| {
+            let last = *self.last[*kind as usize].lock().unwrap_or_else(PoisonError::into_inner);
+            last.is_some_and(|at| at.elapsed() < ACCEPT_FAILURE_MEMORY)
+        })
+    }
+}
+
 /// What every connection of the listener shares.
 struct Connection {
+    kind: ListenerKind,
     http: http1::Builder,
     tls: Option<TlsAcceptor>,
     /// Also the TLS handshake's deadline.
@@ -194,11 +368,11 @@ impl Connection {
         match tokio::time::timeout(self.header_read_timeout, acceptor.accept(stream)).await {
             Ok(Ok(stream)) => self.serve_http(stream, peer, watcher).await,
             Ok(Err(error)) => {
-                metrics.connection_refused(Refusal::TlsHandshake);
+                metrics.connection_refused(self.kind, Refusal::TlsHandshake);
                 tracing::debug!(%peer, %error, "TLS handshake failed");
             }
             Err(_) => {
-                metrics.connection_refused(Refusal::TlsTimeout);
+                metrics.connection_refused(self.kind, Refusal::TlsTimeout);
                 tracing::debug!(%peer, "TLS handshake timed out");
             }
         }
@@ -282,6 +456,41 @@ impl Activity {
             }
         }
     }
+}
+
+/// File descriptors a replica uses besides connections: the runtime's, standard streams,
+/// certificate, header and secret files being re-read, Redis connections (three per server).
+const OTHER_DESCRIPTORS: usize = 64;
+
+/// File descriptors the configuration may use at once: both listeners' connection caps, one
+/// upstream connection per admitted request, and [`OTHER_DESCRIPTORS`]. With the defaults,
+/// 4096 + 64 + 1024 + 64 = 5248.
+pub fn descriptors_needed(config: &Config) -> usize {
+    config.max_connections + config.admin_max_connections + config.max_concurrent_requests + OTHER_DESCRIPTORS
+}
+
+/// Warns at start-up when the open-file limit is below [`descriptors_needed`]: past the limit
+/// accepts fail (`/readyz` says so), and the operator can act before that happens.
+pub fn warn_if_descriptors_short(config: &Config) {
+    let needed = descriptors_needed(config);
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    if let Some(limit) = open_file_limit(&limits)
+        && limit < needed as u64
+    {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit (ulimit -n) is below what the connection caps allow; raise it (e.g. LimitNOFILE) \
+             or lower TOKEN_PROXY_MAX_CONNECTIONS, or accepts fail under load"
+        );
+    }
+}
+
+/// The soft `Max open files` of a `/proc/self/limits` text (Linux); `None` when absent or
+/// unlimited.
+fn open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
+    line.split_whitespace().next()?.parse().ok()
 }
 
 /// Errors about one connection that went away before it was accepted: no reason to pause.
@@ -433,5 +642,34 @@ impl ReloadingCertificate {
 impl ResolvesServerCert for ReloadingCertificate {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_is_read_from_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             63471                63471                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(open_file_limit(limits), Some(1024));
+        assert_eq!(open_file_limit("Max open files            unlimited            unlimited            files"), None);
+        assert_eq!(open_file_limit(""), None);
+    }
+
+    #[test]
+    fn connection_caps_hold_in_total_and_per_source() {
+        let occupancy = Arc::new(Occupancy::new(3, 2));
+        let (a, b) = (Some("192.0.2.1".parse().unwrap()), Some("192.0.2.2".parse().unwrap()));
+        let first = Occupancy::enter(&occupancy, a).unwrap();
+        let _second = Occupancy::enter(&occupancy, a).unwrap();
+        assert_eq!(Occupancy::enter(&occupancy, a).err(), Some(Refusal::PerSource));
+        let _third = Occupancy::enter(&occupancy, b).unwrap();
+        assert_eq!(Occupancy::enter(&occupancy, None).err(), Some(Refusal::ListenerFull));
+        drop(first);
+        assert!(Occupancy::enter(&occupancy, a).is_ok(), "a closed connection gives its place back");
+        assert!(occupancy.counts.lock().unwrap().per_source.len() <= 2);
     }
 }

@@ -12,6 +12,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::breaker::BreakerState;
+use crate::listener::{ListenerKind, Refusal};
 
 const BREAKER_STATES: [BreakerState; 3] = [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen];
 
@@ -101,10 +102,21 @@ pub enum Throttle {
     Overload,
     /// The request took longer than the request timeout (408).
     Timeout,
+    /// The body did not arrive within the body timeout (408).
+    BodyTimeout,
+    /// A source behind a trusted proxy had its cap of unfinished requests (429).
+    PerSource,
 }
 
 impl Throttle {
-    const ALL: [Throttle; 4] = [Throttle::AuthFailures, Throttle::RateCap, Throttle::Overload, Throttle::Timeout];
+    const ALL: [Throttle; 6] = [
+        Throttle::AuthFailures,
+        Throttle::RateCap,
+        Throttle::Overload,
+        Throttle::Timeout,
+        Throttle::BodyTimeout,
+        Throttle::PerSource,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -112,6 +124,8 @@ impl Throttle {
             Throttle::RateCap => "rate_cap",
             Throttle::Overload => "overload",
             Throttle::Timeout => "timeout",
+            Throttle::BodyTimeout => "body_timeout",
+            Throttle::PerSource => "per_source",
         }
     }
 }
@@ -140,8 +154,9 @@ pub struct Metrics {
     notification_misses: Counter,
     refreshes: Counter,
     upstream_held_back: Counter,
-    throttled: [Counter; 4],
+    throttled: [Counter; 6],
     auth_failures: Counter,
+    accept_errors: [Counter; 2],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -189,6 +204,8 @@ impl Metrics {
             throttled: Throttle::ALL
                 .map(|t| counter("token_proxy_throttled_total", vec![Label::new("reason", t.label())])),
             auth_failures: counter("token_proxy_auth_failures_total", vec![]),
+            accept_errors: ListenerKind::ALL
+                .map(|l| counter("token_proxy_accept_errors_total", vec![Label::new("listener", l.label())])),
             handle,
             recorder,
         }
@@ -283,11 +300,19 @@ impl Metrics {
         &self.recorder
     }
 
-    /// The client listener dropped a connection before serving it:
-    /// `token_proxy_connections_refused_total{reason}`. Rare, so the series is looked up here.
-    pub fn connection_refused(&self, reason: crate::listener::Refusal) {
-        let key = Key::from_parts("token_proxy_connections_refused_total", vec![Label::new("reason", reason.label())]);
+    /// A listener dropped a connection before serving it:
+    /// `token_proxy_connections_refused_total{listener, reason}`. Rare, so the series is looked
+    /// up here.
+    pub fn connection_refused(&self, listener: ListenerKind, reason: Refusal) {
+        let labels = vec![Label::new("listener", listener.label()), Label::new("reason", reason.label())];
+        let key = Key::from_parts("token_proxy_connections_refused_total", labels);
         self.recorder.register_counter(&key, &META).increment(1);
+    }
+
+    /// A listener's `accept` failed (e.g. no file descriptor left):
+    /// `token_proxy_accept_errors_total{listener}`.
+    pub fn accept_error(&self, listener: ListenerKind) {
+        self.accept_errors[listener as usize].increment(1);
     }
 }
 
@@ -320,6 +345,8 @@ mod tests {
             "token_proxy_refreshes_total 0",
             "token_proxy_upstream_held_back_total 0",
             "token_proxy_redis_breaker_transitions_total{to=\"open\"} 0",
+            "token_proxy_accept_errors_total{listener=\"client\"} 0",
+            "token_proxy_accept_errors_total{listener=\"admin\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

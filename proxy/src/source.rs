@@ -6,7 +6,7 @@
 //! itself a trusted proxy. Anyone else's `X-Forwarded-For` is ignored, so a client cannot pick
 //! its own source address.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use http::HeaderMap;
 use ipnet::IpNet;
@@ -53,6 +53,20 @@ impl SourcePolicy {
     /// (whose clients are checked request by request).
     pub fn admits_connection(&self, peer: IpAddr) -> bool {
         self.allows(peer) || contains(&self.trusted_proxies, canonical(peer))
+    }
+
+    /// What a connection from `peer` counts against for the per-source connection cap: the peer
+    /// itself, with an IPv6 peer's whole /64 as one source (one host commonly holds a /64); or
+    /// `None` for a trusted proxy, whose connections carry the requests of many sources.
+    pub fn connection_source(&self, peer: IpAddr) -> Option<IpAddr> {
+        let peer = canonical(peer);
+        if contains(&self.trusted_proxies, peer) {
+            return None;
+        }
+        Some(match peer {
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+            v4 => v4,
+        })
     }
 }
 
@@ -119,5 +133,15 @@ mod tests {
         assert!(!policy.allows(ip("10.0.0.1")));
         assert!(!policy.admits_connection(ip("172.16.0.1")));
         assert!(SourcePolicy::default().allows(ip("172.16.0.1")));
+    }
+
+    #[test]
+    fn connections_count_against_the_peer_its_ipv6_64_or_nothing_for_a_trusted_proxy() {
+        let policy = SourcePolicy { allowed: vec![], trusted_proxies: nets(&["10.0.0.0/24"]) };
+        assert_eq!(policy.connection_source(ip("192.0.2.7")), Some(ip("192.0.2.7")));
+        assert_eq!(policy.connection_source(ip("::ffff:192.0.2.7")), Some(ip("192.0.2.7")));
+        assert_eq!(policy.connection_source(ip("2001:db8:1:2:aaaa::1")), Some(ip("2001:db8:1:2::")));
+        assert_eq!(policy.connection_source(ip("2001:db8:1:2:ffff::9")), Some(ip("2001:db8:1:2::")));
+        assert_eq!(policy.connection_source(ip("10.0.0.5")), None);
     }
 }

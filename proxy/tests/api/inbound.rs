@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use token_proxy::app::Application;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::helpers::*;
@@ -182,48 +182,6 @@ fn raw_request() -> String {
     )
 }
 
-/// Reads until the peer closes the connection (EOF or reset), at most `limit`. Returns what was
-/// received and how long it took, or `None` if the connection was still open at `limit`.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<(Vec<u8>, Duration)> {
-    let started = Instant::now();
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = limit.checked_sub(started.elapsed())?;
-        match tokio::time::timeout(left, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Some((received, started.elapsed())),
-            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
-            Err(_) => return None,
-        }
-    }
-}
-
-/// Reads one whole response (head plus Content-Length body) and returns it as text.
-async fn read_one_response(stream: &mut TcpStream) -> String {
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = String::from_utf8_lossy(&received).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|line| {
-                    let (name, value) = line.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse::<usize>().ok())?
-                })
-                .expect("a Content-Length");
-            if received.len() >= end + 4 + length {
-                return text;
-            }
-        }
-        let left = deadline.checked_duration_since(Instant::now()).expect("a whole response within 5 s");
-        let n = tokio::time::timeout(left, stream.read(&mut buf)).await.expect("a response within 5 s").unwrap();
-        assert!(n > 0, "connection closed mid-response: {text}");
-        received.extend_from_slice(&buf[..n]);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. TLS
 
@@ -251,7 +209,10 @@ async fn tls_serves_tokens_over_https_and_nothing_over_plain_http() {
     // reqwest over plain HTTP fails the same way.
     assert!(post_with(&http(), &app.proxy.token_url(), "app", SECRET).await.is_err());
     assert_eq!(app.upstream_requests(), 1, "the plain-HTTP requests reached the upstream");
-    assert!(app.proxy.metric("token_proxy_connections_refused_total{reason=\"tls_handshake\"}").await >= 2.0);
+    assert!(
+        app.proxy.metric("token_proxy_connections_refused_total{listener=\"client\",reason=\"tls_handshake\"}").await
+            >= 2.0
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -323,7 +284,10 @@ async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
     assert_eq!(reply.status, 200, "{}", reply.raw);
     assert!(!reply.access_token().is_empty());
     assert_eq!(app.upstream_requests(), 1);
-    assert!(app.proxy.metric("token_proxy_connections_refused_total{reason=\"tls_handshake\"}").await >= 2.0);
+    assert!(
+        app.proxy.metric("token_proxy_connections_refused_total{listener=\"client\",reason=\"tls_handshake\"}").await
+            >= 2.0
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,7 +303,9 @@ async fn connections_from_outside_the_allowed_networks_are_closed_unanswered() {
     assert!(received.is_empty(), "an answer: {:?}", String::from_utf8_lossy(&received));
     assert!(post_with(&http(), &app.proxy.token_url(), "app", SECRET).await.is_err());
     assert_eq!(app.upstream_requests(), 0);
-    assert!(app.proxy.metric("token_proxy_connections_refused_total{reason=\"source\"}").await >= 2.0);
+    assert!(
+        app.proxy.metric("token_proxy_connections_refused_total{listener=\"client\",reason=\"source\"}").await >= 2.0
+    );
 
     let allowed =
         TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_ALLOWED_NETWORKS", "127.0.0.0/8")]).await;

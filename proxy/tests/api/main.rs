@@ -18,5 +18,6 @@ mod read_pipeline;
 mod redis_faults;
 mod rotation;
 mod sealing;
+mod slow_clients;
 mod strictness;
 mod upstream_errors;
