@@ -587,4 +587,27 @@ mod tests {
             assert!(CachedToken::from_stored(bad, long, t0, &FRESH).is_none(), "{bad:?}");
         }
     }
+
+    proptest::proptest! {
+        /// Whatever a stored form holds (it is authenticated, but the code must not rely on
+        /// that to stay in bounds), reading it never panics, never yields more time left than
+        /// its lifetime, and what it yields stores and reads back to the same body.
+        #[test]
+        fn any_stored_form_reads_without_panicking(
+            version in 3u8..7,
+            lifetime in proptest::prelude::any::<u32>(),
+            start in 0u32..64,
+            len in 0u32..8,
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+        ) {
+            let t0 = Instant::now();
+            let words = [lifetime, start, start + len].map(u32::to_be_bytes).concat();
+            let stored = [&[version][..], &words, &rest].concat();
+            if let Some(token) = CachedToken::from_stored(&stored, Duration::from_secs(u64::MAX / 4), t0, &FRESH) {
+                proptest::prop_assert!(token.remaining(t0) <= token.lifetime);
+                let again = CachedToken::from_stored(&token.to_stored(), token.remaining(t0), t0, &FRESH).unwrap();
+                proptest::prop_assert_eq!(again.render(t0), token.render(t0));
+            }
+        }
+    }
 }
