@@ -195,8 +195,12 @@ fn hex_decode(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
-const FRESH: Freshness =
-    Freshness { expiry_margin: Duration::from_secs(60), min_token_ttl: Duration::from_secs(30), refresh_at: 0.75 };
+const FRESH: Freshness = Freshness {
+    expiry_margin: Duration::from_secs(60),
+    min_token_ttl: Duration::from_secs(30),
+    refresh_at: 0.75,
+    max_lifetime: Duration::from_secs(86_400),
+};
 
 fn token(access_token: &str) -> CachedToken {
     let body = format!(

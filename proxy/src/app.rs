@@ -124,6 +124,7 @@ impl Application {
                 expiry_margin: config.expiry_margin,
                 min_token_ttl: config.min_token_ttl,
                 refresh_at: config.refresh_at,
+                max_lifetime: config.max_token_lifetime,
             },
             flight: FlightSettings { lock_ttl: config.lock_ttl, upstream_timeout: config.upstream_timeout },
             l1: L1::new(config.l1_capacity, l1_max_age),

@@ -106,6 +106,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "share of a token's lifetime after which a hit starts one background refresh (1 = never)",
     },
     Setting {
+        name: "TOKEN_PROXY_MAX_TOKEN_LIFETIME",
+        default: Some("1d"),
+        help: "longest lifetime a token is cached with; a larger expires_in is capped (Cognito's longest is 1 day)",
+    },
+    Setting {
         name: "TOKEN_PROXY_L1_CAPACITY",
         default: Some("10000"),
         help: "entries in the in-process cache; 0 disables it (only allowed with Redis)",
@@ -269,6 +274,9 @@ pub struct Config {
     pub min_token_ttl: Duration,
     /// Share of a token's lifetime after which hits start a background refresh. Default 0.75.
     pub refresh_at: f64,
+    /// Longest lifetime a token is cached with: the entry lives at most this long and its
+    /// `expires_in` never says more than what is left of it. Default 1 day (Cognito's longest).
+    pub max_token_lifetime: Duration,
     /// Entries in the in-process cache (L1); 0 disables it. Default 10 000.
     pub l1_capacity: usize,
     /// With Redis, the longest an entry lives in L1. Default 10 s.
@@ -423,6 +431,7 @@ impl Config {
             expiry_margin: duration(&get, "TOKEN_PROXY_EXPIRY_MARGIN")?,
             min_token_ttl: duration(&get, "TOKEN_PROXY_MIN_TOKEN_TTL")?,
             refresh_at: parse(&required("TOKEN_PROXY_REFRESH_AT")?, "TOKEN_PROXY_REFRESH_AT", "a number in (0, 1]")?,
+            max_token_lifetime: duration(&get, "TOKEN_PROXY_MAX_TOKEN_LIFETIME")?,
             l1_capacity: parse(&required("TOKEN_PROXY_L1_CAPACITY")?, "TOKEN_PROXY_L1_CAPACITY", "a whole number")?,
             l1_max_age: duration(&get, "TOKEN_PROXY_L1_MAX_AGE")?,
             max_body_bytes: parse(
@@ -508,6 +517,17 @@ impl Config {
         }
         if !(self.refresh_at > 0.0 && self.refresh_at <= 1.0) {
             return Err(error("TOKEN_PROXY_REFRESH_AT", "must be more than 0 and at most 1"));
+        }
+        // A cap at or below the fresh cutoff would make every token stale on arrival.
+        if self.max_token_lifetime <= self.expiry_margin.max(self.min_token_ttl) {
+            return Err(error(
+                "TOKEN_PROXY_MAX_TOKEN_LIFETIME",
+                "must be longer than TOKEN_PROXY_EXPIRY_MARGIN and TOKEN_PROXY_MIN_TOKEN_TTL",
+            ));
+        }
+        // Lifetimes are stored as 32-bit seconds.
+        if self.max_token_lifetime.as_secs() > u64::from(u32::MAX) {
+            return Err(error("TOKEN_PROXY_MAX_TOKEN_LIFETIME", "must be at most 4294967295s (about 136 years)"));
         }
         if self.lock_ttl < Duration::from_millis(100) {
             return Err(error("TOKEN_PROXY_LOCK_TTL", "must be at least 100ms"));
@@ -789,6 +809,7 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.redis_timeout, Duration::from_millis(250));
         assert_eq!(config.drain_delay, Duration::from_secs(5));
+        assert_eq!(config.max_token_lifetime, Duration::from_secs(86_400));
         assert!(!config.allow_query_params);
     }
 
@@ -827,6 +848,9 @@ mod tests {
             ("TOKEN_PROXY_REFRESH_AT", "1.5"),
             ("TOKEN_PROXY_REFRESH_AT", "0"),
             ("TOKEN_PROXY_LOCK_TTL", "10ms"),
+            ("TOKEN_PROXY_MAX_TOKEN_LIFETIME", "30s"),
+            ("TOKEN_PROXY_MAX_TOKEN_LIFETIME", "200years"),
+            ("TOKEN_PROXY_MAX_TOKEN_LIFETIME", "forever"),
             ("TOKEN_PROXY_REDIS_BREAKER_THRESHOLD", "0"),
             ("TOKEN_PROXY_ADMIN_TOKEN", "short"),
             ("TOKEN_PROXY_PREVIOUS_SECRETS", "c2hvcnQ="),

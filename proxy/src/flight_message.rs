@@ -128,8 +128,12 @@ fn decode_answer(mut rest: &[u8]) -> Option<UpstreamResponse> {
 mod tests {
     use super::*;
 
-    const FRESH: Freshness =
-        Freshness { expiry_margin: Duration::from_secs(60), min_token_ttl: Duration::from_secs(30), refresh_at: 0.75 };
+    const FRESH: Freshness = Freshness {
+        expiry_margin: Duration::from_secs(60),
+        min_token_ttl: Duration::from_secs(30),
+        refresh_at: 0.75,
+        max_lifetime: Duration::from_secs(86_400),
+    };
 
     #[test]
     fn a_token_round_trips_with_its_time_left() {

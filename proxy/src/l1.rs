@@ -116,8 +116,12 @@ impl L1 {
 mod tests {
     use super::*;
 
-    const FRESH: Freshness =
-        Freshness { expiry_margin: Duration::from_secs(10), min_token_ttl: Duration::from_secs(5), refresh_at: 0.75 };
+    const FRESH: Freshness = Freshness {
+        expiry_margin: Duration::from_secs(10),
+        min_token_ttl: Duration::from_secs(5),
+        refresh_at: 0.75,
+        max_lifetime: Duration::from_secs(86_400),
+    };
 
     fn token(t0: Instant, expires_in: u64) -> Arc<CachedToken> {
         let body = format!(r#"{{"access_token":"x","expires_in":{expires_in},"token_type":"Bearer"}}"#);

@@ -20,8 +20,9 @@
 //!   replica's memory.
 //!
 //! The state is bounded: a client id of at most [`MAX_CLIENT_ID_BYTES`], at most
-//! [`MAX_PURGED`] client (and client-scope) epochs, each kept for the retention (the longest a
-//! cached token lives: entries keyed under the epoch before it have expired by then).
+//! [`MAX_PURGED`] client (and client-scope) epochs, each kept for the retention: the longest a
+//! cached token lives (`TOKEN_PROXY_MAX_TOKEN_LIFETIME`), after which every entry keyed under
+//! the epoch before it has expired.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,10 +46,6 @@ pub const MAX_CLIENT_ID_BYTES: usize = 256;
 /// The most client and client-scope epochs kept at once: a purge beyond it is refused (purging
 /// everything still works). Each field is about 60 bytes, read by every replica on each change.
 pub const MAX_PURGED: usize = 10_000;
-
-/// How long a client's purge epoch is kept until the longest token lifetime is configurable:
-/// a day, Cognito's longest.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// The purge hash as Redis holds it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

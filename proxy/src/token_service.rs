@@ -392,7 +392,7 @@ impl Inner {
     /// How long a client's purge epoch must be kept: entries keyed under the epoch before it
     /// live at most this long (see [`crate::purge`]).
     fn purge_retention(&self) -> Duration {
-        purge::DEFAULT_RETENTION
+        self.parts.freshness.max_lifetime
     }
 
     /// Starts one background refresh of `key`, single-flighted on this replica and, through
@@ -507,7 +507,9 @@ impl Inner {
         let owner = LockOwner::random();
         // Register before the first look, so no announcement published after it is missed.
         let mut waiter = store.subscribe(key);
-        // Entries with more than this TTL left in Redis are fresh (see `CachedToken::from_redis`).
+        // Entries with more than this TTL left in Redis may be fresh: entries are kept until
+        // their token has `min_token_ttl` left (`CachedToken::keep_for`). Only a hint for the
+        // lookup script: the sealed expiry decides (see `redis_clock`).
         // A refresh wants a successor: only an entry that outlives the token being refreshed.
         let mut fresh_ttl = match (&purpose, &local_fresh) {
             (Purpose::Refresh, Some(current)) => {

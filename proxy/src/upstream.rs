@@ -5,6 +5,10 @@
 //! the operator's extra headers (for example a WAF origin-verify secret). Nothing else from the
 //! client's request is forwarded. What comes back is read with a size bound, and only the
 //! headers a token client needs are kept: never `Set-Cookie` or hop-by-hop headers.
+//!
+//! Bodies are relayed and cached as they came, so they must be plain: the request asks for
+//! `Accept-Encoding: identity`, and an answer in any other content coding is unreadable (a bad
+//! gateway), never relayed without its header nor taken for JSON.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -168,6 +172,7 @@ impl Upstream {
             .post(self.url.clone())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
+            .header(header::ACCEPT_ENCODING, "identity")
             .headers(self.extra_headers.current());
         if let Some(authorization) = authorization {
             request = request.header(header::AUTHORIZATION, authorization);
@@ -178,6 +183,15 @@ impl Upstream {
         }
         let status = response.status();
         let headers = response.headers();
+        if let Some(coding) = headers.get(header::CONTENT_ENCODING)
+            && !coding.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity")
+        {
+            tracing::warn!(
+                status = status.as_u16(),
+                "the token endpoint answered in a content coding despite Accept-Encoding: identity"
+            );
+            return Err(UpstreamError::BadResponse);
+        }
         let keep = |name: HeaderName| headers.get(name).cloned();
         let content_type = keep(header::CONTENT_TYPE);
         let retry_after = keep(header::RETRY_AFTER);
@@ -217,6 +231,7 @@ const RESERVED: &[&str] = &[
     "host",
     "content-length",
     "content-type",
+    "accept-encoding",
     "transfer-encoding",
     "connection",
     "authorization",

@@ -16,6 +16,7 @@ mod purge;
 mod raw_socket;
 mod read_pipeline;
 mod redis_faults;
+mod relay;
 mod rotation;
 mod sealing;
 mod slow_clients;

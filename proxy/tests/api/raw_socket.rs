@@ -160,5 +160,8 @@ async fn spoofed_forwarding_headers_never_reach_the_upstream() {
     let seen = app.idp.idp.last_request_headers().unwrap();
     let mut names: Vec<&str> = seen.keys().map(|k| k.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["accept", "authorization", "content-length", "content-type", "host", "user-agent"]);
+    assert_eq!(
+        names,
+        ["accept", "accept-encoding", "authorization", "content-length", "content-type", "host", "user-agent"]
+    );
 }
