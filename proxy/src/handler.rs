@@ -175,15 +175,15 @@ async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Repl
 }
 
 fn outcome_of(reply: &Reply) -> Outcome {
-    if reply.answer.is_err() {
-        return Outcome::Error;
-    }
-    match reply.cache {
-        CacheStatus::Hit => Outcome::Hit,
-        CacheStatus::Miss => Outcome::Miss,
-        CacheStatus::Coalesced => Outcome::Coalesced,
-        CacheStatus::Stale => Outcome::Stale,
-        CacheStatus::Bypass => Outcome::Bypass,
+    match (&reply.answer, reply.cache) {
+        // Refused by the quota's guards: no upstream call, like a rejected request.
+        (Err(ProxyError::Refused(_)), _) | (Ok(_), None) => Outcome::Rejected,
+        (Err(_), _) => Outcome::Error,
+        (Ok(_), Some(CacheStatus::Hit)) => Outcome::Hit,
+        (Ok(_), Some(CacheStatus::Miss)) => Outcome::Miss,
+        (Ok(_), Some(CacheStatus::Coalesced)) => Outcome::Coalesced,
+        (Ok(_), Some(CacheStatus::Stale)) => Outcome::Stale,
+        (Ok(_), Some(CacheStatus::Bypass)) => Outcome::Bypass,
     }
 }
 

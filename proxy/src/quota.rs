@@ -72,9 +72,20 @@ enum Counted {
     Local([CounterName; 2]),
 }
 
-/// A call the guards refused: the 429 to answer with.
-#[derive(Debug)]
-pub struct Refused(pub UpstreamResponse);
+/// A call the guards refused before it reached the upstream: answered 429 with `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Why, for the caller (never names a secret).
+    pub reason: &'static str,
+    pub retry_after: Duration,
+}
+
+impl Refused {
+    /// The 429 a follower on another replica is told about (announcements carry answers).
+    pub fn to_response(&self) -> UpstreamResponse {
+        UpstreamResponse::too_many_requests(self.reason, self.retry_after)
+    }
+}
 
 type CounterName = [u8; 16];
 
@@ -195,10 +206,10 @@ impl Quota {
             let wait = wait + QUEUE_JITTER.mul_f64(unit_random());
             if Instant::now() + wait > give_up_at {
                 metrics.throttled(Throttle::RateCap);
-                return Err(Refused(UpstreamResponse::too_many_requests(
-                    "the token endpoint's rate cap is reached; retry later",
-                    Duration::from_secs(1),
-                )));
+                return Err(Refused {
+                    reason: "the token endpoint's rate cap is reached; retry later",
+                    retry_after: Duration::from_secs(1),
+                });
             }
             tokio::time::sleep(wait).await;
         }
@@ -207,10 +218,7 @@ impl Quota {
     fn throttled(&self, client_id: &str, wait: Duration, metrics: &Metrics) -> Refused {
         metrics.throttled(Throttle::AuthFailures);
         tracing::warn!(client_id, ?wait, "too many failed authentications; throttling unproven credentials");
-        Refused(UpstreamResponse::too_many_requests(
-            "too many failed authentications for this client; retry later",
-            wait,
-        ))
+        Refused { reason: "too many failed authentications for this client; retry later", retry_after: wait }
     }
 
     /// The failed-authentication limits, per source and per client (the counters' order).

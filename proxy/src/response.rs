@@ -15,6 +15,7 @@ use http::StatusCode;
 use http::header::{self, HeaderName, HeaderValue};
 use shared::wire::OAuthError;
 
+use crate::quota::Refused;
 use crate::upstream::{UpstreamError, UpstreamResponse};
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json;charset=UTF-8");
@@ -96,6 +97,9 @@ impl Rejection {
 #[derive(Debug, Clone)]
 pub enum ProxyError {
     Rejected(Rejection),
+    /// The guards of the upstream's quota (failed-authentication throttle, rate cap) refused
+    /// the call: 429, and no upstream call was made.
+    Refused(Refused),
     Upstream(UpstreamFailure),
     /// A bug: the fetch task died. Opaque to the caller.
     Internal,
@@ -104,7 +108,8 @@ pub enum ProxyError {
 /// The token service's reply to one request.
 #[derive(Debug, Clone)]
 pub struct Reply {
-    pub cache: CacheStatus,
+    /// `None` when the request never got as far as a cache decision worth telling (refused).
+    pub cache: Option<CacheStatus>,
     pub answer: Result<Answer, ProxyError>,
 }
 
@@ -121,6 +126,12 @@ impl IntoResponse for ProxyError {
                 if r.close {
                     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
+                response
+            }
+            ProxyError::Refused(refused) => {
+                let mut response = oauth_json(StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable", refused.reason);
+                let seconds = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
                 response
             }
             ProxyError::Upstream(UpstreamFailure::Unreachable(e @ UpstreamError::Timeout)) => {
@@ -176,7 +187,9 @@ impl IntoResponse for Reply {
             Err(error) => error.into_response(),
         };
         no_store(&mut response);
-        response.headers_mut().insert(X_CACHE, self.cache.header_value());
+        if let Some(cache) = self.cache {
+            response.headers_mut().insert(X_CACHE, cache.header_value());
+        }
         response
     }
 }

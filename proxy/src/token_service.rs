@@ -74,13 +74,15 @@ enum Outcome {
     /// The upstream's answer, relayed as is (never cached).
     Relayed(UpstreamResponse),
     Failed(UpstreamFailure),
+    /// The quota's guards refused the call: no upstream call was made.
+    Refused(Refused),
 }
 
 impl Outcome {
     /// Failures after which a still-servable older token is served instead (stale-if-error).
     fn is_upstream_trouble(&self) -> bool {
         match self {
-            Outcome::Failed(_) => true,
+            Outcome::Failed(_) | Outcome::Refused(_) => true,
             Outcome::Relayed(response) => response.status == StatusCode::TOO_MANY_REQUESTS,
             Outcome::Token(_) => false,
         }
@@ -261,7 +263,7 @@ impl TokenService {
                 inner.start_refresh(keys, request, Arc::clone(&found.token));
             }
             return L1Lookup::Hit(Reply {
-                cache: CacheStatus::Hit,
+                cache: Some(CacheStatus::Hit),
                 answer: Ok(Answer::Token(found.token.render(now))),
             });
         }
@@ -284,7 +286,8 @@ impl TokenService {
                 if token.claim_refresh(Instant::now()) {
                     inner.start_refresh(keys, request.clone(), Arc::clone(&token));
                 }
-                return Reply { cache: CacheStatus::Hit, answer: Ok(Answer::Token(token.render(Instant::now()))) };
+                let answer = Ok(Answer::Token(token.render(Instant::now())));
+                return Reply { cache: Some(CacheStatus::Hit), answer };
             }
             Read::Miss => Redis::Use,
             // Already paid one Redis deadline: the flight goes on without Redis.
@@ -301,7 +304,7 @@ impl TokenService {
             inner.parts.metrics.coalesced_waiter();
         }
         let Some(fetched) = flight.outcome().await else {
-            return Reply { cache: CacheStatus::Miss, answer: Err(ProxyError::Internal) };
+            return Reply { cache: Some(CacheStatus::Miss), answer: Err(ProxyError::Internal) };
         };
         let now = Instant::now();
         let cache = match (role, fetched.source) {
@@ -319,8 +322,10 @@ impl TokenService {
             }
             Outcome::Relayed(response) => Ok(Answer::Relayed(response)),
             Outcome::Failed(failure) => Err(ProxyError::Upstream(failure)),
+            // Nothing went upstream, so X-Cache has nothing true to say (not even MISS).
+            Outcome::Refused(refused) => return Reply { cache: None, answer: Err(ProxyError::Refused(refused)) },
         };
-        Reply { cache, answer }
+        Reply { cache: Some(cache), answer }
     }
 
     /// Forwards a request of another grant, uncached. When it presents a client secret, the
@@ -336,25 +341,29 @@ impl TokenService {
                 Some(client_id) => {
                     match quota.attempt(store, &inner.parts.keys.hasher, client_id, source, metrics).await {
                         Ok(attempt) => Some(attempt),
-                        Err(Refused(response)) => return Outcome::Relayed(response),
+                        Err(refused) => return Outcome::Refused(refused),
                     }
                 }
                 None => None,
             };
-            let result = inner.exchange(request.form_body, request.authorization).await;
+            let called = inner.exchange(request.form_body, request.authorization).await;
             if let Some(attempt) = attempt {
-                let failed = matches!(&result, Ok(r) if quota::is_failed_authentication(r.status, &r.body));
+                let failed = matches!(&called, Ok(Ok(r)) if quota::is_failed_authentication(r.status, &r.body));
                 quota.settle(store, attempt, failed, metrics).await;
             }
-            classify(result)
+            match called {
+                Ok(result) => classify(result),
+                Err(refused) => Outcome::Refused(refused),
+            }
         });
         let answer = match task.await {
             Ok(Outcome::Relayed(response)) => Ok(Answer::Relayed(response)),
             Ok(Outcome::Failed(failure)) => Err(ProxyError::Upstream(failure)),
+            Ok(Outcome::Refused(refused)) => return Reply { cache: None, answer: Err(ProxyError::Refused(refused)) },
             Ok(Outcome::Token(_)) => unreachable!("classify never builds a token"),
             Err(_) => Err(ProxyError::Internal),
         };
-        Reply { cache: CacheStatus::Bypass, answer }
+        Reply { cache: Some(CacheStatus::Bypass), answer }
     }
 }
 
@@ -465,9 +474,7 @@ impl Inner {
                 let hasher = &self.parts.keys.hasher;
                 match quota.attempt(store, hasher, &request.client_id, source, metrics).await {
                     Ok(attempt) => Some(attempt),
-                    Err(Refused(response)) => {
-                        return Fetched { source: Source::Upstream, outcome: Outcome::Relayed(response) };
-                    }
+                    Err(refused) => return Fetched { source: Source::Upstream, outcome: Outcome::Refused(refused) },
                 }
             }
             None => None,
@@ -634,8 +641,11 @@ impl Inner {
         let secret = request.client_secret.expose_secret().as_bytes();
         let sent_at = Instant::now();
         let (form_body, authorization) = upstream_request(request);
-        let result = self.exchange(form_body, authorization).await;
-        let mut fetched = Fetched { source: Source::Upstream, outcome: self.outcome_of(result, sent_at) };
+        let outcome = match self.exchange(form_body, authorization).await {
+            Ok(result) => self.outcome_of(result, sent_at),
+            Err(refused) => Outcome::Refused(refused),
+        };
+        let mut fetched = Fetched { source: Source::Upstream, outcome };
         let now = Instant::now();
         if fetched.outcome.is_upstream_trouble() {
             if let Some(token) = stale.filter(|t| t.is_servable(now, &self.parts.freshness)) {
@@ -670,6 +680,8 @@ impl Inner {
             }
             Outcome::Relayed(response) => (None, flight_message::encode_relayed(response)),
             Outcome::Failed(failure) => (None, flight_message::encode_failure(failure)),
+            // Followers on other replicas are told the 429 this replica's guards answered.
+            Outcome::Refused(refused) => (None, flight_message::encode_relayed(&refused.to_response())),
         };
         let sealed_message = sealer.seal(&key, secret, &message);
         if let Ok(false) = store.complete(&key, &lock.owner, entry, sealed_message).await {
@@ -677,17 +689,14 @@ impl Inner {
         }
     }
 
-    /// Calls the upstream within the rate cap: a call refused there is answered 429 without
-    /// reaching it.
+    /// Calls the upstream within the rate cap; a call refused there never reaches it.
     async fn exchange(
         &self,
         form_body: String,
         authorization: Option<HeaderValue>,
-    ) -> Result<UpstreamResponse, UpstreamError> {
-        match self.parts.quota.upstream_slot(self.parts.store.as_ref(), &self.parts.metrics).await {
-            Ok(()) => self.parts.upstream.exchange(form_body, authorization).await,
-            Err(Refused(response)) => Ok(response),
-        }
+    ) -> Result<Result<UpstreamResponse, UpstreamError>, Refused> {
+        self.parts.quota.upstream_slot(self.parts.store.as_ref(), &self.parts.metrics).await?;
+        Ok(self.parts.upstream.exchange(form_body, authorization).await)
     }
 
     fn outcome_of(&self, result: Result<UpstreamResponse, UpstreamError>, sent_at: Instant) -> Outcome {

@@ -146,6 +146,12 @@ async fn without_redis_each_replica_throttles_on_its_own() {
     // cached (here: it was not), it would be served; the next test shows that side.
     let right = post_basic(&url, ID, SECRET, None).await;
     assert_eq!(right.status, 429);
+    // Issue 11: a refusal is its own outcome. It said `X-Cache: MISS` and counted as a miss
+    // although no upstream call was made.
+    assert_eq!(right.x_cache(), "", "a refused request has nothing to say about the cache");
+    // Misses are exactly the calls that went upstream; the other 211 requests were refused.
+    assert_eq!(app.proxy.metric("token_proxy_requests_total{outcome=\"miss\"}").await, 10.0);
+    assert_eq!(app.proxy.metric("token_proxy_requests_total{outcome=\"rejected\"}").await, 211.0);
 }
 
 #[tokio::test]
@@ -197,6 +203,8 @@ async fn the_rate_cap_holds_for_the_cluster_then_sheds_with_429() {
             429 => {
                 assert_eq!(reply.headers["retry-after"], "1");
                 assert_eq!(reply.error(), "temporarily_unavailable");
+                // Issue 11: shed by the rate cap, not a MISS (no upstream call was made).
+                assert_ne!(reply.x_cache(), "MISS", "{}", reply.raw);
                 shed += 1;
             }
             other => panic!("unexpected {other}: {}", reply.raw),
@@ -212,6 +220,7 @@ async fn the_rate_cap_holds_for_the_cluster_then_sheds_with_429() {
     assert!(calls >= 10, "the cap let only {calls} calls through");
     assert!(shed > 0, "60 calls at 10/s with a 1.5 s queue must shed some");
     assert_eq!(cluster.metric_sum("token_proxy_throttled_total{reason=\"rate_cap\"}").await, shed as f64);
+    assert_eq!(cluster.metric_sum("token_proxy_requests_total{outcome=\"miss\"}").await, ok as f64);
 }
 
 #[tokio::test]
