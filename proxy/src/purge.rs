@@ -172,11 +172,25 @@ impl Epochs {
     }
 }
 
-/// Brings this replica's epochs and Redis's in step: reads the hash when its version changed
-/// (Redis writes `all` anew first if the hash was lost), writes back whatever this replica
-/// remembers that Redis has lost or holds older, and adopts the result.
-pub async fn sync(epochs: &Epochs, store: &RedisStore, retention: Duration) -> Result<(), StoreError> {
-    let Some(state) = store.purge_state(epochs.version().as_deref()).await? else { return Ok(()) };
+/// How much of the purge hash [`sync`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Only if its version changed: the cheap look, once a second.
+    IfChanged,
+    /// Whatever the version says: now and then, for changes that did not move the version
+    /// (a purge by a replica of an earlier release, a version planted in Redis).
+    Whole,
+}
+
+/// Brings this replica's epochs and Redis's in step: reads the hash (Redis writes `all` anew
+/// first if the hash was lost or damaged), writes back whatever this replica remembers that
+/// Redis has lost or holds older, and adopts the result.
+pub async fn sync(epochs: &Epochs, store: &RedisStore, retention: Duration, look: Look) -> Result<(), StoreError> {
+    let known = match look {
+        Look::IfChanged => epochs.version(),
+        Look::Whole => None,
+    };
+    let Some(state) = store.purge_state(known.as_deref()).await? else { return Ok(()) };
     let behind: Vec<(String, u64)> = epochs
         .fields()
         .into_iter()

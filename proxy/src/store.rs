@@ -39,29 +39,41 @@ pub const CHANNEL: &str = "tp:flights";
 pub const PURGE_CHANNEL: &str = "tp:purge";
 
 /// Lua helpers of the purge scripts (see [`crate::purge`]): Redis's clock in µs, exact as a Lua
-/// number until the year 2255; epochs written as integers, never in exponent form; and the
-/// rewrite of a lost hash: `all` anew from the clock, so entries keyed before the loss stay out
-/// of reach.
+/// number until the year 2255; epochs written as integers, never in exponent form; epochs that
+/// are not whole numbers below 2^53 (where adding one stops changing a Lua number) count as
+/// absent; and the repair of a lost or damaged hash (absent, another type, an unusable `all`):
+/// `all` anew from the clock, so entries keyed before the loss stay out of reach, and a version
+/// where there is none (a hash written by an earlier release).
 const PURGE_LUA_COMMON: &str = r"
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function int(n) return string.format('%.0f', n) end
-local function epoch(field) return tonumber(redis.call('HGET', KEYS[1], field) or '0') end
+local function sane(value)
+  local n = tonumber(value or '')
+  if n and n >= 0 and n < 9007199254740992 and n == math.floor(n) then return n end
+  return nil
+end
+local function epoch(field) return sane(redis.call('HGET', KEYS[1], field)) or 0 end
 local function changed(now)
   redis.call('HSET', KEYS[1], 'v', int(math.max(epoch('v') + 1, now)))
 end
 local now = now_us()
-if redis.call('HEXISTS', KEYS[1], 'all') == 0 then
-  redis.call('HSET', KEYS[1], 'all', int(now))
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+if not sane(redis.call('HGET', KEYS[1], 'all')) then
+  redis.call('HSET', KEYS[1], 'all', int(math.max(epoch('all') + 1, now)))
+  changed(now)
+elseif not sane(redis.call('HGET', KEYS[1], 'v')) then
   changed(now)
 end
 ";
 
 /// Bumps one purge epoch and announces it. KEYS: epochs hash. ARGV: field, channel, retention
 /// (µs), the most tagged fields. A new tagged field first drops the fields older than the
-/// retention; past the bound it is refused. Returns the new epoch, or -1 when refused.
+/// retention (or unusable); past the bound it is refused. Returns the new epoch, or -1 when
+/// refused.
 const PURGE_LUA: &str = r"
 local field = ARGV[1]
 if field ~= 'all' and redis.call('HEXISTS', KEYS[1], field) == 0 then
@@ -69,7 +81,7 @@ if field ~= 'all' and redis.call('HEXISTS', KEYS[1], field) == 0 then
   local kept = 0
   for i = 1, #flat, 2 do
     if flat[i] ~= 'all' and flat[i] ~= 'v' then
-      if tonumber(flat[i + 1]) < now - tonumber(ARGV[3]) then redis.call('HDEL', KEYS[1], flat[i])
+      if (sane(flat[i + 1]) or 0) < now - tonumber(ARGV[3]) then redis.call('HDEL', KEYS[1], flat[i])
       else kept = kept + 1 end
     end
   end
@@ -83,25 +95,29 @@ return new
 ";
 
 /// The purge hash if its version differs from the caller's. KEYS: epochs hash. ARGV: the
-/// version the caller has ('' for none). Returns the hash (flat), or an empty array.
+/// version the caller has ('' for none: always the hash). Returns the hash (flat), or an
+/// empty array.
 const PURGE_STATE_LUA: &str = r"
-if redis.call('HGET', KEYS[1], 'v') == ARGV[1] then return {} end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'v') == ARGV[1] then return {} end
 return redis.call('HGETALL', KEYS[1])
 ";
 
 /// Writes back epochs a replica remembers that Redis lost or holds older, unless older than
-/// the retention. KEYS: epochs hash. ARGV: retention (µs), then field, epoch pairs.
-/// Returns the hash (flat).
+/// the retention, and announces it so that every replica reads the hash at once. KEYS: epochs
+/// hash. ARGV: retention (µs), channel, then field, epoch pairs. Returns the hash (flat).
 const RESTORE_PURGES_LUA: &str = r"
 local wrote = false
-for i = 2, #ARGV, 2 do
-  local field, want = ARGV[i], tonumber(ARGV[i + 1])
-  if want > epoch(field) and (field == 'all' or want >= now - tonumber(ARGV[1])) then
+for i = 3, #ARGV, 2 do
+  local field, want = ARGV[i], sane(ARGV[i + 1])
+  if want and want > epoch(field) and (field == 'all' or want >= now - tonumber(ARGV[1])) then
     redis.call('HSET', KEYS[1], field, int(want))
     wrote = true
   end
 end
-if wrote then changed(now) end
+if wrote then
+  changed(now)
+  redis.call('PUBLISH', ARGV[2], 'restored')
+end
 return redis.call('HGETALL', KEYS[1])
 ";
 
@@ -568,7 +584,7 @@ impl RedisStore {
         fields: &[(String, u64)],
         retention: Duration,
     ) -> Result<PurgeState, StoreError> {
-        let mut args: Vec<Value> = vec![micros(retention).into()];
+        let mut args: Vec<Value> = vec![micros(retention).into(), PURGE_CHANNEL.into()];
         for (field, epoch) in fields {
             args.push(field.as_str().into());
             args.push(epoch.to_string().into());
@@ -702,8 +718,12 @@ fn parse_purge_state(flat: Vec<Value>) -> Result<PurgeState, StoreError> {
         let (Some(field), Some(value)) = (field, value) else { continue };
         if field == VERSION_FIELD {
             state.version = value;
-        } else if let Ok(epoch) = value.parse() {
-            state.fields.insert(field, epoch);
+        } else if let Ok(epoch) = value.parse::<u64>() {
+            // The scripts count larger values as absent (see PURGE_LUA_COMMON): so does this
+            // replica, which then never writes one back.
+            if epoch < 1 << 53 {
+                state.fields.insert(field, epoch);
+            }
         }
     }
     if state.version.is_empty() {

@@ -34,7 +34,7 @@ use crate::flight_message::{self, FlightMessage};
 use crate::l1::{L1, L1Hasher, L1Key};
 use crate::metrics::Metrics;
 use crate::normalize::{PassThrough, TokenRequest};
-use crate::purge::{self, Epochs, PurgeError, PurgeTarget};
+use crate::purge::{self, Epochs, Look, PurgeError, PurgeTarget};
 use crate::quota::{self, Quota, Refused};
 use crate::redis_clock::{self, RedisClock};
 use crate::response::{Answer, CacheStatus, ProxyError, Reply, UpstreamFailure};
@@ -42,6 +42,8 @@ use crate::single_flight::{Flights, Role, SharedReads};
 use crate::store::{LockOwner, Lookup, RedisStore, StoredValue, Waiter};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
+/// Every how many purge looks (about one a second) the whole purge hash is read.
+const WHOLE_PURGE_LOOK_EVERY: u64 = 10;
 /// How often a follower looks at Redis itself, in case the announcement was lost.
 const BACKSTOP_INTERVAL: Duration = Duration::from_millis(200);
 /// A refresh accepts an entry in Redis as the successor of its token when the entry outlives
@@ -217,7 +219,7 @@ impl TokenService {
         let epoch =
             store.purge(&field, inner.purge_retention(), purge::MAX_PURGED).await?.ok_or(PurgeError::TooMany)?;
         // Apply it here at once rather than on the announcement.
-        purge::sync(&inner.epochs, store, inner.purge_retention()).await?;
+        purge::sync(&inner.epochs, store, inner.purge_retention(), Look::IfChanged).await?;
         tracing::info!(epoch, "purged");
         Ok(epoch)
     }
@@ -371,13 +373,14 @@ impl TokenService {
 /// announcement, and once a second in case one was lost or Redis lost its state. Ends with the
 /// service.
 async fn follow_purges(inner: std::sync::Weak<Inner>) {
-    loop {
+    for round in 0u64.. {
         let Some(store) = inner.upgrade().and_then(|i| i.parts.store.clone()) else { return };
         // Registered before the look, so an announcement made meanwhile is not missed.
         let announced = store.purge_announced();
+        let look = if round % WHOLE_PURGE_LOOK_EVERY == 0 { Look::Whole } else { Look::IfChanged };
         match inner.upgrade() {
             Some(inner) => {
-                let _ = purge::sync(&inner.epochs, &store, inner.purge_retention()).await;
+                let _ = purge::sync(&inner.epochs, &store, inner.purge_retention(), look).await;
             }
             None => return,
         }
@@ -506,6 +509,10 @@ impl Inner {
         let local_fresh = local.as_ref().filter(|t| t.is_fresh(now, freshness)).cloned();
         let mut stale = local;
         let store = match (&self.parts.store, redis) {
+            // Keys built before the purge epochs are known could find a purged token.
+            (Some(_), Redis::Use) if !self.epochs.is_synced() => {
+                return self.degraded(keys, &request, purpose, local_fresh, stale).await;
+            }
             (Some(store), Redis::Use) => store,
             (None, _) => return self.lead(keys, &request, None, purpose, stale).await,
             (Some(_), Redis::Skip) => return self.degraded(keys, &request, purpose, local_fresh, stale).await,

@@ -254,3 +254,75 @@ async fn a_generation_redis_holds_older_is_written_back_by_the_replicas() {
         redis.custom(fred::cmd!("HGET"), vec!["tp:purge", client_field.as_str()]).await.unwrap();
     assert_eq!(restored.as_deref(), Some(purged_epoch.as_str()), "the replicas wrote the generation back");
 }
+
+/// After review of issue 10: a purge hash written by an earlier release (`{all: 1}`, no
+/// version), of another type, or holding numbers past 2^53 (where adding one stops changing a
+/// Lua number) must neither keep replicas from using Redis nor make a purge do nothing.
+#[tokio::test]
+async fn a_purge_hash_from_an_earlier_release_or_damaged_is_repaired() {
+    let cluster = TestCluster::start(1, vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
+    let redis = cluster.redis.client().await;
+    let set_hash = async |pairs: &[&str]| {
+        let _: i64 = redis.del("tp:purge").await.unwrap();
+        let mut args = vec!["tp:purge"];
+        args.extend_from_slice(pairs);
+        let _: i64 = redis.custom(fred::cmd!("HSET"), args).await.unwrap();
+    };
+
+    // An earlier release's hash: a replica started now still uses Redis.
+    set_hash(&["all", "1"]).await;
+    let late = TestCluster::replica(&cluster.redis.url(), &cluster.idp, &[]).await;
+    let ready = get_json(&format!("http://{}/readyz", late.admin)).await;
+    assert_eq!(ready["purges"], "synced", "{ready}");
+    // The running replica remembers a newer `all` and writes it back within its second.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let first = post_basic(&cluster.urls()[0], "a", SECRET, None).await;
+    let shared = post_basic(&late.token_url(), "a", SECRET, None).await;
+    assert_eq!((shared.x_cache(), shared.access_token()), ("HIT", first.access_token()), "{}", shared.raw);
+
+    // Numbers past 2^53: a purge of everything still changes the token.
+    set_hash(&["all", "18014398509481984", "v", "18014398509481984"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = post_basic(&late.token_url(), "a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"all": true}"#).await.0, 200);
+    let url = late.token_url();
+    eventually(Duration::from_secs(2), "the purge of everything", async || {
+        post_basic(&url, "a", SECRET, None).await.access_token() != before
+    })
+    .await;
+
+    // Another type at tp:purge: no Redis error, and purges work.
+    let _: i64 = redis.del("tp:purge").await.unwrap();
+    let _: () = redis.set("tp:purge", "planted", None, None, false).await.unwrap();
+    let (status, body) = purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for replica in [&cluster.replicas[0], &late] {
+        assert_eq!(replica.metric("token_proxy_redis_errors_total").await, 0.0);
+    }
+}
+
+/// After review of issue 10: when a replica writes back a generation Redis lost, it announces
+/// it, so a replica started after the loss (which never knew the generation) adopts it at once.
+#[tokio::test]
+async fn a_replica_started_after_a_partial_loss_gets_the_written_back_generation() {
+    let cluster = TestCluster::start(1, vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
+    let url = cluster.urls()[0].clone();
+    let purged = post_basic(&url, "a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    let redis = cluster.redis.client().await;
+    let fields: Vec<String> = redis.custom(fred::cmd!("HKEYS"), vec!["tp:purge"]).await.unwrap();
+    let client_field = fields.iter().find(|f| !["all", "v"].contains(&f.as_str())).expect("the client's field").clone();
+    // A lagging failover: the field is gone, the rest is there.
+    let _: i64 = redis.custom(fred::cmd!("HDEL"), vec!["tp:purge", client_field.as_str()]).await.unwrap();
+    let _: i64 = redis.custom(fred::cmd!("HSET"), vec!["tp:purge", "v", "1"]).await.unwrap();
+    let late = TestCluster::replica(&cluster.redis.url(), &cluster.idp, &[]).await;
+    // The first replica notices within its second and writes back; the announcement reaches
+    // the late one; from then on neither serves the purged token.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for _ in 0..3 {
+        for url in [late.token_url(), url.clone()] {
+            assert_ne!(post_basic(&url, "a", SECRET, None).await.access_token(), purged, "{url}");
+        }
+    }
+}
