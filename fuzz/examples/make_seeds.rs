@@ -225,9 +225,12 @@ fn flight_message() {
         retry_after: Some(HeaderValue::from_static("5")),
         www_authenticate: None,
     };
+    // The clock the fuzz target decodes with.
+    let clock =
+        token_proxy::redis_clock::RedisClock::new(token_proxy::redis_clock::RedisTime(1_700_000_000_000_000), now);
     let seeds: Vec<(&str, Vec<u8>)> = vec![
-        ("token-jwt", flight_message::encode_token(&token(JWT), now)),
-        ("token-opaque", flight_message::encode_token(&token("2YotnFZFEjr1zCsicMWpAA"), now)),
+        ("token-jwt", flight_message::encode_token(&token(JWT), now, &clock)),
+        ("token-opaque", flight_message::encode_token(&token("2YotnFZFEjr1zCsicMWpAA"), now, &clock)),
         ("relayed-invalid-client", flight_message::encode_relayed(&invalid_client)),
         ("bad-status-503", flight_message::encode_failure(&UpstreamFailure::BadStatus(unavailable))),
         ("timeout", flight_message::encode_failure(&UpstreamFailure::Unreachable(UpstreamError::Timeout))),
@@ -235,7 +238,7 @@ fn flight_message() {
         ("bad-response", flight_message::encode_failure(&UpstreamFailure::Unreachable(UpstreamError::BadResponse))),
     ];
     for (name, data) in seeds {
-        assert!(flight_message::decode(&data, now, &FRESH).is_some(), "{name}");
+        assert!(flight_message::decode(&data, now, &clock, &FRESH).is_some(), "{name}");
         write("flight_message", name, &data);
     }
 }

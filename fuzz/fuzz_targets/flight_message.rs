@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use token_proxy::entry::Freshness;
 use token_proxy::flight_message::{self, FlightMessage};
+use token_proxy::redis_clock::{RedisClock, RedisTime};
 use token_proxy::response::UpstreamFailure;
 use token_proxy::upstream::UpstreamResponse;
 
@@ -45,25 +46,27 @@ fn same_response(a: &UpstreamResponse, b: &UpstreamResponse) {
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
+    let clock = RedisClock::new(RedisTime(1_700_000_000_000_000), now);
     for freshness in &FRESHNESS {
-        let Some(message) = flight_message::decode(data, now, freshness) else { continue };
+        let Some(message) = flight_message::decode(data, now, &clock, freshness) else { continue };
         match &message {
             FlightMessage::Token(token) => {
                 let body = token.render(now);
                 assert!(token.remaining(now) <= Duration::from_secs(u64::from(u32::MAX)));
                 let _ = (token.is_fresh(now, freshness), token.keep_for(now, freshness), token.to_stored());
-                let again = flight_message::decode(&flight_message::encode_token(token, now), now, freshness);
+                let again =
+                    flight_message::decode(&flight_message::encode_token(token, now, &clock), now, &clock, freshness);
                 let Some(FlightMessage::Token(again)) = again else { panic!("a decoded token does not re-decode") };
                 assert_eq!(again.render(now), body);
                 assert_eq!(again.remaining(now).as_millis(), token.remaining(now).as_millis());
             }
             FlightMessage::Relayed(response) => {
-                let again = flight_message::decode(&flight_message::encode_relayed(response), now, freshness);
+                let again = flight_message::decode(&flight_message::encode_relayed(response), now, &clock, freshness);
                 let Some(FlightMessage::Relayed(again)) = again else { panic!("a relayed answer does not re-decode") };
                 same_response(response, &again);
             }
             FlightMessage::Failed(failure) => {
-                let again = flight_message::decode(&flight_message::encode_failure(failure), now, freshness);
+                let again = flight_message::decode(&flight_message::encode_failure(failure), now, &clock, freshness);
                 match (failure, again) {
                     (UpstreamFailure::BadStatus(a), Some(FlightMessage::Failed(UpstreamFailure::BadStatus(b)))) => {
                         same_response(a, &b)

@@ -3,11 +3,13 @@
 //! an upstream error burst costs one call, not one per waiting replica.
 //!
 //! The message is sealed like a cache entry (bound to its cache key, keyed by the client's
-//! secret), so pub/sub traffic is as unreadable as Redis at rest. A token travels with the
-//! time it has left, a relative duration, never an absolute time.
+//! secret), so pub/sub traffic is as unreadable as Redis at rest. A token travels with its
+//! expiry on Redis's clock, as an entry does (see [`crate::redis_clock`]): the leader places it
+//! through its lock's clock, a follower reads it against the clock of its own last lookup, so
+//! an old announcement published again is a token that has expired, never a young one.
 //!
 //! Layout (big-endian), inside the seal:
-//! - `1 ‖ u64 ms left ‖ stored entry` — a token (see [`CachedToken::to_stored`]);
+//! - `1 ‖ entry` — a token, as [`redis_clock::encode_entry`] lays out an entry;
 //! - `2 ‖ answer` — the upstream's answer, relayed to callers as it came;
 //! - `3 ‖ answer` — the upstream answered with a status a token endpoint must not send (5xx);
 //! - `4 ‖ u8 kind` — the upstream did not answer (timeout, connection, unreadable answer);
@@ -15,13 +17,14 @@
 //! where `answer = u16 status ‖ 3 × (u16 length ‖ header value) ‖ body`, a length of `0xFFFF`
 //! meaning the header was absent.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::StatusCode;
 use http::header::HeaderValue;
 
 use crate::entry::{CachedToken, Freshness};
+use crate::redis_clock::{self, RedisClock};
 use crate::response::UpstreamFailure;
 use crate::upstream::{UpstreamError, UpstreamResponse};
 
@@ -39,11 +42,10 @@ pub enum FlightMessage {
     Failed(UpstreamFailure),
 }
 
-/// Encodes a token with the time it has left.
-pub fn encode_token(token: &CachedToken, now: Instant) -> Vec<u8> {
+/// Encodes a token with its expiry on Redis's clock (`clock`: the leader's lock reply).
+pub fn encode_token(token: &CachedToken, now: Instant, clock: &RedisClock) -> Vec<u8> {
     let mut out = vec![TOKEN];
-    out.extend_from_slice(&u64::try_from(token.remaining(now).as_millis()).unwrap_or(u64::MAX).to_be_bytes());
-    out.extend_from_slice(&token.to_stored());
+    out.extend_from_slice(&redis_clock::encode_entry(clock.at(now + token.remaining(now)), &token.to_stored()));
     out
 }
 
@@ -81,13 +83,13 @@ fn encode_answer(kind: u8, response: &UpstreamResponse) -> Vec<u8> {
     out
 }
 
-/// Decodes a message; `None` for anything malformed.
-pub fn decode(message: &[u8], now: Instant, freshness: &Freshness) -> Option<FlightMessage> {
+/// Decodes a message at `now`, with `clock` from the follower's last lookup; `None` for
+/// anything malformed.
+pub fn decode(message: &[u8], now: Instant, clock: &RedisClock, freshness: &Freshness) -> Option<FlightMessage> {
     let (&kind, rest) = message.split_first()?;
     match kind {
         TOKEN => {
-            let (left, stored) = rest.split_at_checked(8)?;
-            let left = Duration::from_millis(u64::from_be_bytes(left.try_into().ok()?));
+            let (left, stored) = redis_clock::decode_entry(rest, clock.at(now))?;
             CachedToken::from_stored(stored, left, now, freshness).map(FlightMessage::Token)
         }
         RELAYED => decode_answer(rest).map(FlightMessage::Relayed),
@@ -126,6 +128,8 @@ fn decode_answer(mut rest: &[u8]) -> Option<UpstreamResponse> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const FRESH: Freshness = Freshness {
@@ -135,6 +139,11 @@ mod tests {
         max_lifetime: Duration::from_secs(86_400),
     };
 
+    /// A clock whose reading of Redis time was taken at `local`.
+    fn clock(local: Instant) -> RedisClock {
+        RedisClock::new(crate::redis_clock::RedisTime(1_700_000_000_000_000), local)
+    }
+
     #[test]
     fn a_token_round_trips_with_its_time_left() {
         let t0 = Instant::now();
@@ -142,11 +151,30 @@ mod tests {
             CachedToken::from_upstream(br#"{"access_token":"x","expires_in":3600,"token_type":"Bearer"}"#, t0, &FRESH)
                 .unwrap();
         let later = t0 + Duration::from_secs(100);
-        let Some(FlightMessage::Token(back)) = decode(&encode_token(&token, later), later, &FRESH) else {
+        let Some(FlightMessage::Token(back)) =
+            decode(&encode_token(&token, later, &clock(t0)), later, &clock(t0), &FRESH)
+        else {
             panic!("not a token")
         };
         assert_eq!(back.remaining(later), Duration::from_secs(3500));
         assert_eq!(back.render(later), token.render(later));
+    }
+
+    #[test]
+    fn an_announcement_published_again_later_is_a_token_that_has_expired() {
+        let t0 = Instant::now();
+        let token =
+            CachedToken::from_upstream(br#"{"access_token":"x","expires_in":60,"token_type":"Bearer"}"#, t0, &FRESH)
+                .unwrap();
+        let message = encode_token(&token, t0, &clock(t0));
+        // A follower an hour later: its lookup read Redis's clock an hour on.
+        let hour = Duration::from_secs(3600);
+        let replayed_at = t0 + hour;
+        let follower =
+            RedisClock::new(crate::redis_clock::RedisTime(1_700_000_000_000_000 + 3_600_000_000), replayed_at);
+        if let Some(FlightMessage::Token(back)) = decode(&message, replayed_at, &follower, &FRESH) {
+            assert_eq!(back.remaining(replayed_at), Duration::ZERO, "a replayed token must not look young");
+        }
     }
 
     #[test]
@@ -159,7 +187,9 @@ mod tests {
             www_authenticate: Some(HeaderValue::from_static("Basic")),
         };
         let now = Instant::now();
-        let Some(FlightMessage::Relayed(back)) = decode(&encode_relayed(&response), now, &FRESH) else { panic!() };
+        let Some(FlightMessage::Relayed(back)) = decode(&encode_relayed(&response), now, &clock(now), &FRESH) else {
+            panic!()
+        };
         assert_eq!(
             (back.status, &back.body, &back.content_type),
             (response.status, &response.body, &response.content_type)
@@ -169,13 +199,13 @@ mod tests {
         let failure =
             UpstreamFailure::BadStatus(UpstreamResponse { status: StatusCode::SERVICE_UNAVAILABLE, ..response });
         assert!(matches!(
-            decode(&encode_failure(&failure), now, &FRESH),
+            decode(&encode_failure(&failure), now, &clock(now), &FRESH),
             Some(FlightMessage::Failed(UpstreamFailure::BadStatus(r))) if r.status == StatusCode::SERVICE_UNAVAILABLE
         ));
         for error in [UpstreamError::Timeout, UpstreamError::Connect, UpstreamError::BadResponse] {
             let encoded = encode_failure(&UpstreamFailure::Unreachable(error));
             assert!(matches!(
-                decode(&encoded, now, &FRESH),
+                decode(&encoded, now, &clock(now), &FRESH),
                 Some(FlightMessage::Failed(UpstreamFailure::Unreachable(e))) if e == error
             ));
         }
@@ -186,7 +216,7 @@ mod tests {
         let now = Instant::now();
         for message in [&[][..], &[9], &[TOKEN, 0, 0], &[RELAYED, 0], &[RELAYED, 0, 200, 0, 5, b'a'], &[UNREACHABLE, 7]]
         {
-            assert!(decode(message, now, &FRESH).is_none(), "{message:?}");
+            assert!(decode(message, now, &clock(now), &FRESH).is_none(), "{message:?}");
         }
     }
 }

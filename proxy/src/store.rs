@@ -286,8 +286,9 @@ pub enum Lookup {
     /// No fresh entry; we hold the lock now. A stale entry, if any, is a fallback. `clock`
     /// places the entry this flight will write on Redis's clock.
     Acquired { stale: Option<StoredValue>, clock: RedisClock },
-    /// No fresh entry; another flight holds the lock for `lock_ttl` more.
-    Held { lock_ttl: Duration, stale: Option<StoredValue> },
+    /// No fresh entry; another flight holds the lock for `lock_ttl` more. `clock` reads the
+    /// leader's announcement (see [`crate::flight_message`]).
+    Held { lock_ttl: Duration, stale: Option<StoredValue>, clock: RedisClock },
 }
 
 /// What the failed-authentication counters say about one more attempt.
@@ -796,7 +797,8 @@ fn parse_lookup(reply: Vec<Value>, arrived: std::time::Instant) -> Option<(Looku
         2 => {
             let stale = value();
             let lock_ttl = reply.next()?.as_i64()?;
-            Lookup::Held { lock_ttl: Duration::from_millis(lock_ttl.max(1).unsigned_abs()), stale }
+            let lock_ttl = Duration::from_millis(lock_ttl.max(1).unsigned_abs());
+            Lookup::Held { lock_ttl, stale, clock: RedisClock::new(now, arrived) }
         }
         _ => return None,
     };

@@ -568,7 +568,7 @@ impl Inner {
                     }
                     return self.lead(keys, &request, Some(lock), purpose, stale).await;
                 }
-                Lookup::Held { lock_ttl, stale: old } => {
+                Lookup::Held { lock_ttl, stale: old, clock } => {
                     stale = stale.or_else(|| self.servable(&key, secret, old));
                     if let Purpose::Refresh = purpose {
                         // Someone else is refreshing this key already.
@@ -582,7 +582,8 @@ impl Inner {
                         tracing::warn!(?key, "gave up waiting for the lock holder; calling the upstream directly");
                         return self.lead(keys, &request, None, purpose, stale).await;
                     }
-                    if let Some(fetched) = self.follow(keys, secret, &mut waiter, lock_ttl.min(BACKSTOP_INTERVAL)).await
+                    if let Some(fetched) =
+                        self.follow(keys, secret, &mut waiter, lock_ttl.min(BACKSTOP_INTERVAL), &clock).await
                     {
                         return fetched;
                     }
@@ -610,14 +611,22 @@ impl Inner {
         }
     }
 
-    /// Waits up to `wait` for the leader's announcement.
-    async fn follow(&self, keys: EntryKeys, secret: &[u8], waiter: &mut Waiter, wait: Duration) -> Option<Fetched> {
+    /// Waits up to `wait` for the leader's announcement; `clock` is from the lookup that found
+    /// the key locked.
+    async fn follow(
+        &self,
+        keys: EntryKeys,
+        secret: &[u8],
+        waiter: &mut Waiter,
+        wait: Duration,
+        clock: &RedisClock,
+    ) -> Option<Fetched> {
         let key = &keys.cache;
         let deadline = Instant::now() + wait;
         while let Some(message) = waiter.next(deadline.saturating_duration_since(Instant::now())).await {
             let Ok(plain) = self.parts.keys.sealer.open(key, secret, &message) else { continue };
             let now = Instant::now();
-            let outcome = match flight_message::decode(&plain, now, &self.parts.freshness)? {
+            let outcome = match flight_message::decode(&plain, now, clock, &self.parts.freshness)? {
                 FlightMessage::Token(token) => {
                     let token = Arc::new(token);
                     self.remember_locally(keys.l1, &token);
@@ -683,7 +692,7 @@ impl Inner {
                     }),
                     Source::Stale | Source::Peer => None,
                 };
-                (entry, flight_message::encode_token(token, now))
+                (entry, flight_message::encode_token(token, now, &lock.clock))
             }
             Outcome::Relayed(response) => (None, flight_message::encode_relayed(response)),
             Outcome::Failed(failure) => (None, flight_message::encode_failure(failure)),

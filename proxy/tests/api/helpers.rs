@@ -1068,7 +1068,14 @@ pub fn http() -> reqwest::Client {
     CLIENT
         .get_or_init(|| {
             token_proxy::install_tls_provider();
-            reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+            // Idle pooled connections are dropped before a replica closes them (it closes idle
+            // keep-alive connections after its header-read timeout, 5 s by default, the admin
+            // listener too): reusing one just as the server closes it fails the request.
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .pool_idle_timeout(Duration::from_millis(800))
+                .build()
+                .unwrap()
         })
         .clone()
 }
