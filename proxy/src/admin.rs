@@ -14,9 +14,9 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use shared::canonical::Scope;
 
-use crate::app::AppState;
 use crate::breaker::BreakerState;
 use crate::purge::{MAX_CLIENT_ID_BYTES, PurgeError, PurgeTarget};
+use crate::state::AppState;
 
 pub fn admin_router(state: AppState) -> Router {
     Router::new()

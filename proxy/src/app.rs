@@ -20,15 +20,17 @@ use shared::keys::Keys;
 use tokio::net::TcpListener;
 
 use crate::admin::admin_router;
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::entry::Freshness;
-use crate::handler::{Admission, client_router};
+use crate::handler::client_router;
 use crate::l1::L1;
 use crate::listener::{self, AcceptFailures, Inbound, TlsSetupError};
 use crate::metrics::Metrics;
 use crate::normalize::RequestLimits;
 use crate::quota::{Quota, QuotaSettings};
 use crate::source::SourcePolicy;
+use crate::state::AppState;
 use crate::store::{RedisStore, StoreSettings, StoreSetupError};
 use crate::token_service::{self, FlightSettings, TokenService};
 use crate::upstream::{Upstream, UpstreamSetupError};
@@ -49,29 +51,6 @@ pub enum StartError {
     Tls(#[from] TlsSetupError),
     #[error("cannot listen on {address} ({variable}): {source}")]
     Bind { variable: &'static str, address: SocketAddr, source: std::io::Error },
-}
-
-/// Shared by every handler of both listeners.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    pub service: TokenService,
-    pub metrics: Arc<Metrics>,
-    pub limits: Arc<RequestLimits>,
-    /// SHA-256 of the admin token; `None` = admin API off. Only the digest is kept, and
-    /// compared in constant time.
-    pub admin_token_digest: Option<[u8; 32]>,
-    /// Which source addresses may call, and how to tell them behind a load balancer.
-    pub sources: Arc<SourcePolicy>,
-    pub admission: Arc<Admission>,
-    /// When each listener last failed to accept a connection; `/readyz` reports it.
-    pub accept_failures: Arc<AcceptFailures>,
-    shutting_down: Arc<AtomicBool>,
-}
-
-impl AppState {
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Relaxed)
-    }
 }
 
 /// A built, bound replica.

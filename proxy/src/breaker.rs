@@ -8,6 +8,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+// The state's vocabulary is a metrics label, so metrics owns it; callers still ask the breaker.
+pub use crate::metrics::BreakerState;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,24 +22,6 @@ enum State {
     },
     /// One probe is in flight; everyone else is refused until it reports.
     Probing,
-}
-
-/// The breaker's state, as reported on `/readyz` and in metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
-    Closed,
-    Open,
-    HalfOpen,
-}
-
-impl BreakerState {
-    pub fn label(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::Open => "open",
-            BreakerState::HalfOpen => "half_open",
-        }
-    }
 }
 
 #[derive(Debug)]

@@ -10,6 +10,8 @@
 //! - [`listener`]: both listeners' accept loop: source networks, connection caps, TLS (reloaded,
 //!   optional mTLS), timeouts, accept failures.
 //! - [`handler`]: the client-facing HTTP surface (`POST /oauth2/token`).
+//!   - [`admission`]: how many token requests may be in flight, and for how long.
+//!   - [`state`]: what the handlers of both listeners share (built by [`app`]).
 //! - [`source`]: the caller's source address (behind trusted load balancers too), the allowlist.
 //! - [`normalize`]: HTTP request → [`normalize::TokenRequest`], or a 4xx rejection.
 //! - [`token_service`]: L1 → in-process single flight → Redis (lead or follow) → upstream.
@@ -32,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod breaker;
 pub mod config;
@@ -50,6 +53,7 @@ pub mod response;
 pub mod shutdown;
 pub mod single_flight;
 pub mod source;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod token_service;

@@ -50,7 +50,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::config::{Config, TlsFiles};
-use crate::metrics::Metrics;
+use crate::metrics::{ListenerKind, Metrics, Refusal};
 use crate::source::SourcePolicy;
 
 /// The certificate files are looked at no more often than this.
@@ -67,54 +67,6 @@ const ACCEPT_FAILURE_MEMORY: Duration = Duration::from_secs(2);
 const CERT_VARIABLE: &str = "TOKEN_PROXY_TLS_CERT_FILE";
 const KEY_VARIABLE: &str = "TOKEN_PROXY_TLS_KEY_FILE";
 const CLIENT_CA_VARIABLE: &str = "TOKEN_PROXY_TLS_CLIENT_CA_FILE";
-
-/// Which listener: the `listener` label of its metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerKind {
-    /// `TOKEN_PROXY_LISTEN`: token requests.
-    Client,
-    /// `TOKEN_PROXY_ADMIN_LISTEN`: health, readiness, metrics, the admin API.
-    Admin,
-}
-
-impl ListenerKind {
-    pub const ALL: [ListenerKind; 2] = [ListenerKind::Client, ListenerKind::Admin];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            ListenerKind::Client => "client",
-            ListenerKind::Admin => "admin",
-        }
-    }
-}
-
-/// Why a listener refused a connection; the `reason` label of
-/// `token_proxy_connections_refused_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The peer is not in an allowed network and is no trusted proxy.
-    Source,
-    /// The listener already had its cap of open connections.
-    ListenerFull,
-    /// The peer's source address already had its cap of open connections.
-    PerSource,
-    /// The TLS handshake failed (no or a bad client certificate, plain HTTP on the TLS port, ...).
-    TlsHandshake,
-    /// The TLS handshake did not finish within the header-read timeout.
-    TlsTimeout,
-}
-
-impl Refusal {
-    pub fn label(self) -> &'static str {
-        match self {
-            Refusal::Source => "source",
-            Refusal::ListenerFull => "listener_full",
-            Refusal::PerSource => "per_source",
-            Refusal::TlsHandshake => "tls_handshake",
-            Refusal::TlsTimeout => "tls_timeout",
-        }
-    }
-}
 
 /// A TLS file that cannot be used at start-up. `Display` is one line naming the variable; it
 /// never shows key material.

@@ -11,9 +11,6 @@ use http::StatusCode;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::breaker::BreakerState;
-use crate::listener::{ListenerKind, Refusal};
-
 const BREAKER_STATES: [BreakerState; 3] = [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen];
 
 /// What happened to a client request.
@@ -126,6 +123,72 @@ impl Throttle {
             Throttle::Timeout => "timeout",
             Throttle::BodyTimeout => "body_timeout",
             Throttle::PerSource => "per_source",
+        }
+    }
+}
+
+/// The breaker's state, as reported on `/readyz` and in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn label(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// Which listener: the `listener` label of its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// `TOKEN_PROXY_LISTEN`: token requests.
+    Client,
+    /// `TOKEN_PROXY_ADMIN_LISTEN`: health, readiness, metrics, the admin API.
+    Admin,
+}
+
+impl ListenerKind {
+    pub const ALL: [ListenerKind; 2] = [ListenerKind::Client, ListenerKind::Admin];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ListenerKind::Client => "client",
+            ListenerKind::Admin => "admin",
+        }
+    }
+}
+
+/// Why a listener refused a connection; the `reason` label of
+/// `token_proxy_connections_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The peer is not in an allowed network and is no trusted proxy.
+    Source,
+    /// The listener already had its cap of open connections.
+    ListenerFull,
+    /// The peer's source address already had its cap of open connections.
+    PerSource,
+    /// The TLS handshake failed (no or a bad client certificate, plain HTTP on the TLS port, ...).
+    TlsHandshake,
+    /// The TLS handshake did not finish within the header-read timeout.
+    TlsTimeout,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Source => "source",
+            Refusal::ListenerFull => "listener_full",
+            Refusal::PerSource => "per_source",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::TlsTimeout => "tls_timeout",
         }
     }
 }

@@ -158,22 +158,21 @@ async fn without_redis_each_replica_throttles_on_its_own() {
 async fn successes_do_not_count_as_failures() {
     let clients: Vec<_> = (0..3).map(|i| client(&format!("busy-client-{i}"), "busy-client-secret-0000")).collect();
     let app = TestApp::with_redis(clients, &[("TOKEN_PROXY_AUTH_FAILURE_LIMIT", "2")]).await;
-    let url = app.proxy.token_url();
     // Many distinct keys of one client from one source, all succeeding: never throttled.
     for scope in ["api/read", "api/write", "api/read api/write"] {
         for id in ["busy-client-0", "busy-client-1"] {
-            assert_eq!(post_basic(&url, id, "busy-client-secret-0000", Some(scope)).await.status, 200);
+            assert_eq!(app.post_basic(id, "busy-client-secret-0000", Some(scope)).await.status, 200);
         }
     }
     // Upstream 5xx and 4xx other than invalid_client are not failed authentications either.
     app.idp.idp.fail_next(3, 500);
     for _ in 0..3 {
-        let reply = post_basic(&url, "busy-client-2", "busy-client-secret-0000", None).await;
+        let reply = app.post_basic("busy-client-2", "busy-client-secret-0000", None).await;
         assert!((500..600).contains(&reply.status), "an upstream 500 is a 5xx here: {}", reply.raw);
     }
-    let reply = post_basic(&url, "busy-client-2", "busy-client-secret-0000", Some("not/granted")).await;
+    let reply = app.post_basic("busy-client-2", "busy-client-secret-0000", Some("not/granted")).await;
     assert_eq!(reply.error(), "invalid_scope");
-    assert_eq!(post_basic(&url, "busy-client-2", "busy-client-secret-0000", None).await.status, 200);
+    assert_eq!(app.post_basic("busy-client-2", "busy-client-secret-0000", None).await.status, 200);
 }
 
 #[tokio::test]

@@ -14,16 +14,15 @@ async fn health_readiness_and_metrics() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     let admin = format!("http://{}", app.proxy.admin);
     assert_eq!(http().get(format!("{admin}/healthz")).send().await.unwrap().status(), 200);
-    let url = app.proxy.token_url();
     let idp = app.idp.idp.clone();
     eventually(std::time::Duration::from_secs(5), "Redis connected", async || {
         let ready = get_json(&format!("{admin}/readyz")).await;
         ready["redis"] == "up" && ready["ready"] == true
     })
     .await;
-    post_basic(&url, "app", SECRET, None).await;
-    post_basic(&url, "app", SECRET, None).await;
-    post_basic(&url, "app", SECRET, None).await;
+    app.post_basic("app", SECRET, None).await;
+    app.post_basic("app", SECRET, None).await;
+    app.post_basic("app", SECRET, None).await;
     assert_eq!(idp.issued_total(), 1);
     assert_eq!(app.proxy.metric("token_proxy_requests_total{outcome=\"miss\"}").await, 1.0);
     assert_eq!(app.proxy.metric("token_proxy_requests_total{outcome=\"hit\"}").await, 2.0);
@@ -83,7 +82,7 @@ async fn the_admin_listener_caps_its_connections() {
     let (received, _) = read_until_closed(&mut fifth, Duration::from_secs(3)).await.expect("the fifth is closed");
     assert!(received.is_empty(), "{:?}", String::from_utf8_lossy(&received));
     // The client listener is not affected.
-    assert_eq!(post_basic(&app.proxy.token_url(), "app", SECRET, None).await.status, 200);
+    assert_eq!(app.post_basic("app", SECRET, None).await.status, 200);
 
     drop(held);
     let refused = "token_proxy_connections_refused_total{listener=\"admin\",reason=\"listener_full\"}";
@@ -120,7 +119,7 @@ async fn admin_requests_without_the_right_token_are_refused_before_the_body_is_r
         assert!(text.starts_with("HTTP/1.1 401"), "{text}");
         assert!(text.contains("\"error\":\"unauthorized\""), "{text}");
     }
-    let (status, _) = purge(app.proxy.admin, Some(ADMIN_TOKEN), r#"{"client_id": "app"}"#).await;
+    let (status, _) = app.purge(Some(ADMIN_TOKEN), r#"{"client_id": "app"}"#).await;
     assert_eq!(status, 200, "the right token still purges");
 }
 

@@ -10,10 +10,10 @@ use crate::helpers::*;
 #[tokio::test]
 async fn a_miss_then_hits_make_one_upstream_call_with_redis() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
-    let first = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+    let first = app.post_basic("app", SECRET, None).await;
     assert_eq!((first.status, first.x_cache()), (200, "MISS"), "{}", first.raw);
     for _ in 0..20 {
-        let hit = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+        let hit = app.post_basic("app", SECRET, None).await;
         assert_eq!((hit.status, hit.x_cache()), (200, "HIT"));
         assert_eq!(hit.access_token(), first.access_token());
         assert_eq!(hit.headers["cache-control"], "no-store");
@@ -25,10 +25,10 @@ async fn a_miss_then_hits_make_one_upstream_call_with_redis() {
 #[tokio::test]
 async fn a_miss_then_hits_make_one_upstream_call_without_redis() {
     let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
-    let first = post_body(&app.proxy.token_url(), "app", SECRET, Some("api/read")).await;
+    let first = app.post_body("app", SECRET, Some("api/read")).await;
     assert_eq!(first.x_cache(), "MISS");
     for _ in 0..20 {
-        let hit = post_body(&app.proxy.token_url(), "app", SECRET, Some("api/read")).await;
+        let hit = app.post_body("app", SECRET, Some("api/read")).await;
         assert_eq!(hit.x_cache(), "HIT");
         assert_eq!(hit.access_token(), first.access_token());
     }
@@ -38,9 +38,9 @@ async fn a_miss_then_hits_make_one_upstream_call_without_redis() {
 #[tokio::test]
 async fn hits_come_from_redis_when_l1_is_off() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[("TOKEN_PROXY_L1_CAPACITY", "0")]).await;
-    let first = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+    let first = app.post_basic("app", SECRET, None).await;
     assert_eq!(first.x_cache(), "MISS");
-    let hit = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+    let hit = app.post_basic("app", SECRET, None).await;
     assert_eq!((hit.x_cache(), hit.access_token()), ("HIT", first.access_token()));
     assert_eq!(app.issued(), 1);
     assert_eq!(app.redis().dump().await.len(), 1);
@@ -49,9 +49,9 @@ async fn hits_come_from_redis_when_l1_is_off() {
 #[tokio::test]
 async fn basic_and_body_credentials_share_one_entry() {
     let app = TestApp::with_redis(vec![client("app", "s3:cr+t%/=& long")], &[]).await;
-    let basic = post_basic(&app.proxy.token_url(), "app", "s3:cr+t%/=& long", Some("api/read")).await;
+    let basic = app.post_basic("app", "s3:cr+t%/=& long", Some("api/read")).await;
     assert_eq!((basic.status, basic.x_cache()), (200, "MISS"), "{}", basic.raw);
-    let body = post_body(&app.proxy.token_url(), "app", "s3:cr+t%/=& long", Some("api/read")).await;
+    let body = app.post_body("app", "s3:cr+t%/=& long", Some("api/read")).await;
     assert_eq!((body.x_cache(), body.access_token()), ("HIT", basic.access_token()));
     assert_eq!(app.issued(), 1);
 }
@@ -59,17 +59,16 @@ async fn basic_and_body_credentials_share_one_entry() {
 #[tokio::test]
 async fn scope_order_and_duplicates_share_one_entry_but_omitted_scope_is_its_own() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
-    let url = app.proxy.token_url();
-    let first = post_basic(&url, "app", SECRET, Some("api/read api/write")).await;
+    let first = app.post_basic("app", SECRET, Some("api/read api/write")).await;
     assert_eq!(first.x_cache(), "MISS");
     for scope in ["api/write api/read", "api/read  api/write api/read", " api/write api/write api/read "] {
-        let again = post_basic(&url, "app", SECRET, Some(scope)).await;
+        let again = app.post_basic("app", SECRET, Some(scope)).await;
         assert_eq!((again.x_cache(), again.access_token()), ("HIT", first.access_token()), "{scope}");
     }
-    let omitted = post_basic(&url, "app", SECRET, None).await;
+    let omitted = app.post_basic("app", SECRET, None).await;
     assert_eq!(omitted.x_cache(), "MISS");
     assert_ne!(omitted.access_token(), first.access_token());
-    let narrower = post_basic(&url, "app", SECRET, Some("api/read")).await;
+    let narrower = app.post_basic("app", SECRET, Some("api/read")).await;
     assert_eq!(narrower.x_cache(), "MISS");
     assert_eq!(app.issued(), 3);
 }
@@ -77,12 +76,11 @@ async fn scope_order_and_duplicates_share_one_entry_but_omitted_scope_is_its_own
 #[tokio::test]
 async fn token_affecting_parameters_are_part_of_the_key() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
-    let url = app.proxy.token_url();
     let base = format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}");
-    let plain = post_form(&url, &base).await;
-    let with_a = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22a%22%7D")).await;
-    let with_b = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22b%22%7D")).await;
-    let with_a_again = post_form(&url, &format!("{base}&aws_client_metadata=%7B%22t%22%3A%22a%22%7D")).await;
+    let plain = app.post_form(&base).await;
+    let with_a = app.post_form(&format!("{base}&aws_client_metadata=%7B%22t%22%3A%22a%22%7D")).await;
+    let with_b = app.post_form(&format!("{base}&aws_client_metadata=%7B%22t%22%3A%22b%22%7D")).await;
+    let with_a_again = app.post_form(&format!("{base}&aws_client_metadata=%7B%22t%22%3A%22a%22%7D")).await;
     assert_eq!([plain.x_cache(), with_a.x_cache(), with_b.x_cache()], ["MISS"; 3]);
     assert_eq!((with_a_again.x_cache(), with_a_again.access_token()), ("HIT", with_a.access_token()));
     assert_eq!(app.issued(), 3);
@@ -94,8 +92,7 @@ async fn a_wrong_secret_never_receives_a_cached_token() {
     let no_throttle = [("TOKEN_PROXY_AUTH_FAILURE_LIMIT", "0"), ("TOKEN_PROXY_AUTH_FAILURE_CLIENT_LIMIT", "0")];
     let app =
         TestApp::with_redis(vec![client("app", "correct-secret"), client("other", "other-secret")], &no_throttle).await;
-    let url = app.proxy.token_url();
-    let good = post_basic(&url, "app", "correct-secret", None).await;
+    let good = app.post_basic("app", "correct-secret", None).await;
     assert_eq!(good.status, 200);
     let token = good.access_token().to_owned();
     let mut wrong: Vec<String> = vec![
@@ -111,24 +108,24 @@ async fn a_wrong_secret_never_receives_a_cached_token() {
     wrong.extend((0..120).map(|i| format!("guess-{i}")));
     for (i, secret) in wrong.iter().enumerate() {
         let reply = if i % 2 == 0 {
-            post_basic(&url, "app", secret, None).await
+            app.post_basic("app", secret, None).await
         } else {
-            post_body(&url, "app", secret, None).await
+            app.post_body("app", secret, None).await
         };
         assert_ne!(reply.status, 200, "wrong secret {secret:?} was accepted");
         assert!(!reply.raw.contains(&token), "wrong secret {secret:?} received the cached token");
         assert_eq!(reply.error(), "invalid_client");
     }
     // The right secret still hits.
-    assert_eq!(post_body(&url, "app", "correct-secret", None).await.x_cache(), "HIT");
+    assert_eq!(app.post_body("app", "correct-secret", None).await.x_cache(), "HIT");
     assert_eq!(app.issued(), 1);
 }
 
 #[tokio::test]
 async fn different_clients_never_share_entries() {
     let app = TestApp::embedded(vec![client("a", SECRET), client("b", SECRET)], &[]).await;
-    let a = post_basic(&app.proxy.token_url(), "a", SECRET, None).await;
-    let b = post_basic(&app.proxy.token_url(), "b", SECRET, None).await;
+    let a = app.post_basic("a", SECRET, None).await;
+    let b = app.post_basic("b", SECRET, None).await;
     assert_eq!((a.x_cache(), b.x_cache()), ("MISS", "MISS"));
     assert_ne!(a.access_token(), b.access_token());
 }

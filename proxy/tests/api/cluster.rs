@@ -198,18 +198,17 @@ async fn stale_tokens_are_served_while_the_upstream_fails() {
 #[tokio::test]
 async fn a_429_with_retry_after_holds_further_calls_back() {
     let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
-    let url = app.proxy.token_url();
     app.idp.idp.fail_next(1, 429);
-    let throttled = post_basic(&url, "app", SECRET, None).await;
+    let throttled = app.post_basic("app", SECRET, None).await;
     assert_eq!((throttled.status, throttled.headers["retry-after"].to_str().unwrap()), (429, "1"));
     // Another key, within the pause: answered 429 without calling the upstream.
-    let held = post_basic(&url, "app", SECRET, Some("api/read")).await;
+    let held = app.post_basic("app", SECRET, Some("api/read")).await;
     assert_eq!(held.status, 429);
     assert!(held.headers.contains_key("retry-after"));
     assert_eq!(app.upstream_requests(), 1);
     assert_eq!(app.proxy.metric("token_proxy_upstream_held_back_total").await, 1.0);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(post_basic(&url, "app", SECRET, Some("api/read")).await.status, 200);
+    assert_eq!(app.post_basic("app", SECRET, Some("api/read")).await.status, 200);
 }
 
 #[tokio::test]

@@ -15,8 +15,7 @@ async fn expires_in_counts_down_and_no_token_is_served_under_the_minimum() {
     )
     .await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(6));
-    let url = app.proxy.token_url();
-    let first = post_basic(&url, "app", SECRET, None).await;
+    let first = app.post_basic("app", SECRET, None).await;
     assert!(first.expires_in() <= 6);
     let mut previous = (first.access_token().to_owned(), first.expires_in());
     let mut seen_expires_in = vec![first.expires_in()];
@@ -24,7 +23,7 @@ async fn expires_in_counts_down_and_no_token_is_served_under_the_minimum() {
     let mut tokens = 1;
     while started.elapsed() < Duration::from_millis(5_500) {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let reply = post_basic(&url, "app", SECRET, None).await;
+        let reply = app.post_basic("app", SECRET, None).await;
         assert_eq!(reply.status, 200);
         assert!(reply.expires_in() >= 2, "served a token with {} s left", reply.expires_in());
         if reply.access_token() == previous.0 {
@@ -50,7 +49,7 @@ async fn the_redis_ttl_ends_before_the_token() {
     )
     .await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(300));
-    post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+    app.post_basic("app", SECRET, None).await;
     let redis = app.redis().client().await;
     let dump = app.redis().dump().await;
     assert_eq!(dump.len(), 1);
@@ -62,9 +61,8 @@ async fn the_redis_ttl_ends_before_the_token() {
 async fn tokens_too_short_lived_to_cache_are_relayed_but_not_cached() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(30));
-    let url = app.proxy.token_url();
-    let first = post_basic(&url, "app", SECRET, None).await;
-    let second = post_basic(&url, "app", SECRET, None).await;
+    let first = app.post_basic("app", SECRET, None).await;
+    let second = app.post_basic("app", SECRET, None).await;
     assert_eq!((first.status, first.x_cache()), (200, "MISS"));
     assert_eq!(second.x_cache(), "MISS");
     assert!(first.expires_in() <= 30);
@@ -79,8 +77,7 @@ async fn tokens_too_short_lived_to_cache_are_relayed_but_not_cached() {
 async fn a_hit_from_redis_reads_the_value_before_the_clock() {
     use tokio::io::AsyncBufReadExt;
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[("TOKEN_PROXY_L1_CAPACITY", "0")]).await;
-    let url = app.proxy.token_url();
-    assert_eq!(post_basic(&url, "app", SECRET, None).await.x_cache(), "MISS");
+    assert_eq!(app.post_basic("app", SECRET, None).await.x_cache(), "MISS");
 
     let mut monitor = tokio::process::Command::new("redis-cli")
         .args(["-p", &app.redis().port.to_string(), "monitor"])
@@ -92,7 +89,7 @@ async fn a_hit_from_redis_reads_the_value_before_the_clock() {
     let ready = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.unwrap().unwrap();
     assert_eq!(ready.as_deref(), Some("OK"));
 
-    assert_eq!(post_basic(&url, "app", SECRET, None).await.x_cache(), "HIT");
+    assert_eq!(app.post_basic("app", SECRET, None).await.x_cache(), "HIT");
     let mut reads = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     while reads.len() < 2 {
@@ -119,16 +116,15 @@ async fn a_stretched_ttl_in_redis_never_serves_a_token_past_its_expiry() {
     )
     .await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(4));
-    let url = app.proxy.token_url();
     let issued_at = Instant::now();
-    let first = post_basic(&url, "app", SECRET, None).await.access_token().to_owned();
+    let first = app.post_basic("app", SECRET, None).await.access_token().to_owned();
     let redis = app.redis().client().await;
     let (entry, _) = app.redis().dump().await.into_iter().next().expect("the entry");
     let stretched: bool =
         fred::prelude::KeysInterface::pexpire(&redis, entry, 365 * 24 * 3600 * 1000, None).await.unwrap();
     assert!(stretched);
     while issued_at.elapsed() < Duration::from_secs(6) {
-        let reply = post_basic(&url, "app", SECRET, None).await;
+        let reply = app.post_basic("app", SECRET, None).await;
         assert_eq!(reply.status, 200);
         assert!(reply.expires_in() <= 4, "expires_in {} for a 4 s token", reply.expires_in());
         if reply.access_token() == first {
@@ -154,8 +150,7 @@ async fn an_old_sealed_value_written_back_is_not_served() {
     )
     .await;
     app.idp.idp.set_token_lifetime(Duration::from_secs(3));
-    let url = app.proxy.token_url();
-    let old = post_basic(&url, "app", SECRET, None).await.access_token().to_owned();
+    let old = app.post_basic("app", SECRET, None).await.access_token().to_owned();
     let (entry, sealed) = app.redis().dump().await.into_iter().next().expect("the entry");
     tokio::time::sleep(Duration::from_millis(3_200)).await;
     let redis = app.redis().client().await;
@@ -170,7 +165,7 @@ async fn an_old_sealed_value_written_back_is_not_served() {
     .await
     .unwrap();
     for _ in 0..3 {
-        let reply = post_basic(&url, "app", SECRET, None).await;
+        let reply = app.post_basic("app", SECRET, None).await;
         assert_eq!(reply.status, 200);
         assert_ne!(reply.access_token(), old, "an expired token came back from an old value");
         assert!(reply.expires_in() <= 3);

@@ -309,7 +309,7 @@ async fn connections_from_outside_the_allowed_networks_are_closed_unanswered() {
 
     let allowed =
         TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_ALLOWED_NETWORKS", "127.0.0.0/8")]).await;
-    let reply = post_basic(&allowed.proxy.token_url(), "app", SECRET, None).await;
+    let reply = allowed.post_basic("app", SECRET, None).await;
     assert_eq!(reply.status, 200, "{}", reply.raw);
 }
 

@@ -1,6 +1,6 @@
 //! Invariant 4: secrets and tokens never appear in logs, panics, metrics, error bodies or Redis.
 //!
-//! The harness (helpers.rs) checks every test of the suite for every client secret and token
+//! The harness (helpers/leak_checks.rs) checks every test of the suite for every client secret and token
 //! it registered. This module tests those checks themselves, and walks one canary secret full
 //! of URL-special characters through every flow, asserting explicitly at the end.
 
@@ -233,10 +233,7 @@ async fn a_canary_secret_and_its_tokens_never_leak_through_any_flow() {
 
     // A purge through the admin API: the next request is a new token.
     let before = post_basic(&urls[1], ID, CANARY, None).await;
-    assert_eq!(
-        purge(cluster.replicas[0].admin, Some(ADMIN_TOKEN), &format!(r#"{{"client_id": "{ID}"}}"#)).await.0,
-        200
-    );
+    assert_eq!(cluster.replicas[0].purge(Some(ADMIN_TOKEN), &format!(r#"{{"client_id": "{ID}"}}"#)).await.0, 200);
     let old = before.access_token().to_owned();
     replies.push(before);
     let url = urls[1].clone();

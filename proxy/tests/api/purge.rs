@@ -31,7 +31,7 @@ async fn a_client_purge_takes_effect_on_every_replica_within_a_second() {
     let issued = cluster.idp.idp.issued_total();
 
     let started = Instant::now();
-    let (status, body) = purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await;
+    let (status, body) = cluster.replicas[0].purge(Some(TOKEN), r#"{"client_id": "a"}"#).await;
     assert_eq!((status, body["purged"].as_str()), (200, Some("client")), "{body}");
     // Every replica, its L1 included (entries live 60 s there), stops serving the old token.
     let urls = cluster.urls();
@@ -61,7 +61,7 @@ async fn purge_all_and_purge_one_scope() {
     let read = post_basic(&url, "a", SECRET, Some("api/read")).await.access_token().to_owned();
     let write = post_basic(&url, "a", SECRET, Some("api/write")).await.access_token().to_owned();
 
-    let (status, _) = purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a", "scope": "api/read"}"#).await;
+    let (status, _) = cluster.replicas[0].purge(Some(TOKEN), r#"{"client_id": "a", "scope": "api/read"}"#).await;
     assert_eq!(status, 200);
     let url_ref = &url;
     eventually(Duration::from_secs(1), "the scope purge", async || {
@@ -70,7 +70,7 @@ async fn purge_all_and_purge_one_scope() {
     .await;
     assert_eq!(post_basic(&url, "a", SECRET, Some("api/write")).await.access_token(), write);
 
-    let (status, body) = purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"all": true}"#).await;
+    let (status, body) = cluster.replicas[0].purge(Some(TOKEN), r#"{"all": true}"#).await;
     assert_eq!((status, body["purged"].as_str()), (200, Some("all")));
     eventually(Duration::from_secs(1), "the purge of everything", async || {
         post_basic(url_ref, "a", SECRET, Some("api/write")).await.access_token() != write
@@ -81,9 +81,9 @@ async fn purge_all_and_purge_one_scope() {
 #[tokio::test]
 async fn a_replica_without_redis_purges_its_own_cache() {
     let app = TestApp::embedded(vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
-    let old = post_basic(&app.proxy.token_url(), "a", SECRET, None).await.access_token().to_owned();
-    assert_eq!(purge(app.proxy.admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
-    let reply = post_basic(&app.proxy.token_url(), "a", SECRET, None).await;
+    let old = app.post_basic("a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(app.purge(Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    let reply = app.post_basic("a", SECRET, None).await;
     assert_eq!(reply.x_cache(), "MISS");
     assert_ne!(reply.access_token(), old);
 }
@@ -91,10 +91,9 @@ async fn a_replica_without_redis_purges_its_own_cache() {
 #[tokio::test]
 async fn the_admin_api_needs_its_token_and_a_well_formed_request() {
     let app = TestApp::embedded(vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
-    let admin = app.proxy.admin;
-    assert_eq!(purge(admin, None, r#"{"all": true}"#).await.0, 401);
-    assert_eq!(purge(admin, Some("admin-token-for-tests-012345678"), r#"{"all": true}"#).await.0, 401);
-    assert_eq!(purge(admin, Some(&format!("{TOKEN}x")), r#"{"all": true}"#).await.0, 401);
+    assert_eq!(app.purge(None, r#"{"all": true}"#).await.0, 401);
+    assert_eq!(app.purge(Some("admin-token-for-tests-012345678"), r#"{"all": true}"#).await.0, 401);
+    assert_eq!(app.purge(Some(&format!("{TOKEN}x")), r#"{"all": true}"#).await.0, 401);
     for body in [
         "",
         "{}",
@@ -103,13 +102,13 @@ async fn the_admin_api_needs_its_token_and_a_well_formed_request() {
         r#"{"client_id": ""}"#,
         r#"{"client": "a"}"#,
     ] {
-        assert_eq!(purge(admin, Some(TOKEN), body).await.0, 400, "{body}");
+        assert_eq!(app.purge(Some(TOKEN), body).await.0, 400, "{body}");
     }
-    assert_eq!(purge(admin, Some(TOKEN), r#"{"client_id": "a", "scope": "bad\"scope"}"#).await.0, 400);
+    assert_eq!(app.purge(Some(TOKEN), r#"{"client_id": "a", "scope": "bad\"scope"}"#).await.0, 400);
 
     // Without a configured token the admin API does not exist.
     let off = TestApp::embedded(vec![client("a", SECRET)], &[]).await;
-    assert_eq!(purge(off.proxy.admin, Some(TOKEN), r#"{"all": true}"#).await.0, 404);
+    assert_eq!(off.purge(Some(TOKEN), r#"{"all": true}"#).await.0, 404);
     // And the client listener never offers it.
     let response = http().post(format!("http://{}/admin/purge", app.proxy.addr)).body("{}").send().await.unwrap();
     assert_eq!(response.status(), 404);
@@ -124,25 +123,24 @@ async fn a_purge_outlives_redis_restarting_empty() {
         &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN), ("TOKEN_PROXY_L1_MAX_AGE", "60s")],
     )
     .await;
-    let url = app.proxy.token_url();
-    let purged = post_basic(&url, "a", SECRET, None).await.access_token().to_owned();
-    assert_eq!(purge(app.proxy.admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
-    let after = post_basic(&url, "a", SECRET, None).await;
+    let purged = app.post_basic("a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(app.purge(Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    let after = app.post_basic("a", SECRET, None).await;
     assert_ne!(after.access_token(), purged);
 
     app.redis_mut().restart().await;
     // Long enough for the replica to notice the empty Redis (it looks once a second).
     for _ in 0..4 {
-        let reply = post_basic(&url, "a", SECRET, None).await;
+        let reply = app.post_basic("a", SECRET, None).await;
         assert_eq!(reply.status, 200);
         assert_ne!(reply.access_token(), purged, "the purged token came back after Redis restarted empty");
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
 
     // A purge repeated after the loss still takes effect.
-    let current = post_basic(&url, "a", SECRET, None).await.access_token().to_owned();
-    assert_eq!(purge(app.proxy.admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
-    let reply = post_basic(&url, "a", SECRET, None).await;
+    let current = app.post_basic("a", SECRET, None).await.access_token().to_owned();
+    assert_eq!(app.purge(Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    let reply = app.post_basic("a", SECRET, None).await;
     assert_ne!(reply.access_token(), current, "a purge repeated after the loss changed nothing");
     assert_ne!(reply.access_token(), purged);
 }
@@ -154,7 +152,7 @@ async fn a_purge_outlives_the_loss_of_its_hash_for_a_replica_started_afterwards(
     let cluster = TestCluster::start(1, vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
     let url = cluster.urls()[0].clone();
     let purged = post_basic(&url, "a", SECRET, None).await.access_token().to_owned();
-    assert_eq!(purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    assert_eq!(cluster.replicas[0].purge(Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
     assert_ne!(post_basic(&url, "a", SECRET, None).await.access_token(), purged);
 
     let redis = cluster.redis.client().await;
@@ -176,13 +174,12 @@ async fn a_purge_outlives_the_loss_of_its_hash_for_a_replica_started_afterwards(
 #[tokio::test]
 async fn purge_state_is_bounded() {
     let app = TestApp::with_redis(vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
-    let admin = app.proxy.admin;
     let long = format!(r#"{{"client_id": "{}"}}"#, "x".repeat(10_000));
-    let (status, body) = purge(admin, Some(TOKEN), &long).await;
+    let (status, body) = app.purge(Some(TOKEN), &long).await;
     assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{body}");
     // A body larger than any purge request is refused before it is parsed.
     let huge = format!(r#"{{"client_id": "{}"}}"#, "x".repeat(100_000));
-    assert_eq!(purge(admin, Some(TOKEN), &huge).await.0, 413);
+    assert_eq!(app.purge(Some(TOKEN), &huge).await.0, 413);
     let fields: i64 = app.redis().client().await.custom(fred::cmd!("HLEN"), vec!["tp:purge"]).await.unwrap();
     assert!(fields <= 3, "a refused purge wrote {fields} fields");
 }
@@ -235,7 +232,7 @@ async fn a_generation_redis_holds_older_is_written_back_by_the_replicas() {
     let cluster = TestCluster::start(2, vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
     let urls = cluster.urls();
     let purged = post_basic(&urls[0], "a", SECRET, None).await.access_token().to_owned();
-    assert_eq!(purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    assert_eq!(cluster.replicas[0].purge(Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
     let redis = cluster.redis.client().await;
     let fields: Vec<String> = redis.custom(fred::cmd!("HKEYS"), vec!["tp:purge"]).await.unwrap();
     let client_field = fields.iter().find(|f| !["all", "v"].contains(&f.as_str())).expect("the client's field").clone();
@@ -284,7 +281,7 @@ async fn a_purge_hash_from_an_earlier_release_or_damaged_is_repaired() {
     set_hash(&["all", "18014398509481984", "v", "18014398509481984"]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = post_basic(&late.token_url(), "a", SECRET, None).await.access_token().to_owned();
-    assert_eq!(purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"all": true}"#).await.0, 200);
+    assert_eq!(cluster.replicas[0].purge(Some(TOKEN), r#"{"all": true}"#).await.0, 200);
     let url = late.token_url();
     eventually(Duration::from_secs(2), "the purge of everything", async || {
         post_basic(&url, "a", SECRET, None).await.access_token() != before
@@ -294,7 +291,7 @@ async fn a_purge_hash_from_an_earlier_release_or_damaged_is_repaired() {
     // Another type at tp:purge: no Redis error, and purges work.
     let _: i64 = redis.del("tp:purge").await.unwrap();
     let _: () = redis.set("tp:purge", "planted", None, None, false).await.unwrap();
-    let (status, body) = purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await;
+    let (status, body) = cluster.replicas[0].purge(Some(TOKEN), r#"{"client_id": "a"}"#).await;
     assert_eq!(status, 200, "{body}");
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     for replica in [&cluster.replicas[0], &late] {
@@ -309,7 +306,7 @@ async fn a_replica_started_after_a_partial_loss_gets_the_written_back_generation
     let cluster = TestCluster::start(1, vec![client("a", SECRET)], &[("TOKEN_PROXY_ADMIN_TOKEN", TOKEN)]).await;
     let url = cluster.urls()[0].clone();
     let purged = post_basic(&url, "a", SECRET, None).await.access_token().to_owned();
-    assert_eq!(purge(cluster.replicas[0].admin, Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
+    assert_eq!(cluster.replicas[0].purge(Some(TOKEN), r#"{"client_id": "a"}"#).await.0, 200);
     let redis = cluster.redis.client().await;
     let fields: Vec<String> = redis.custom(fred::cmd!("HKEYS"), vec!["tp:purge"]).await.unwrap();
     let client_field = fields.iter().find(|f| !["all", "v"].contains(&f.as_str())).expect("the client's field").clone();

@@ -13,14 +13,13 @@ async fn requests_succeed_while_redis_is_killed_and_redis_is_used_again_after_re
         &[("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_REDIS_TIMEOUT", "200ms")],
     )
     .await;
-    let url = app.proxy.token_url();
-    assert_eq!(post_basic(&url, "app", SECRET, None).await.x_cache(), "MISS");
-    assert_eq!(post_basic(&url, "app", SECRET, None).await.x_cache(), "HIT");
+    assert_eq!(app.post_basic("app", SECRET, None).await.x_cache(), "MISS");
+    assert_eq!(app.post_basic("app", SECRET, None).await.x_cache(), "HIT");
 
     app.redis_mut().kill();
     for i in 0..20 {
         let started = Instant::now();
-        let reply = post_basic(&url, "app", SECRET, None).await;
+        let reply = app.post_basic("app", SECRET, None).await;
         assert_eq!(reply.status, 200, "request {i} failed with Redis down: {}", reply.raw);
         assert!(started.elapsed() < Duration::from_secs(2), "request {i} took {:?}", started.elapsed());
     }
@@ -33,11 +32,11 @@ async fn requests_succeed_while_redis_is_killed_and_redis_is_used_again_after_re
     app.redis_mut().restart().await;
     let redis = app.redis.as_ref().unwrap();
     eventually(Duration::from_secs(10), "entries written to the restarted Redis", async || {
-        post_basic(&url, "app", SECRET, Some("api/read")).await;
+        app.post_basic("app", SECRET, Some("api/read")).await;
         !redis.dump().await.is_empty()
     })
     .await;
-    assert_eq!(post_basic(&url, "app", SECRET, Some("api/read")).await.x_cache(), "HIT");
+    assert_eq!(app.post_basic("app", SECRET, Some("api/read")).await.x_cache(), "HIT");
 }
 
 #[tokio::test]
@@ -47,12 +46,11 @@ async fn a_frozen_redis_costs_at_most_its_deadline() {
         &[("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_REDIS_TIMEOUT", "150ms")],
     )
     .await;
-    let url = app.proxy.token_url();
-    assert_eq!(post_basic(&url, "app", SECRET, None).await.status, 200);
+    assert_eq!(app.post_basic("app", SECRET, None).await.status, 200);
     app.redis().pause();
     for i in 0..5 {
         let started = Instant::now();
-        let reply = post_basic(&url, "app", SECRET, None).await;
+        let reply = app.post_basic("app", SECRET, None).await;
         let elapsed = started.elapsed();
         assert_eq!(reply.status, 200, "request {i}: {}", reply.raw);
         // A read and a write, each bounded by the deadline, plus the upstream call.
@@ -71,10 +69,10 @@ async fn a_replica_starts_and_serves_when_redis_is_down() {
         &[("TOKEN_PROXY_REDIS_URL", &redis_url), ("TOKEN_PROXY_SECRET", ROOT_SECRET)],
     ))
     .await;
-    let first = post_basic(&proxy.token_url(), "app", SECRET, None).await;
+    let first = proxy.post_basic("app", SECRET, None).await;
     assert_eq!((first.status, first.x_cache()), (200, "MISS"));
     // L1 still serves.
-    assert_eq!(post_basic(&proxy.token_url(), "app", SECRET, None).await.x_cache(), "HIT");
+    assert_eq!(proxy.post_basic("app", SECRET, None).await.x_cache(), "HIT");
     assert_eq!(idp.idp.issued_total(), 1);
 }
 

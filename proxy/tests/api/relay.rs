@@ -194,10 +194,10 @@ async fn the_upstreams_json_reaches_the_client_byte_for_byte_on_miss_hits_and_co
     let with_l1 = replica(&upstream, &redis, &[]).await;
     let without_l1 = replica(&upstream, &redis, &[("TOKEN_PROXY_L1_CAPACITY", "0")]).await;
 
-    assert_relayed(&post_basic(&with_l1.token_url(), "app", SECRET, None).await, "MISS", &body, 3600);
-    assert_relayed(&post_basic(&with_l1.token_url(), "app", SECRET, None).await, "HIT", &body, 3600);
+    assert_relayed(&with_l1.post_basic("app", SECRET, None).await, "MISS", &body, 3600);
+    assert_relayed(&with_l1.post_basic("app", SECRET, None).await, "HIT", &body, 3600);
     // No L1 on this replica: the hit is the sealed value read from Redis.
-    assert_relayed(&post_basic(&without_l1.token_url(), "app", SECRET, None).await, "HIT", &body, 3600);
+    assert_relayed(&without_l1.post_basic("app", SECRET, None).await, "HIT", &body, 3600);
     assert_eq!(upstream.calls(), 1);
 
     // A cold key (another extra parameter) asked on both replicas at once: one replica calls,
@@ -234,11 +234,11 @@ async fn the_upstreams_json_reaches_the_client_byte_for_byte_when_stale() {
     let mut all = never_fresh.to_vec();
     all.push(("TOKEN_PROXY_L1_CAPACITY", "0"));
     let second = replica(&upstream, &redis, &all).await;
-    assert_relayed(&post_basic(&first.token_url(), "app", SECRET, None).await, "MISS", &body, 3600);
+    assert_relayed(&first.post_basic("app", SECRET, None).await, "MISS", &body, 3600);
     upstream.set(|s| s.fail_next = 10);
-    assert_relayed(&post_basic(&first.token_url(), "app", SECRET, None).await, "STALE", &body, 3600);
+    assert_relayed(&first.post_basic("app", SECRET, None).await, "STALE", &body, 3600);
     // From the value in Redis (no L1 there).
-    assert_relayed(&post_basic(&second.token_url(), "app", SECRET, None).await, "STALE", &body, 3600);
+    assert_relayed(&second.post_basic("app", SECRET, None).await, "STALE", &body, 3600);
 }
 
 #[tokio::test]
@@ -277,7 +277,7 @@ async fn a_compressed_answer_is_never_taken_for_json_nor_cached() {
     let upstream = ScriptedUpstream::start(json.as_bytes()).await;
     let redis = RedisServer::start().await;
     let proxy = replica(&upstream, &redis, &[]).await;
-    let plain = post_basic(&proxy.token_url(), "app", SECRET, None).await;
+    let plain = proxy.post_basic("app", SECRET, None).await;
     assert_eq!((plain.status, plain.x_cache()), (200, "MISS"));
     assert!(upstream.last_head.lock().unwrap().contains("\r\naccept-encoding: identity\r\n"));
 
@@ -305,10 +305,10 @@ async fn a_lifetime_above_the_maximum_is_capped_for_caching() {
     let upstream = ScriptedUpstream::start(json.as_bytes()).await;
     let redis = RedisServer::start().await;
     let capped = replica(&upstream, &redis, &[("TOKEN_PROXY_MAX_TOKEN_LIFETIME", "120s")]).await;
-    let miss = post_basic(&capped.token_url(), "app", SECRET, None).await;
+    let miss = capped.post_basic("app", SECRET, None).await;
     assert_eq!(miss.x_cache(), "MISS");
     assert!(miss.expires_in() <= 120 && miss.expires_in() >= 119, "{}", miss.raw);
-    let hit = post_basic(&capped.token_url(), "app", SECRET, None).await;
+    let hit = capped.post_basic("app", SECRET, None).await;
     assert_eq!(hit.x_cache(), "HIT");
     assert!(hit.expires_in() <= 120, "{}", hit.raw);
     // Kept until the minimum (30 s) is left of the capped lifetime.

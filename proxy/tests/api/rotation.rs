@@ -26,28 +26,28 @@ async fn previous_secrets_are_read_and_removed_ones_are_misses() {
     };
 
     let old = replica(ROOT_SECRET, None).await;
-    let first = post_basic(&old.token_url(), ID, SECRET, None).await;
+    let first = old.post_basic(ID, SECRET, None).await;
     assert_eq!(first.x_cache(), "MISS");
     let before = redis.dump().await;
     assert_eq!(before.len(), 1, "one sealed entry");
 
     // The rolled replica: new secret, the old one as previous. The old entry is a HIT.
     let rolled = replica(NEW_SECRET, Some(ROOT_SECRET)).await;
-    let reply = post_basic(&rolled.token_url(), ID, SECRET, None).await;
+    let reply = rolled.post_basic(ID, SECRET, None).await;
     assert_eq!((reply.status, reply.x_cache()), (200, "HIT"), "{}", reply.raw);
     assert_eq!(reply.access_token(), first.access_token());
     assert_eq!(idp.idp.issued_total(), 1, "the rotation cost no upstream call");
 
     // A new key is written under the current secret only: readable by the rolled replica, and
     // by nothing that lacks the new secret.
-    let scoped = post_basic(&rolled.token_url(), ID, SECRET, Some("api/read")).await;
+    let scoped = rolled.post_basic(ID, SECRET, Some("api/read")).await;
     assert_eq!(scoped.x_cache(), "MISS");
-    assert_eq!(post_basic(&rolled.token_url(), ID, SECRET, Some("api/read")).await.x_cache(), "HIT");
-    assert_eq!(post_basic(&old.token_url(), ID, SECRET, Some("api/read")).await.x_cache(), "MISS");
+    assert_eq!(rolled.post_basic(ID, SECRET, Some("api/read")).await.x_cache(), "HIT");
+    assert_eq!(old.post_basic(ID, SECRET, Some("api/read")).await.x_cache(), "MISS");
 
     // The old secret removed from the ring: its entries are misses, answered from the upstream.
     let retired = replica(NEW_SECRET, Some(UNRELATED_SECRET)).await;
-    let reply = post_basic(&retired.token_url(), ID, SECRET, None).await;
+    let reply = retired.post_basic(ID, SECRET, None).await;
     assert_eq!((reply.status, reply.x_cache()), (200, "MISS"), "{}", reply.raw);
     assert_ne!(reply.access_token(), first.access_token());
 
@@ -66,7 +66,7 @@ async fn previous_secrets_are_read_and_removed_ones_are_misses() {
     }
     let issued = idp.idp.issued_total();
     let fresh = replica(UNRELATED_SECRET, Some(ROOT_SECRET)).await;
-    let reply = post_basic(&fresh.token_url(), ID, SECRET, None).await;
+    let reply = fresh.post_basic(ID, SECRET, None).await;
     assert_eq!((reply.status, reply.x_cache()), (200, "MISS"), "{}", reply.raw);
     assert_eq!(idp.idp.issued_total(), issued + 1);
 }

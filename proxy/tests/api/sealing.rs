@@ -9,10 +9,9 @@ const NO_L1: &[(&str, &str)] = &[("TOKEN_PROXY_L1_CAPACITY", "0")];
 
 /// Warms entries for clients a and b and returns the Redis key of each.
 async fn two_entries(app: &TestApp) -> (Bytes, Bytes, String, String) {
-    let url = app.proxy.token_url();
-    let a = post_basic(&url, "a", "secret-for-a", None).await.access_token().to_owned();
+    let a = app.post_basic("a", "secret-for-a", None).await.access_token().to_owned();
     let key_a = app.redis().dump().await[0].0.clone();
-    let b = post_basic(&url, "b", "secret-for-b", None).await.access_token().to_owned();
+    let b = app.post_basic("b", "secret-for-b", None).await.access_token().to_owned();
     let key_b = app.redis().dump().await.into_iter().map(|(k, _)| k).find(|k| *k != key_a).unwrap();
     (key_a, key_b, a, b)
 }
@@ -24,7 +23,7 @@ async fn a_value_moved_to_another_key_is_a_miss() {
     let redis = app.redis().client().await;
     let value_a: Bytes = redis.get(key_a).await.unwrap();
     let () = redis.set(key_b, value_a, Some(Expiration::EX(300)), None, false).await.unwrap();
-    let reply = post_basic(&app.proxy.token_url(), "b", "secret-for-b", None).await;
+    let reply = app.post_basic("b", "secret-for-b", None).await;
     assert_eq!((reply.status, reply.x_cache()), (200, "MISS"));
     assert_ne!(reply.access_token(), token_a, "client b was served client a's token");
     assert_eq!(app.issued(), 3);
@@ -49,7 +48,7 @@ async fn truncated_flipped_or_garbage_values_are_misses_and_the_request_succeeds
     let mut issued = app.issued();
     for (what, value) in tampered {
         let () = redis.set(key_a.clone(), value, Some(Expiration::EX(300)), None, false).await.unwrap();
-        let reply = post_basic(&app.proxy.token_url(), "a", "secret-for-a", None).await;
+        let reply = app.post_basic("a", "secret-for-a", None).await;
         assert_eq!((reply.status, reply.x_cache()), (200, "MISS"), "{what}");
         issued += 1;
         assert_eq!(app.issued(), issued, "{what}");
@@ -59,10 +58,9 @@ async fn truncated_flipped_or_garbage_values_are_misses_and_the_request_succeeds
 #[tokio::test]
 async fn redis_holds_nothing_readable() {
     let app = TestApp::with_redis(vec![client("visible-client-id", "visible-client-secret")], NO_L1).await;
-    let url = app.proxy.token_url();
     let mut tokens = Vec::new();
     for scope in [None, Some("api/read"), Some("api/write")] {
-        let reply = post_basic(&url, "visible-client-id", "visible-client-secret", scope).await;
+        let reply = app.post_basic("visible-client-id", "visible-client-secret", scope).await;
         tokens.push(reply.access_token().to_owned());
     }
     let dump = app.redis().dump().await;

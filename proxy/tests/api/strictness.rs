@@ -152,7 +152,7 @@ async fn query_parameters_work_in_compatibility_mode() {
     let first = post_form(&url, "grant_type=client_credentials").await;
     assert_eq!((first.status, first.x_cache()), (200, "MISS"), "{}", first.raw);
     // The same credentials in the body share the entry.
-    let body = post_body(&app.proxy.token_url(), "app", SECRET, None).await;
+    let body = app.post_body("app", SECRET, None).await;
     assert_eq!(body.x_cache(), "HIT");
     let repeated = post_form(&url, "grant_type=client_credentials&client_id=app").await;
     assert_eq!(repeated.status, 400);

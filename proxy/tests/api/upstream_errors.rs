@@ -7,9 +7,8 @@ use crate::helpers::*;
 #[tokio::test]
 async fn upstream_4xx_passes_through_exactly_and_is_not_cached() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
-    let url = app.proxy.token_url();
     for _ in 0..3 {
-        let reply = post_basic(&url, "app", SECRET, Some("admin/everything")).await;
+        let reply = app.post_basic("app", SECRET, Some("admin/everything")).await;
         assert_eq!(reply.status, 400);
         assert_eq!(reply.error(), "invalid_scope");
         assert_eq!(reply.x_cache(), "MISS");
@@ -24,7 +23,7 @@ async fn upstream_400_body_is_relayed_byte_for_byte() {
     app.idp.idp.fail_next(1, 400);
     let direct = post_body(&app.idp.token_url(), "app", SECRET, None).await;
     app.idp.idp.fail_next(1, 400);
-    let proxied = post_body(&app.proxy.token_url(), "app", SECRET, None).await;
+    let proxied = app.post_body("app", SECRET, None).await;
     assert_eq!(proxied.status, 400);
     assert_eq!(proxied.status, direct.status);
     assert_eq!(proxied.raw, direct.raw);
@@ -34,11 +33,10 @@ async fn upstream_400_body_is_relayed_byte_for_byte() {
 async fn upstream_500_becomes_502_and_is_not_cached() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     app.idp.idp.fail_next(1, 500);
-    let url = app.proxy.token_url();
-    let failed = post_basic(&url, "app", SECRET, None).await;
+    let failed = app.post_basic("app", SECRET, None).await;
     assert_eq!((failed.status, failed.error()), (502, "server_error"));
     assert_eq!(failed.headers["cache-control"], "no-store");
-    let next = post_basic(&url, "app", SECRET, None).await;
+    let next = app.post_basic("app", SECRET, None).await;
     assert_eq!((next.status, next.x_cache()), (200, "MISS"));
     assert_eq!(app.issued(), 1);
     assert_eq!(app.proxy.metric("token_proxy_upstream_requests_total{status_class=\"5xx\"}").await, 1.0);
@@ -48,13 +46,12 @@ async fn upstream_500_becomes_502_and_is_not_cached() {
 #[tokio::test]
 async fn upstream_503_and_429_keep_retry_after() {
     let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
-    let url = app.proxy.token_url();
     app.idp.idp.fail_next(1, 503);
-    let unavailable = post_basic(&url, "app", SECRET, None).await;
+    let unavailable = app.post_basic("app", SECRET, None).await;
     assert_eq!((unavailable.status, unavailable.error()), (503, "temporarily_unavailable"));
     assert_eq!(unavailable.headers["retry-after"], "1");
     app.idp.idp.fail_next(1, 429);
-    let throttled = post_basic(&url, "app", SECRET, None).await;
+    let throttled = app.post_basic("app", SECRET, None).await;
     assert_eq!(throttled.status, 429);
     assert_eq!(throttled.headers["retry-after"], "1");
     assert_eq!(app.issued(), 0);
@@ -65,10 +62,10 @@ async fn a_hanging_upstream_becomes_504() {
     let app = TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_UPSTREAM_TIMEOUT", "300ms")]).await;
     app.idp.idp.hang_next(1);
     let started = std::time::Instant::now();
-    let reply = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+    let reply = app.post_basic("app", SECRET, None).await;
     assert_eq!((reply.status, reply.error()), (504, "temporarily_unavailable"));
     assert!(started.elapsed() < Duration::from_secs(5));
-    let next = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+    let next = app.post_basic("app", SECRET, None).await;
     assert_eq!((next.status, next.x_cache()), (200, "MISS"));
     assert_eq!(app.proxy.metric("token_proxy_upstream_requests_total{status_class=\"timeout\"}").await, 1.0);
 }
@@ -77,12 +74,12 @@ async fn a_hanging_upstream_becomes_504() {
 async fn a_dropped_or_refused_connection_becomes_502() {
     let app = TestApp::embedded(vec![client("app", SECRET)], &[]).await;
     app.idp.idp.drop_next(1);
-    let dropped = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+    let dropped = app.post_basic("app", SECRET, None).await;
     assert_eq!((dropped.status, dropped.error()), (502, "server_error"), "{}", dropped.raw);
 
     let closed = format!("http://127.0.0.1:{}/oauth2/token", free_port());
     let proxy = TestProxy::spawn(proxy_config(&closed, &[])).await;
-    let refused = post_basic(&proxy.token_url(), "app", SECRET, None).await;
+    let refused = proxy.post_basic("app", SECRET, None).await;
     assert_eq!((refused.status, refused.error()), (502, "server_error"));
 }
 
@@ -92,7 +89,7 @@ async fn upstream_cookies_and_other_headers_are_never_relayed() {
     let direct = post_body(&app.idp.token_url(), "app", SECRET, None).await;
     assert!(direct.headers.contains_key("set-cookie"), "mock-idp should set a cookie like Cognito");
     for _ in 0..2 {
-        let reply = post_basic(&app.proxy.token_url(), "app", SECRET, None).await;
+        let reply = app.post_basic("app", SECRET, None).await;
         assert!(!reply.headers.contains_key("set-cookie"));
         let names: Vec<&str> = reply.headers.keys().map(|k| k.as_str()).collect();
         for name in &names {
@@ -109,7 +106,7 @@ async fn other_grants_are_forwarded_unchanged_and_never_cached() {
     let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
     let body = &format!("grant_type=refresh_token&refresh_token=abc&client_id=app&client_secret={SECRET}");
     for _ in 0..2 {
-        let reply = post_form(&app.proxy.token_url(), body).await;
+        let reply = app.post_form(body).await;
         assert_eq!(reply.x_cache(), "BYPASS");
         assert_eq!((reply.status, reply.error()), (400, "unsupported_grant_type"));
     }
@@ -169,13 +166,11 @@ async fn the_upstream_receives_only_allowlisted_headers() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     std::fs::write(&file, "X-Origin-Verify: second-value\n").unwrap();
     let idp = app.idp.idp.clone();
-    let url = app.proxy.token_url();
     let mut attempt = 0;
     eventually(Duration::from_secs(5), "the new header value", async || {
         // A new cache key each time, so each attempt reaches the upstream.
         attempt += 1;
-        post_form(&url, &format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}&n={attempt}"))
-            .await;
+        app.post_form(&format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}&n={attempt}")).await;
         idp.last_request_headers().unwrap()["x-origin-verify"] == "second-value"
     })
     .await;
