@@ -16,6 +16,7 @@ use shared::canonical::Scope;
 
 use crate::breaker::BreakerState;
 use crate::purge::{MAX_CLIENT_ID_BYTES, PurgeError, PurgeTarget};
+use crate::response::{ErrorCode, oauth_json};
 use crate::state::AppState;
 
 pub fn admin_router(state: AppState) -> Router {
@@ -79,12 +80,12 @@ fn authorized(headers: &HeaderMap, expected: &[u8; 32]) -> bool {
     presented.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
 }
 
-fn admin_error(status: StatusCode, error: &str, description: &str) -> Response {
-    (status, Json(json!({ "error": error, "error_description": description }))).into_response()
+fn admin_error(status: StatusCode, error: ErrorCode, description: &str) -> Response {
+    oauth_json(status, error, description)
 }
 
 /// A refused admin request: `(status, error, description)`.
-type Refusal = (StatusCode, &'static str, String);
+type Refusal = (StatusCode, ErrorCode, String);
 
 /// What to purge: `{"client_id": "..."}`, optionally with `"scope"`, or `{"all": true}`.
 #[derive(Debug, Deserialize)]
@@ -102,18 +103,18 @@ impl PurgeRequest {
             PurgeRequest { all: true, client_id: None, scope: None } => Ok(PurgeTarget::All),
             PurgeRequest { all: false, client_id: Some(id), .. } if id.len() > MAX_CLIENT_ID_BYTES => Err((
                 StatusCode::BAD_REQUEST,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!("client_id is longer than {MAX_CLIENT_ID_BYTES} bytes"),
             )),
             PurgeRequest { all: false, client_id: Some(id), scope } if !id.is_empty() => match scope {
                 None => Ok(PurgeTarget::Client(id)),
                 Some(scope) => Scope::parse(Some(&scope))
                     .map(|scope| PurgeTarget::ClientScope(id, scope))
-                    .map_err(|e| (StatusCode::BAD_REQUEST, "invalid_scope", e.to_string())),
+                    .map_err(|e| (StatusCode::BAD_REQUEST, ErrorCode::InvalidScope, e.to_string())),
             },
             _ => Err((
                 StatusCode::BAD_REQUEST,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 "give client_id (and optionally scope), or all".into(),
             )),
         }
@@ -129,11 +130,15 @@ const MAX_PURGE_BODY_BYTES: usize = 64 * 1024;
 /// nothing, let alone a huge or never-ending body.
 async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let Some(expected) = &state.admin_token_digest else {
-        return admin_error(StatusCode::NOT_FOUND, "not_found", "the admin API is off (set TOKEN_PROXY_ADMIN_TOKEN)");
+        return admin_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "the admin API is off (set TOKEN_PROXY_ADMIN_TOKEN)",
+        );
     };
     if !authorized(&headers, expected) {
         let mut response =
-            admin_error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin bearer token is required");
+            admin_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "a valid admin bearer token is required");
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
@@ -144,13 +149,15 @@ async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
     .await
     {
         Ok(Ok(body)) => body,
-        Ok(Err(_)) => return admin_error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request", "the body is too large"),
-        Err(_) => return admin_error(StatusCode::REQUEST_TIMEOUT, "invalid_request", "the body took too long"),
+        Ok(Err(_)) => {
+            return admin_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::InvalidRequest, "the body is too large");
+        }
+        Err(_) => return admin_error(StatusCode::REQUEST_TIMEOUT, ErrorCode::InvalidRequest, "the body took too long"),
     };
     let Ok(request) = serde_json::from_slice::<PurgeRequest>(&body) else {
         return admin_error(
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             r#"expected {"client_id": "..."} or {"all": true}"#,
         );
     };
@@ -167,13 +174,13 @@ async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
         Ok(epoch) => (StatusCode::OK, Json(json!({ "purged": what, "epoch": epoch }))).into_response(),
         Err(error @ PurgeError::TooMany) => {
             tracing::warn!(%error, "purge refused");
-            admin_error(StatusCode::CONFLICT, "too_many_purges", &error.to_string())
+            admin_error(StatusCode::CONFLICT, ErrorCode::TooManyPurges, &error.to_string())
         }
         Err(error) => {
             tracing::error!(%error, "purge failed");
             admin_error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily_unavailable",
+                ErrorCode::TemporarilyUnavailable,
                 "Redis did not take the purge; retry",
             )
         }

@@ -15,7 +15,7 @@ use http::StatusCode;
 use crate::listener::Occupancy;
 use crate::metrics::{Outcome, Throttle};
 use crate::normalize::{body_too_large, check_head, normalize};
-use crate::response::{CacheStatus, ProxyError, Rejection, Reply};
+use crate::response::{CacheStatus, ErrorCode, ProxyError, Rejection, Reply};
 use crate::state::AppState;
 
 /// The client listener's router.
@@ -52,7 +52,7 @@ async fn token(
             state.metrics.throttled(Throttle::Overload);
             let rejection = Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily_unavailable",
+                ErrorCode::TemporarilyUnavailable,
                 "the proxy is overloaded; retry shortly",
             );
             (Outcome::Rejected, retry_shortly(rejection))
@@ -64,7 +64,7 @@ async fn token(
                 close: true,
                 ..Rejection::new(
                     StatusCode::TOO_MANY_REQUESTS,
-                    "temporarily_unavailable",
+                    ErrorCode::TemporarilyUnavailable,
                     "too many unfinished requests from this source; retry shortly",
                 )
             };
@@ -74,7 +74,7 @@ async fn token(
             state.metrics.throttled(Throttle::Timeout);
             let rejection = Rejection {
                 close: true,
-                ..Rejection::new(StatusCode::REQUEST_TIMEOUT, "invalid_request", "the request took too long")
+                ..Rejection::new(StatusCode::REQUEST_TIMEOUT, ErrorCode::InvalidRequest, "the request took too long")
             };
             (Outcome::Rejected, ProxyError::Rejected(rejection).into_response())
         }
@@ -93,7 +93,9 @@ async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Repl
     let (parts, body) = request.into_parts();
     let source = state.sources.source(peer, &parts.headers);
     if !state.sources.allows(source) {
-        return Err(Rejection::new(StatusCode::FORBIDDEN, "access_denied", "this source address may not call").into());
+        return Err(
+            Rejection::new(StatusCode::FORBIDDEN, ErrorCode::AccessDenied, "this source address may not call").into()
+        );
     }
     // Direct peers are capped per connection by the listener already; a trusted proxy's
     // connections are counted by no source, so their requests are, by the source they name.
@@ -118,7 +120,11 @@ async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Repl
             // The rest of the body may still come: where the next request starts is unknown.
             return Err(Rejection {
                 close: true,
-                ..Rejection::new(StatusCode::REQUEST_TIMEOUT, "invalid_request", "the request body took too long")
+                ..Rejection::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    ErrorCode::InvalidRequest,
+                    "the request body took too long",
+                )
             }
             .into());
         }
@@ -145,7 +151,7 @@ async fn method_not_allowed(State(state): State<AppState>) -> Response {
     state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
     let mut response = ProxyError::Rejected(Rejection::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "invalid_request",
+        ErrorCode::InvalidRequest,
         "the token endpoint accepts POST only",
     ))
     .into_response();
@@ -157,7 +163,7 @@ async fn not_found(State(state): State<AppState>, _body: Body) -> Response {
     state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
     ProxyError::Rejected(Rejection::new(
         StatusCode::NOT_FOUND,
-        "invalid_request",
+        ErrorCode::InvalidRequest,
         "the token endpoint is /oauth2/token",
     ))
     .into_response()

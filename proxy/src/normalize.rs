@@ -16,7 +16,7 @@ use shared::basic;
 use shared::canonical::{AuthMethod, CanonicalRequest, Scope};
 use shared::form::{self, Form, FormError};
 
-use crate::response::Rejection;
+use crate::response::{ErrorCode, Rejection};
 
 /// Longest `scope` parameter accepted, in bytes.
 pub const MAX_SCOPE_BYTES: usize = 2048;
@@ -91,7 +91,7 @@ pub fn check_head(headers: &HeaderMap, limits: &RequestLimits) -> Result<(), Rej
     if header_bytes > limits.max_header_bytes {
         return Err(Rejection::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "request headers are too large",
         ));
     }
@@ -110,7 +110,7 @@ pub fn check_head(headers: &HeaderMap, limits: &RequestLimits) -> Result<(), Rej
 }
 
 pub fn body_too_large() -> Rejection {
-    Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request", "request body is too large")
+    Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::InvalidRequest, "request body is too large")
 }
 
 /// `application/x-www-form-urlencoded`, optionally with `charset=utf-8`; nothing else.
@@ -210,10 +210,10 @@ pub fn normalize(
 
     let scope_param = form.take("scope");
     if scope_param.as_ref().is_some_and(|s| s.len() > MAX_SCOPE_BYTES) {
-        return Err(Rejection::new(StatusCode::BAD_REQUEST, "invalid_scope", "scope is too long"));
+        return Err(Rejection::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidScope, "scope is too long"));
     }
     let scope = Scope::parse(scope_param.as_deref())
-        .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "invalid_scope", e.to_string()))?;
+        .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidScope, e.to_string()))?;
     // Everything else can change the token (e.g. Cognito's aws_client_metadata): keyed and forwarded.
     let extra: BTreeMap<String, String> = form.into_pairs().into_iter().collect();
     Ok(TokenRequest::Cacheable(CanonicalRequest { client_id, client_secret, auth_method, grant_type, scope, extra }))
@@ -226,7 +226,7 @@ fn two_methods() -> Rejection {
 fn client_authentication_required() -> Rejection {
     Rejection::new(
         StatusCode::UNAUTHORIZED,
-        "invalid_client",
+        ErrorCode::InvalidClient,
         "client_credentials requires client_id and client_secret (Basic or in the body)",
     )
 }
@@ -296,12 +296,15 @@ mod tests {
     fn ambiguous_credentials_are_refused() {
         let auth = basic::encode("app", "s");
         let h = headers(&[("authorization", &auth)]);
-        assert_eq!(rejected(&h, "grant_type=client_credentials&client_secret=s").error, "invalid_request");
-        assert_eq!(rejected(&h, "grant_type=client_credentials&client_id=other").error, "invalid_request");
-        assert_eq!(rejected(&headers(&[]), "grant_type=client_credentials&client_id=app").error, "invalid_client");
+        assert_eq!(rejected(&h, "grant_type=client_credentials&client_secret=s").error, ErrorCode::InvalidRequest);
+        assert_eq!(rejected(&h, "grant_type=client_credentials&client_id=other").error, ErrorCode::InvalidRequest);
+        assert_eq!(
+            rejected(&headers(&[]), "grant_type=client_credentials&client_id=app").error,
+            ErrorCode::InvalidClient
+        );
         assert_eq!(
             rejected(&headers(&[("authorization", "Bearer x")]), "grant_type=client_credentials").error,
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
     }
 
@@ -321,7 +324,7 @@ mod tests {
         let h = headers(&[]);
         let body = Bytes::from_static(b"grant_type=client_credentials");
         let err = normalize(Some("client_id=a&client_secret=b"), &h, &body, &LIMITS).unwrap_err();
-        assert_eq!(err.error, "invalid_request");
+        assert_eq!(err.error, ErrorCode::InvalidRequest);
         let compat = RequestLimits { allow_query_params: true, ..LIMITS };
         let r = cacheable(Some("client_id=a&client_secret=b"), &h, "grant_type=client_credentials", &compat);
         assert_eq!(r.client_id, "a");
@@ -402,7 +405,7 @@ mod tests {
             (header::TRANSFER_ENCODING, &["identity"]),
         ] {
             let refusal = with(name.clone(), values).unwrap_err();
-            assert_eq!((refusal.status, refusal.error), (StatusCode::BAD_REQUEST, "invalid_request"), "{name}");
+            assert_eq!((refusal.status, refusal.error), (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest), "{name}");
         }
         assert!(with(header::TRANSFER_ENCODING, &[" Chunked "]).is_ok());
         assert!(with(header::AUTHORIZATION, &["Basic YTpi"]).is_ok());

@@ -29,6 +29,7 @@ use shared::keys::KeyHasher;
 use crate::config::AuthFailureLimits;
 use crate::entry::unit_random;
 use crate::metrics::{Metrics, Throttle};
+use crate::response::ErrorCode;
 use crate::store::{AuthCounters, RedisStore, Verdict};
 use crate::upstream::UpstreamResponse;
 
@@ -313,7 +314,7 @@ pub fn is_failed_authentication(status: StatusCode, body: &[u8]) -> bool {
         #[serde(borrow)]
         error: std::borrow::Cow<'a, str>,
     }
-    serde_json::from_slice::<ErrorBody<'_>>(body).is_ok_and(|b| b.error == "invalid_client")
+    serde_json::from_slice::<ErrorBody<'_>>(body).is_ok_and(|b| b.error == ErrorCode::InvalidClient.as_str())
 }
 
 fn address_bytes(address: IpAddr) -> Vec<u8> {

@@ -21,6 +21,42 @@ use crate::upstream::{UpstreamError, UpstreamResponse};
 const JSON: HeaderValue = HeaderValue::from_static("application/json;charset=UTF-8");
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
+/// The error codes this proxy answers with itself (RFC 6749 §5.2, and the admin API's), in
+/// `{"error": ..., "error_description": ...}` bodies. The upstream's own errors are relayed as
+/// they came and never pass through this type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidClient,
+    InvalidScope,
+    /// The caller's source address may not call (`TOKEN_PROXY_ALLOWED_NETWORKS`).
+    AccessDenied,
+    ServerError,
+    TemporarilyUnavailable,
+    /// Admin API: a missing or wrong bearer token.
+    Unauthorized,
+    /// Admin API: off (no admin token configured).
+    NotFound,
+    /// Admin API: the bound on remembered client purges is reached.
+    TooManyPurges,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidClient => "invalid_client",
+            ErrorCode::InvalidScope => "invalid_scope",
+            ErrorCode::AccessDenied => "access_denied",
+            ErrorCode::ServerError => "server_error",
+            ErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooManyPurges => "too_many_purges",
+        }
+    }
+}
+
 /// What the cache did for a request. Says no more than the caller could know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
@@ -71,7 +107,7 @@ pub enum UpstreamFailure {
 pub struct Rejection {
     pub status: StatusCode,
     /// The OAuth error code (RFC 6749 §5.2).
-    pub error: &'static str,
+    pub error: ErrorCode,
     pub description: Cow<'static, str>,
     /// Close the connection after answering: its framing can no longer be trusted.
     pub close: bool,
@@ -79,10 +115,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn invalid_request(description: impl Into<Cow<'static, str>>) -> Rejection {
-        Rejection::new(StatusCode::BAD_REQUEST, "invalid_request", description)
+        Rejection::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, description)
     }
 
-    pub fn new(status: StatusCode, error: &'static str, description: impl Into<Cow<'static, str>>) -> Rejection {
+    pub fn new(status: StatusCode, error: ErrorCode, description: impl Into<Cow<'static, str>>) -> Rejection {
         Rejection { status, error, description: description.into(), close: false }
     }
 
@@ -113,8 +149,9 @@ pub struct Reply {
     pub answer: Result<Answer, ProxyError>,
 }
 
-fn oauth_json(status: StatusCode, error: &str, description: impl Into<String>) -> Response {
-    let body = OAuthError::new(error, description).to_json();
+/// An OAuth-style JSON error response.
+pub fn oauth_json(status: StatusCode, error: ErrorCode, description: impl Into<String>) -> Response {
+    let body = OAuthError::new(error.as_str(), description).to_json();
     (status, [(header::CONTENT_TYPE, JSON)], body).into_response()
 }
 
@@ -129,30 +166,33 @@ impl IntoResponse for ProxyError {
                 response
             }
             ProxyError::Refused(refused) => {
-                let mut response = oauth_json(StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable", refused.reason);
+                let mut response =
+                    oauth_json(StatusCode::TOO_MANY_REQUESTS, ErrorCode::TemporarilyUnavailable, refused.reason);
                 let seconds = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
                 response
             }
             ProxyError::Upstream(UpstreamFailure::Unreachable(e @ UpstreamError::Timeout)) => {
-                oauth_json(StatusCode::GATEWAY_TIMEOUT, "temporarily_unavailable", e.to_string())
+                oauth_json(StatusCode::GATEWAY_TIMEOUT, ErrorCode::TemporarilyUnavailable, e.to_string())
             }
             ProxyError::Upstream(UpstreamFailure::Unreachable(e)) => {
-                oauth_json(StatusCode::BAD_GATEWAY, "server_error", e.to_string())
+                oauth_json(StatusCode::BAD_GATEWAY, ErrorCode::ServerError, e.to_string())
             }
             ProxyError::Upstream(UpstreamFailure::BadStatus(upstream)) => {
                 let description = format!("the token endpoint answered {}", upstream.status.as_u16());
                 let mut response = if upstream.status == StatusCode::SERVICE_UNAVAILABLE {
-                    oauth_json(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", description)
+                    oauth_json(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::TemporarilyUnavailable, description)
                 } else {
-                    oauth_json(StatusCode::BAD_GATEWAY, "server_error", description)
+                    oauth_json(StatusCode::BAD_GATEWAY, ErrorCode::ServerError, description)
                 };
                 if let Some(retry_after) = upstream.retry_after {
                     response.headers_mut().insert(header::RETRY_AFTER, retry_after);
                 }
                 response
             }
-            ProxyError::Internal => oauth_json(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error"),
+            ProxyError::Internal => {
+                oauth_json(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::ServerError, "internal error")
+            }
         };
         no_store(&mut response);
         response
@@ -199,4 +239,37 @@ fn no_store(response: &mut Response) {
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_the_names_clients_match_on() {
+        let codes = [
+            (ErrorCode::InvalidRequest, "invalid_request"),
+            (ErrorCode::InvalidClient, "invalid_client"),
+            (ErrorCode::InvalidScope, "invalid_scope"),
+            (ErrorCode::AccessDenied, "access_denied"),
+            (ErrorCode::ServerError, "server_error"),
+            (ErrorCode::TemporarilyUnavailable, "temporarily_unavailable"),
+            (ErrorCode::Unauthorized, "unauthorized"),
+            (ErrorCode::NotFound, "not_found"),
+            (ErrorCode::TooManyPurges, "too_many_purges"),
+        ];
+        for (code, name) in codes {
+            assert_eq!(code.as_str(), name);
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_a_429_with_retry_after_and_no_x_cache() {
+        let refused = Refused { reason: "slow down", retry_after: std::time::Duration::from_millis(1_200) };
+        let response = Reply { cache: None, answer: Err(ProxyError::Refused(refused)) }.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        assert!(response.headers().get(X_CACHE).is_none());
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+    }
 }

@@ -19,6 +19,7 @@ use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::metrics::{Metrics, UpstreamClass};
+use crate::response::ErrorCode;
 
 /// Largest upstream response body read; a larger one is a bad gateway.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -42,7 +43,7 @@ impl UpstreamResponse {
     /// A 429 of the proxy's own, standing in for a call it did not make: an OAuth JSON body
     /// (`temporarily_unavailable`) and `Retry-After` in whole seconds, at least one.
     pub fn too_many_requests(description: &str, retry_after: Duration) -> UpstreamResponse {
-        let body = shared::wire::OAuthError::new("temporarily_unavailable", description);
+        let body = shared::wire::OAuthError::new(ErrorCode::TemporarilyUnavailable.as_str(), description);
         UpstreamResponse {
             status: StatusCode::TOO_MANY_REQUESTS,
             body: body.to_json().into(),
