@@ -25,7 +25,8 @@
 #                          on the Redis-hit replica makes its own Redis read; with BENCH_KEYS=1,
 #                          identical concurrent requests share reads (in-process coalescing), and
 #                          the figure is no longer that of a Redis read per request. The script
-#                          counts Redis GETs during the Redis-hit runs and prints them per request.
+#                          counts Redis entry reads (GETRANGE) during the Redis-hit runs and prints
+#                          them per request.
 #   BENCH_SKIP_BUILD [0]   1 = use the release binaries already built
 # Everything listens on 127.0.0.1 only and is stopped on exit; the whole run is time-bounded.
 set -euo pipefail
@@ -188,9 +189,10 @@ if ((WARMUP_S > 0)); then
     done
 fi
 
-# GET commands Redis has run so far.
+# Entry reads Redis has run so far: GETRANGE on the hit-read connection (GET before it).
 redis_gets() {
-    redis-cli -p "$P_REDIS" info commandstats | tr -d '\r' | awk -F'[=,]' '/^cmdstat_get:/ { print $2 }'
+    redis-cli -p "$P_REDIS" info commandstats | tr -d '\r' |
+        awk -F'[=,]' '/^cmdstat_(get|getrange):/ { n += $2 } END { print n + 0 }'
 }
 
 ISSUED_BEFORE=$(issued)
