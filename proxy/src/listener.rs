@@ -49,7 +49,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::config::TlsFiles;
+use crate::config::{TlsFile, TlsFiles};
 use crate::metrics::Metrics;
 use crate::source::SourcePolicy;
 
@@ -112,18 +112,10 @@ impl Refusal {
     }
 }
 
-/// Which TLS file: the configuration names its setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsFile {
-    Cert,
-    Key,
-    ClientCa,
-}
-
-/// A TLS file that cannot be used. `Display` is one line naming the file's path; it never
-/// shows key material.
+/// A TLS file that cannot be used, at start-up or when reloaded. `Display` is one line naming
+/// the file's setting (the configuration knows its name) and path; it never shows key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
+#[error("{}: {message}", file.setting().name)]
 pub struct TlsSetupError {
     pub file: TlsFile,
     pub message: String,

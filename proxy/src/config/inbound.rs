@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::{ConfigError, Setting, Source};
 use crate::handler::Admission;
-use crate::listener::{self, AcceptFailures, Inbound, TlsFile};
+use crate::listener::{self, AcceptFailures, Inbound};
 use crate::normalize::RequestLimits;
 use crate::source::SourcePolicy;
 
@@ -90,6 +90,24 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA bundle client certificates must chain to (mTLS); `None` = no client certificates.
     pub client_ca: Option<PathBuf>,
+}
+
+/// One of the TLS files, for errors (a file is re-read when it changes, long after start-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    Cert,
+    Key,
+    ClientCa,
+}
+
+impl TlsFile {
+    pub fn setting(self) -> &'static Setting {
+        match self {
+            TlsFile::Cert => &TLS_CERT_FILE,
+            TlsFile::Key => &TLS_KEY_FILE,
+            TlsFile::ClientCa => &TLS_CLIENT_CA_FILE,
+        }
+    }
 }
 
 /// Inbound protections of both listeners.
@@ -199,14 +217,7 @@ impl InboundSettings {
             sources,
             failures,
         )
-        .map_err(|e| {
-            let setting = match e.file {
-                TlsFile::Cert => &TLS_CERT_FILE,
-                TlsFile::Key => &TLS_KEY_FILE,
-                TlsFile::ClientCa => &TLS_CLIENT_CA_FILE,
-            };
-            setting.error(e.message)
-        })
+        .map_err(|e| e.file.setting().error(e.message))
     }
 
     /// The admin listener's policy: the same header-read timeout, a connection cap of its own.

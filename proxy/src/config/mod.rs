@@ -13,16 +13,16 @@
 //! which setting to fix. Values are read through a lookup function, so tests never touch the
 //! process environment.
 
-mod admin;
-mod cache;
+pub mod admin;
+pub mod cache;
 mod file;
-mod inbound;
-mod listeners;
-mod log;
-mod quota;
-mod redis;
-mod secrets;
-mod upstream;
+pub mod inbound;
+pub mod listeners;
+pub mod log;
+pub mod quota;
+pub mod redis;
+pub mod secrets;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use secrecy::ExposeSecret;
 pub use admin::AdminSettings;
 pub use cache::CacheSettings;
 use file::ConfigFile;
-pub use inbound::{InboundSettings, TlsFiles};
+pub use inbound::{InboundSettings, TlsFile, TlsFiles};
 pub use listeners::ListenerSettings;
 pub use log::{LogFormat, LogSettings};
 pub use quota::{AuthFailureLimits, QuotaSettings};
@@ -349,11 +349,6 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError
         cli.flags.insert(setting.name, value);
     }
     Ok(cli)
-}
-
-/// `TOKEN_PROXY_ADMIN_LISTEN` → `admin-listen`.
-pub fn flag_name(variable: &str) -> String {
-    variable.trim_start_matches("TOKEN_PROXY_").to_ascii_lowercase().replace('_', "-")
 }
 
 /// The `--version` text.
@@ -697,7 +692,7 @@ mod tests {
     fn help_lists_every_setting() {
         let text = help();
         for s in SETTINGS {
-            assert!(text.contains(s.name) && text.contains(&format!("--{}", flag_name(s.name))));
+            assert!(text.contains(s.name) && text.contains(&format!("--{}", s.flag())));
         }
     }
 }
