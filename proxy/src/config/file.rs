@@ -38,7 +38,8 @@ impl ConfigFile {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             // Only the position and the first line of the parser's message: its full text
             // quotes the offending line, which may hold a secret.
-            let line = e.span().map_or(0, |span| text[..span.start.min(text.len())].lines().count().max(1));
+            let start = e.span().map_or(0, |span| span.start.min(text.len()));
+            let line = 1 + text.as_bytes()[..start].iter().filter(|&&b| b == b'\n').count();
             let message = e.message().lines().next().unwrap_or("invalid").to_owned();
             ConfigError { variable: path.to_owned(), message: format!("not valid TOML at line {line}: {message}") }
         })?;

@@ -647,6 +647,8 @@ mod tests {
         let not_toml = ConfigFile::parse("f.toml", "listen = \n").unwrap_err();
         assert_eq!(not_toml.variable, "f.toml");
         assert!(not_toml.message.contains("line 1"), "{not_toml}");
+        let third_line = ConfigFile::parse("f.toml", "listen = \"x\"\n\n= 1\n").unwrap_err();
+        assert!(third_line.message.contains("line 3"), "{third_line}");
     }
 
     #[test]
