@@ -69,7 +69,13 @@ pub struct Application {
 
 impl Application {
     /// Each section of the configuration builds its part; only the listeners touch the network.
+    /// An error names the setting at fault (the file and the key when the file set it).
     pub async fn build(config: Config) -> Result<Application, StartError> {
+        let origins = config.origins();
+        Application::assemble(config).await.map_err(|e| origins.locate(e))
+    }
+
+    async fn assemble(config: Config) -> Result<Application, StartError> {
         let metrics = Arc::new(Metrics::new());
         let (keys, previous_keys) = config.secrets.keys()?;
         let store = config.redis.as_ref().map(|redis| redis.store(Arc::clone(&metrics))).transpose()?;

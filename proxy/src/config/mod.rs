@@ -141,6 +141,22 @@ pub struct Config {
     pub inbound: InboundSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    /// Where each value the file gave came from, to name it in errors found while building.
+    origins: Origins,
+}
+
+/// The settings whose values came from the file, each with its `PATH: key`.
+#[derive(Debug, Clone, Default)]
+pub struct Origins(HashMap<&'static str, String>);
+
+impl Origins {
+    /// The same error, naming the file and the key when the file gave the value at fault.
+    pub fn locate(&self, error: ConfigError) -> ConfigError {
+        match self.0.get(error.variable.as_str()) {
+            Some(origin) => ConfigError { variable: origin.clone(), ..error },
+            None => error,
+        }
+    }
 }
 
 /// A setting with a bad value: `Display` is one line naming the variable, or the file and the
@@ -265,7 +281,14 @@ impl Config {
                 ),
             ));
         }
-        Ok(Config { listeners, upstream, redis, secrets, cache, quota, inbound, admin, log })
+        let origins = Origins(
+            SETTINGS
+                .iter()
+                .filter(|s| source.overridden(s).is_none())
+                .filter_map(|s| source.file.filter(|file| file.value(s).is_some()).map(|file| (s.name, file.origin(s))))
+                .collect(),
+        );
+        Ok(Config { listeners, upstream, redis, secrets, cache, quota, inbound, admin, log, origins })
     }
 
     /// A configuration for tests and embedding: loopback on port 0, no Redis, defaults otherwise.
@@ -286,10 +309,18 @@ impl Config {
     /// refuse the configuration: the keys, the upstream client (its headers file), the client
     /// listener's TLS. Parsing has checked the rest. Needs a Tokio runtime (file watchers).
     pub fn check(&self) -> Result<(), ConfigError> {
-        self.secrets.keys()?;
-        self.upstream.client(Arc::new(Metrics::new()))?;
-        self.inbound.client_inbound(Arc::new(self.inbound.sources()), Arc::new(AcceptFailures::default()))?;
-        Ok(())
+        let build = || {
+            self.secrets.keys()?;
+            self.upstream.client(Arc::new(Metrics::new()))?;
+            self.inbound.client_inbound(Arc::new(self.inbound.sources()), Arc::new(AcceptFailures::default()))?;
+            Ok(())
+        };
+        build().map_err(|e| self.origins.locate(e))
+    }
+
+    /// Where the file's values came from, to name them in errors found while building.
+    pub fn origins(&self) -> Origins {
+        self.origins.clone()
     }
 
     /// The root secret's bytes, if one was configured.
