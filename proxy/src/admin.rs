@@ -130,11 +130,8 @@ const MAX_PURGE_BODY_BYTES: usize = 64 * 1024;
 /// nothing, let alone a huge or never-ending body.
 async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let Some(expected) = &state.admin_token_digest else {
-        return admin_error(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            "the admin API is off (set TOKEN_PROXY_ADMIN_TOKEN)",
-        );
+        let description = format!("the admin API is off (set {})", crate::config::admin::ADMIN_TOKEN.name);
+        return admin_error(StatusCode::NOT_FOUND, ErrorCode::NotFound, &description);
     };
     if !authorized(&headers, expected) {
         let mut response =

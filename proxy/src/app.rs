@@ -15,43 +15,22 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::response::Response;
 use http::{HeaderValue, header};
-use secrecy::ExposeSecret;
-use shared::keys::Keys;
 use tokio::net::TcpListener;
 
 use crate::admin::admin_router;
-use crate::admission::Admission;
-use crate::config::Config;
-use crate::entry::Freshness;
+use crate::config::{Config, ConfigError};
 use crate::handler::client_router;
-use crate::l1::L1;
-use crate::listener::{self, AcceptFailures, Inbound, TlsSetupError};
+use crate::listener::{self, AcceptFailures, Inbound};
 use crate::metrics::Metrics;
-use crate::normalize::RequestLimits;
-use crate::quota::{Quota, QuotaSettings};
-use crate::source::SourcePolicy;
 use crate::state::AppState;
-use crate::store::{RedisStore, StoreSettings, StoreSetupError};
-use crate::token_service::{self, FlightSettings, TokenService};
-use crate::upstream::{Upstream, UpstreamSetupError};
+use crate::token_service::{self, TokenService};
 
 /// How often histogram buffers are drained between scrapes.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Why a replica could not start. `Display` is one line.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("{0}")]
-    Upstream(#[from] UpstreamSetupError),
-    #[error("{0}")]
-    Store(#[from] StoreSetupError),
-    #[error("TOKEN_PROXY_SECRET: {0}")]
-    Secret(#[from] shared::keys::RootSecretTooShort),
-    #[error("{0}")]
-    Tls(#[from] TlsSetupError),
-    #[error("cannot listen on {address} ({variable}): {source}")]
-    Bind { variable: &'static str, address: SocketAddr, source: std::io::Error },
-}
+/// Why a replica could not start: always a setting that cannot be used (a file that does not
+/// load, an address that cannot be bound), named in one line.
+pub type StartError = ConfigError;
 
 /// A built, bound replica.
 #[derive(Debug)]
@@ -65,92 +44,46 @@ pub struct Application {
 }
 
 impl Application {
+    /// Each section of the configuration builds its part; only the listeners touch the network.
+    /// An error names the setting at fault (the file and the key when the file set it).
     pub async fn build(config: Config) -> Result<Application, StartError> {
+        let origins = config.origins();
+        Application::assemble(config).await.map_err(|e| origins.locate(e))
+    }
+
+    async fn assemble(config: Config) -> Result<Application, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let keys = match config.secret_bytes() {
-            Some(secret) => Keys::derive(secret)?,
-            None => Keys::random(),
-        };
-        let previous_keys =
-            config.previous_secrets.iter().map(|s| Keys::derive(s.expose_secret())).collect::<Result<_, _>>()?;
-        let store = match &config.redis_url {
-            Some(url) => {
-                let settings = StoreSettings {
-                    command_timeout: config.redis_timeout,
-                    breaker_threshold: config.redis_breaker_threshold,
-                    breaker_cooldown: config.redis_breaker_cooldown,
-                    pipelined_reads: true,
-                };
-                Some(RedisStore::connect(url, settings, Arc::clone(&metrics))?)
-            }
-            None => None,
-        };
-        let upstream = Upstream::new(
-            config.upstream_url.clone(),
-            config.upstream_connect_timeout,
-            config.upstream_timeout,
-            config.upstream_headers_file.clone(),
-            Arc::clone(&metrics),
-        )?;
-        // Alone, L1 is the cache; with Redis it is a short-lived front for it.
-        let l1_max_age = store.as_ref().map(|_| config.l1_max_age);
+        let (keys, previous_keys) = config.secrets.keys()?;
+        let store = config.redis.as_ref().map(|redis| redis.store(Arc::clone(&metrics))).transpose()?;
+        let upstream = config.upstream.client(Arc::clone(&metrics))?;
         let service = TokenService::new(token_service::Parts {
             upstream,
-            store,
             keys,
             previous_keys,
-            freshness: Freshness {
-                expiry_margin: config.expiry_margin,
-                min_token_ttl: config.min_token_ttl,
-                refresh_at: config.refresh_at,
-                max_lifetime: config.max_token_lifetime,
-            },
-            flight: FlightSettings { lock_ttl: config.lock_ttl, upstream_timeout: config.upstream_timeout },
-            l1: L1::new(config.l1_capacity, l1_max_age),
-            quota: Quota::new(QuotaSettings {
-                auth: config.auth_failures,
-                busy_wait: config.upstream_timeout,
-                rate_per_second: config.upstream_rate_limit,
-                queue_timeout: config.upstream_queue_timeout,
-            }),
+            freshness: config.cache.freshness(),
+            flight: config.cache.flight(config.upstream.timeout),
+            l1: config.cache.l1(store.is_some()),
+            quota: config.quota.quota(config.upstream.timeout),
+            store,
             metrics: Arc::clone(&metrics),
         });
-        let limits = Arc::new(RequestLimits {
-            max_header_bytes: config.max_header_bytes,
-            max_body_bytes: config.max_body_bytes,
-            allow_query_params: config.allow_query_params,
-        });
-        let sources = Arc::new(SourcePolicy {
-            allowed: config.allowed_networks.clone(),
-            trusted_proxies: config.trusted_proxies.clone(),
-        });
+        let sources = Arc::new(config.inbound.sources());
         let accept_failures = Arc::new(AcceptFailures::default());
-        let inbound = Inbound::client(&config, Arc::clone(&sources), Arc::clone(&accept_failures))?;
-        let admin_inbound = Inbound::admin(&config, Arc::clone(&accept_failures));
-        listener::warn_if_descriptors_short(&config);
-        let bind = |variable, address| async move {
-            TcpListener::bind(address).await.map_err(|source| StartError::Bind { variable, address, source })
-        };
-        let client_listener = bind("TOKEN_PROXY_LISTEN", config.listen).await?;
-        let admin_listener = bind("TOKEN_PROXY_ADMIN_LISTEN", config.admin_listen).await?;
-        let admin_token_digest = config.admin_token.as_ref().map(|t| crate::admin::digest(t.expose_secret()));
-        let admission = Arc::new(Admission::new(
-            config.max_concurrent_requests,
-            config.request_timeout,
-            config.body_timeout,
-            config.max_connections_per_source,
-        ));
+        let inbound = config.inbound.client_inbound(Arc::clone(&sources), Arc::clone(&accept_failures))?;
+        let admin_inbound = config.inbound.admin_inbound(Arc::clone(&accept_failures));
+        config.inbound.warn_if_descriptors_short();
+        let (client_listener, admin_listener) = config.listeners.bind().await?;
         let state = AppState {
             service,
             metrics,
-            limits,
-            admin_token_digest,
+            limits: Arc::new(config.inbound.limits()),
+            admin_token_digest: config.admin.token_digest(),
             sources,
-            admission,
+            admission: Arc::new(config.inbound.admission()),
             accept_failures,
             shutting_down: Arc::default(),
         };
-        let drain = Drain { delay: config.drain_delay, in_flight_bound: config.request_timeout };
+        let drain = Drain { delay: config.listeners.drain_delay, in_flight_bound: config.inbound.request_timeout };
         Ok(Application { client_listener, admin_listener, inbound, admin_inbound, state, drain })
     }
 

@@ -5,7 +5,8 @@
 //!
 //! The request flow reads top to bottom:
 //!
-//! - [`config`]: settings from `TOKEN_PROXY_*` variables or flags, validated up front.
+//! - [`config`]: settings from `TOKEN_PROXY_*` variables, flags or a TOML file, validated up
+//!   front, in sections that build the parts they configure.
 //! - [`app`]: builds a replica from its config, binds both listeners, runs until shutdown.
 //! - [`listener`]: both listeners' accept loop: source networks, connection caps, TLS (reloaded,
 //!   optional mTLS), timeouts, accept failures.

@@ -49,7 +49,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::config::{Config, TlsFiles};
+use crate::config::{TlsFile, TlsFiles};
 use crate::metrics::{ListenerKind, Metrics, Refusal};
 use crate::source::SourcePolicy;
 
@@ -64,21 +64,17 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// connections to unready forever).
 const ACCEPT_FAILURE_MEMORY: Duration = Duration::from_secs(2);
 
-const CERT_VARIABLE: &str = "TOKEN_PROXY_TLS_CERT_FILE";
-const KEY_VARIABLE: &str = "TOKEN_PROXY_TLS_KEY_FILE";
-const CLIENT_CA_VARIABLE: &str = "TOKEN_PROXY_TLS_CLIENT_CA_FILE";
-
-/// A TLS file that cannot be used at start-up. `Display` is one line naming the variable; it
-/// never shows key material.
+/// A TLS file that cannot be used, at start-up or when reloaded. `Display` is one line naming
+/// the file's setting (the configuration knows its name) and path; it never shows key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{variable}: {message}")]
+#[error("{}: {message}", file.setting().name)]
 pub struct TlsSetupError {
-    pub variable: &'static str,
+    pub file: TlsFile,
     pub message: String,
 }
 
-fn tls_error(variable: &'static str, message: impl Into<String>) -> TlsSetupError {
-    TlsSetupError { variable, message: message.into() }
+fn tls_error(file: TlsFile, message: impl Into<String>) -> TlsSetupError {
+    TlsSetupError { file, message: message.into() }
 }
 
 /// How a listener treats connections, built from the config before binding is done.
@@ -108,32 +104,34 @@ impl Inbound {
     /// The client listener's: reads the TLS files, if any (a file that cannot be used fails
     /// here, at start-up).
     pub fn client(
-        config: &Config,
+        tls: Option<&TlsFiles>,
+        header_read_timeout: Duration,
+        max_connections: usize,
+        max_per_source: usize,
         sources: Arc<SourcePolicy>,
         failures: Arc<AcceptFailures>,
     ) -> Result<Inbound, TlsSetupError> {
-        let tls = config.tls.as_ref().map(server_config).transpose()?;
         Ok(Inbound {
             kind: ListenerKind::Client,
-            tls: tls.map(TlsAcceptor::from),
-            client_certificates: config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
-            header_read_timeout: config.header_read_timeout,
+            client_certificates: tls.is_some_and(|tls| tls.client_ca.is_some()),
+            tls: tls.map(server_config).transpose()?.map(TlsAcceptor::from),
+            header_read_timeout,
             sources,
-            occupancy: Arc::new(Occupancy::new(config.max_connections, config.max_connections_per_source)),
+            occupancy: Arc::new(Occupancy::new(max_connections, max_per_source)),
             failures,
         })
     }
 
     /// The admin listener's: plain HTTP, any source, the same header-read timeout, a cap of
     /// its own (and no cap per source: its callers are the operator's few monitors).
-    pub fn admin(config: &Config, failures: Arc<AcceptFailures>) -> Inbound {
+    pub fn admin(header_read_timeout: Duration, max_connections: usize, failures: Arc<AcceptFailures>) -> Inbound {
         Inbound {
             kind: ListenerKind::Admin,
             tls: None,
             client_certificates: false,
-            header_read_timeout: config.header_read_timeout,
+            header_read_timeout,
             sources: Arc::new(SourcePolicy::default()),
-            occupancy: Arc::new(Occupancy::new(config.admin_max_connections, config.admin_max_connections)),
+            occupancy: Arc::new(Occupancy::new(max_connections, max_connections)),
             failures,
         }
     }
@@ -412,19 +410,12 @@ impl Activity {
 
 /// File descriptors a replica uses besides connections: the runtime's, standard streams,
 /// certificate, header and secret files being re-read, Redis connections (three per server).
-const OTHER_DESCRIPTORS: usize = 64;
+pub const OTHER_DESCRIPTORS: usize = 64;
 
-/// File descriptors the configuration may use at once: both listeners' connection caps, one
-/// upstream connection per admitted request, and [`OTHER_DESCRIPTORS`]. With the defaults,
-/// 4096 + 64 + 1024 + 64 = 5248.
-pub fn descriptors_needed(config: &Config) -> usize {
-    config.max_connections + config.admin_max_connections + config.max_concurrent_requests + OTHER_DESCRIPTORS
-}
-
-/// Warns at start-up when the open-file limit is below [`descriptors_needed`]: past the limit
-/// accepts fail (`/readyz` says so), and the operator can act before that happens.
-pub fn warn_if_descriptors_short(config: &Config) {
-    let needed = descriptors_needed(config);
+/// Warns at start-up when the open-file limit is below what the connection caps may use at
+/// once (`needed`): past the limit accepts fail (`/readyz` says so), and the operator can act
+/// before that happens. `cap` names the setting to lower.
+pub fn warn_if_descriptors_short(needed: usize, cap: &str) {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     if let Some(limit) = open_file_limit(&limits)
         && limit < needed as u64
@@ -433,7 +424,7 @@ pub fn warn_if_descriptors_short(config: &Config) {
             limit,
             needed,
             "the open-file limit (ulimit -n) is below what the connection caps allow; raise it (e.g. LimitNOFILE) \
-             or lower TOKEN_PROXY_MAX_CONNECTIONS, or accepts fail under load"
+             or lower {cap}, or accepts fail under load"
         );
     }
 }
@@ -465,13 +456,13 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let resolver = ReloadingCertificate::load(files.cert.clone(), files.key.clone(), Arc::clone(&provider))?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error(CERT_VARIABLE, e.to_string()))?;
+        .map_err(|e| tls_error(TlsFile::Cert, e.to_string()))?;
     let builder = match &files.client_ca {
         Some(path) => {
             let roots = client_roots(path)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| tls_error(CLIENT_CA_VARIABLE, format!("{}: {e}", path.display())))?;
+                .map_err(|e| tls_error(TlsFile::ClientCa, format!("{}: {e}", path.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -482,10 +473,10 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsSetupError> {
 }
 
 fn client_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
-    let certificates = read_certificates(path).map_err(|message| tls_error(CLIENT_CA_VARIABLE, message))?;
+    let certificates = read_certificates(path).map_err(|message| tls_error(TlsFile::ClientCa, message))?;
     let mut roots = RootCertStore::empty();
     for certificate in certificates {
-        roots.add(certificate).map_err(|e| tls_error(CLIENT_CA_VARIABLE, format!("{}: {e}", path.display())))?;
+        roots.add(certificate).map_err(|e| tls_error(TlsFile::ClientCa, format!("{}: {e}", path.display())))?;
     }
     Ok(roots)
 }
@@ -501,26 +492,26 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
     Ok(certificates)
 }
 
-/// Reads a certificate chain and its key into a [`CertifiedKey`]. Errors name the variable and
-/// the file, never the key's bytes.
+/// Reads a certificate chain and its key into a [`CertifiedKey`]. Errors say which file and
+/// its path, never the key's bytes.
 fn load_certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsSetupError> {
-    let chain = read_certificates(cert).map_err(|message| tls_error(CERT_VARIABLE, message))?;
-    let pem = std::fs::read(key).map_err(|e| tls_error(KEY_VARIABLE, format!("cannot read {}: {e}", key.display())))?;
+    let chain = read_certificates(cert).map_err(|message| tls_error(TlsFile::Cert, message))?;
+    let pem = std::fs::read(key).map_err(|e| tls_error(TlsFile::Key, format!("cannot read {}: {e}", key.display())))?;
     // The parser's own errors may quote lines of the file: not one of them is shown.
     let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
-        tls_error(KEY_VARIABLE, format!("{}: no PEM private key (PKCS#8, PKCS#1 or SEC1) in it", key.display()))
+        tls_error(TlsFile::Key, format!("{}: no PEM private key (PKCS#8, PKCS#1 or SEC1) in it", key.display()))
     })?;
     let signing_key = provider.key_provider.load_private_key(der).map_err(|_| {
-        tls_error(KEY_VARIABLE, format!("{}: not a usable RSA, ECDSA or Ed25519 private key", key.display()))
+        tls_error(TlsFile::Key, format!("{}: not a usable RSA, ECDSA or Ed25519 private key", key.display()))
     })?;
     let certified = CertifiedKey::new(chain, signing_key);
     match certified.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(certified),
         Err(rustls::Error::InconsistentKeys(_)) => Err(tls_error(
-            KEY_VARIABLE,
+            TlsFile::Key,
             format!("{}: does not match the certificate in {}", key.display(), cert.display()),
         )),
-        Err(e) => Err(tls_error(CERT_VARIABLE, format!("{}: {e}", cert.display()))),
+        Err(e) => Err(tls_error(TlsFile::Cert, format!("{}: {e}", cert.display()))),
     }
 }
 

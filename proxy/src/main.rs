@@ -3,26 +3,44 @@
 use std::process::ExitCode;
 
 use token_proxy::app::Application;
-use token_proxy::config::{self, Command, Config};
-use token_proxy::{shutdown, telemetry};
+use token_proxy::config::{self, Command};
+use token_proxy::shutdown;
 
 fn main() -> ExitCode {
-    let config = match Config::from_env_and_args(std::env::args().skip(1)) {
-        Ok(Command::Run(config)) => config,
-        Ok(Command::Help) => {
+    let command = match config::Config::from_env_and_args(std::env::args().skip(1)) {
+        Ok(command) => command,
+        Err(error) => return fail(&error.to_string()),
+    };
+    let (config, check_only) = match command {
+        Command::Run(config) => (config, false),
+        Command::Check(config) => (config, true),
+        Command::Help => {
             print!("{}", config::help());
             return ExitCode::SUCCESS;
         }
-        Err(error) => return fail(&error.to_string()),
+        Command::Version => {
+            print!("{}", config::version());
+            return ExitCode::SUCCESS;
+        }
     };
-    if let Err(error) = telemetry::init(&config.log_filter, config.log_format) {
-        return fail(&error);
-    }
     token_proxy::install_tls_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => return fail(&format!("cannot start the runtime: {error}")),
     };
+    if check_only {
+        // Nothing is logged: the one line on stdout or stderr is the answer.
+        return match runtime.block_on(async { config.check() }) {
+            Ok(()) => {
+                println!("token-proxy: the configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(&error.to_string()),
+        };
+    }
+    if let Err(error) = config.log.init() {
+        return fail(&error);
+    }
     runtime.block_on(async {
         let app = match Application::build(*config).await {
             Ok(app) => app,
@@ -35,7 +53,7 @@ fn main() -> ExitCode {
     })
 }
 
-/// Bad configuration or start-up failure: one line on stderr, non-zero exit.
+/// Bad configuration or start-up failure: one line on stderr, exit 2.
 fn fail(message: &str) -> ExitCode {
     eprintln!("token-proxy: {message}");
     ExitCode::from(2)

@@ -257,7 +257,7 @@ pub enum StoreError {
 
 /// Why the store could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("TOKEN_PROXY_REDIS_URL: {0}")]
+#[error("{0}")]
 pub struct StoreSetupError(String);
 
 /// Store settings.

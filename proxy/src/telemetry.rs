@@ -7,7 +7,7 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber, writing to stdout.
 pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
-    let filter = EnvFilter::try_new(filter).map_err(|e| format!("TOKEN_PROXY_LOG: invalid filter ({e})"))?;
+    let filter = EnvFilter::try_new(filter).map_err(|e| format!("invalid log filter ({e})"))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

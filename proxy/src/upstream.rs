@@ -68,7 +68,7 @@ pub enum UpstreamError {
 /// Why the upstream client could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
-    #[error("TOKEN_PROXY_UPSTREAM_HEADERS_FILE: {0}")]
+    #[error("{0}")]
     HeadersFile(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),

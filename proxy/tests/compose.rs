@@ -534,9 +534,9 @@ fn every_token_proxy_variable_is_a_real_setting_and_the_replicas_accept_their_co
     // The replicas' whole environment passes the proxy's own validation.
     let env = token_proxy_env();
     let config = Config::from_lookup(|name| env.get(name).cloned()).unwrap_or_else(|e| panic!("token-proxy: {e}"));
-    assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
-    assert_eq!(config.admin_listen, "0.0.0.0:9090".parse().unwrap());
-    assert!(config.redis_url.is_some() && config.secret_bytes().is_some());
+    assert_eq!(config.listeners.client, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(config.listeners.admin, "0.0.0.0:9090".parse().unwrap());
+    assert!(config.redis.is_some() && config.secret_bytes().is_some());
 
     // The default upstream is mock-idp, on the port mock-idp listens on; one variable changes it.
     let raw = text(&service(&doc, "token-proxy")["environment"]["TOKEN_PROXY_UPSTREAM_URL"]).expect("upstream");
@@ -545,9 +545,9 @@ fn every_token_proxy_variable_is_a_real_setting_and_the_replicas_accept_their_co
         "the upstream comes from the host's TOKEN_PROXY_UPSTREAM_URL: {raw}"
     );
     let idp_env = environment_of(service(&doc, "mock-idp"));
-    let (host, port) = host_port(config.upstream_url.as_str());
+    let (host, port) = host_port(config.upstream.url.as_str());
     assert_eq!((host.as_str(), port), ("mock-idp", port_of(&idp_env["MOCK_IDP_LISTEN"])));
-    assert_eq!(config.upstream_url.path(), "/oauth2/token");
+    assert_eq!(config.upstream.url.path(), "/oauth2/token");
 }
 
 #[test]
