@@ -1,5 +1,5 @@
-//! The hit path's Redis read (one entry's value, then Redis's clock) on a connection of its own,
-//! pipelined.
+//! The hit path's Redis reads (each entry's value, then Redis's clock once per write) on a
+//! connection of its own, pipelined.
 //!
 //! Why not through fred, like every other command: a Redis hit is one read, and fred routes
 //! each command through its router task with a response channel and timers of its own, and it
@@ -90,13 +90,15 @@ type Responder = oneshot::Sender<Result<EntryReply, ReadError>>;
 /// What one written request awaits.
 #[derive(Debug)]
 enum Slot {
-    /// A read: two replies.
+    /// A read: one reply, its value.
     Read(Responder),
-    /// The end of batch `n`: `ECHO n` after its reads. Replies are handed out only once their
-    /// batch's marker has come back as expected, so a stream that lost or gained bytes
-    /// (which TCP never does, but a broken middlebox might) can never pair a read with
-    /// another's reply: it is a protocol error, and the connection is made again.
-    End(u64),
+    /// The end of a batch: `TIME` after its reads (one reading of Redis's clock, later than every
+    /// value of the batch, serves them all), then `ECHO n` for batch `n` when the connection
+    /// uses markers. Replies are handed out only once their batch's end has come back as
+    /// expected, so a stream that lost or gained bytes (which TCP never does, but a broken
+    /// middlebox might) can never pair a read with another's reply: it is a protocol error,
+    /// and the connection is made again.
+    End(Option<u64>),
 }
 
 /// A pipelined read connection, and the task that drives it (stopped on drop).
@@ -328,12 +330,15 @@ async fn write_queued(shared: &Shared, mut writer: OwnedWriteHalf) -> ReadError 
                 state.waiting_since = Some(Instant::now());
             }
             state.in_flight.extend(queued.into_iter().map(Slot::Read));
-            if state.markers {
+            encode_command(&mut batch, &[b"TIME"]);
+            let marker = state.markers.then(|| {
                 state.batches += 1;
-                let number = state.batches;
-                state.in_flight.push_back(Slot::End(number));
+                state.batches
+            });
+            if let Some(number) = marker {
                 encode_command(&mut batch, &[b"ECHO", itoa::Buffer::new().format(number).as_bytes()]);
             }
+            state.in_flight.push_back(Slot::End(marker));
         }
         if let Err(error) = writer.write_all(&batch).await {
             return error.into();
@@ -379,7 +384,7 @@ fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
     let mut answered = Vec::new();
     {
         let mut state = shared.lock();
-        while let Some((replies, used)) = parse_batch(&state.in_flight, state.markers, buf)? {
+        while let Some((replies, used)) = parse_batch(&state.in_flight, buf)? {
             let frames = buf.split_to(used).freeze();
             for reply in replies {
                 let Some(Slot::Read(responder)) = state.in_flight.pop_front() else {
@@ -388,9 +393,8 @@ fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
                 let reply = reply.map(|(value, now)| EntryReply { value: value.map(|r| frames.slice(r)), now });
                 answered.push((responder, reply));
             }
-            if state.markers {
-                state.in_flight.pop_front();
-            }
+            let end = state.in_flight.pop_front();
+            debug_assert!(matches!(end, Some(Slot::End(_))), "a batch ends with its end");
         }
         if state.in_flight.is_empty() && !buf.is_empty() {
             return Err(ReadError::Protocol);
@@ -410,43 +414,47 @@ fn answer(shared: &Shared, buf: &mut BytesMut) -> Result<(), ReadError> {
 type ReadReply = Result<(Option<std::ops::Range<usize>>, RedisTime), ReadError>;
 
 /// Parses the first batch awaited in `in_flight` from the start of `buf`: `None` until all of
-/// it is there, else the reads' replies and the batch's length. Without markers every read is
-/// a batch of its own.
-fn parse_batch(
-    in_flight: &VecDeque<Slot>,
-    markers: bool,
-    buf: &[u8],
-) -> Result<Option<(Vec<ReadReply>, usize)>, ReadError> {
-    let mut replies = Vec::new();
+/// it is there, else the reads' replies (each with the batch's reading of Redis's clock) and
+/// the batch's length.
+fn parse_batch(in_flight: &VecDeque<Slot>, buf: &[u8]) -> Result<Option<(Vec<ReadReply>, usize)>, ReadError> {
+    // What each read found: its value's range in the batch, or Redis's error code.
+    let mut values: Vec<Result<Option<std::ops::Range<usize>>, String>> = Vec::new();
     let mut at = 0;
     for slot in in_flight {
         match slot {
             Slot::Read(_) => {
-                let Some((value, value_len)) = parse_frame(&buf[at..])? else { return Ok(None) };
-                let Some((now, now_len)) = parse_time(&buf[at + value_len..])? else { return Ok(None) };
-                replies.push(match (value, now) {
-                    (Frame::Error(code), _) | (_, Err(code)) => Err(ReadError::Server(code)),
-                    (Frame::Bulk(r), Ok(now)) if r.is_empty() => Ok((None, now)),
-                    (Frame::Bulk(r), Ok(now)) => Ok((Some(at + r.start..at + r.end), now)),
+                let Some((value, len)) = parse_frame(&buf[at..])? else { return Ok(None) };
+                values.push(match value {
+                    Frame::Error(code) => Err(code),
+                    Frame::Bulk(r) if r.is_empty() => Ok(None),
+                    Frame::Bulk(r) => Ok(Some(at + r.start..at + r.end)),
                     _ => return Err(ReadError::Protocol),
                 });
-                at += value_len + now_len;
-                if !markers {
-                    return Ok(Some((replies, at)));
-                }
+                at += len;
             }
-            Slot::End(number) => {
-                let Some((frame, len)) = parse_frame(&buf[at..])? else { return Ok(None) };
-                match frame {
-                    Frame::Bulk(r)
-                        if buf[at + r.start..at + r.end] == *itoa::Buffer::new().format(*number).as_bytes() =>
-                    {
-                        return Ok(Some((replies, at + len)));
+            Slot::End(marker) => {
+                let Some((now, len)) = parse_time(&buf[at..])? else { return Ok(None) };
+                at += len;
+                if let Some(number) = marker {
+                    let Some((frame, len)) = parse_frame(&buf[at..])? else { return Ok(None) };
+                    match frame {
+                        Frame::Bulk(r)
+                            if buf[at + r.start..at + r.end] == *itoa::Buffer::new().format(*number).as_bytes() => {}
+                        // In step, but refused (e.g. NOAUTH): the connection is no use as it is.
+                        Frame::Error(code) => return Err(ReadError::Server(code)),
+                        _ => return Err(ReadError::Protocol),
                     }
-                    // In step, but refused (e.g. NOAUTH): the connection is no use as it is.
-                    Frame::Error(code) => return Err(ReadError::Server(code)),
-                    _ => return Err(ReadError::Protocol),
+                    at += len;
                 }
+                let replies = values
+                    .into_iter()
+                    .map(|value| match (value, &now) {
+                        (Err(code), _) => Err(ReadError::Server(code)),
+                        (_, Err(code)) => Err(ReadError::Server(code.clone())),
+                        (Ok(range), Ok(now)) => Ok((range, *now)),
+                    })
+                    .collect();
+                return Ok(Some((replies, at)));
             }
         }
     }
@@ -457,12 +465,11 @@ fn parse_batch(
 /// caller knows, and a planted huge value is never read whole.
 pub const MAX_VALUE: usize = crate::store::MAX_ENTRY_BYTES;
 
-/// The value first, then the clock: the time left is computed from a clock reading no earlier
-/// than the value's, so it can only be understated. `GETRANGE` bounds what is read (and
-/// answers an empty string for an absent key).
+/// One read: `GETRANGE` bounds what is read (and answers an empty string for an absent key).
+/// The batch's `TIME` follows the values: the time left is computed from a clock reading no
+/// earlier than each value's, so it can only be understated.
 fn encode_read(out: &mut Vec<u8>, name: &[u8]) {
     encode_command(out, &[b"GETRANGE", name, b"0", itoa::Buffer::new().format(MAX_VALUE).as_bytes()]);
-    encode_command(out, &[b"TIME"]);
 }
 
 /// `TIME`'s answer, or the code of the error Redis answered instead.
@@ -574,21 +581,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_read_is_a_bounded_getrange_then_time_in_resp() {
+    fn a_read_is_a_bounded_getrange_in_resp() {
         let mut out = Vec::new();
         encode_read(&mut out, b"tp:{abc}");
-        assert_eq!(out, b"*4\r\n$8\r\nGETRANGE\r\n$8\r\ntp:{abc}\r\n$1\r\n0\r\n$5\r\n65536\r\n*1\r\n$4\r\nTIME\r\n");
+        assert_eq!(out, b"*4\r\n$8\r\nGETRANGE\r\n$8\r\ntp:{abc}\r\n$1\r\n0\r\n$5\r\n65536\r\n");
         out.clear();
         encode_command(&mut out, &[b"ECHO", b"12"]);
         assert_eq!(out, b"*2\r\n$4\r\nECHO\r\n$2\r\n12\r\n");
     }
 
-    /// The replies to one read: the value (empty = absent), then `TIME` at `secs` s and 7 µs.
-    fn entry(value: &[u8], secs: u64) -> Vec<u8> {
+    /// A read's reply: its value (empty = absent).
+    fn value(value: &[u8]) -> Vec<u8> {
         let mut out = format!("${}\r\n", value.len()).into_bytes();
         out.extend_from_slice(value);
-        out.extend_from_slice(format!("\r\n*2\r\n${}\r\n{secs}\r\n$1\r\n7\r\n", secs.to_string().len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
         out
+    }
+
+    /// `TIME`'s reply at `secs` s and 7 µs.
+    fn time(secs: u64) -> Vec<u8> {
+        format!("*2\r\n${}\r\n{secs}\r\n$1\r\n7\r\n", secs.to_string().len()).into_bytes()
+    }
+
+    /// `ECHO n`'s reply.
+    fn marker(n: u64) -> Vec<u8> {
+        value(n.to_string().as_bytes())
     }
 
     fn at(secs: u64) -> RedisTime {
@@ -596,10 +613,10 @@ mod tests {
     }
 
     #[test]
-    fn times_parse_and_a_refused_time_is_that_reads_error() {
-        let reply = entry(b"", 1_700_000_000);
-        assert_eq!(parse_time(&reply[6..]).unwrap(), Some((Ok(at(1_700_000_000)), reply.len() - 6)));
-        assert_eq!(parse_time(&reply[6..reply.len() - 3]).unwrap(), None, "incomplete");
+    fn times_parse_and_a_refused_time_is_that_batchs_error() {
+        let reply = time(1_700_000_000);
+        assert_eq!(parse_time(&reply).unwrap(), Some((Ok(at(1_700_000_000)), reply.len())));
+        assert_eq!(parse_time(&reply[..reply.len() - 3]).unwrap(), None, "incomplete");
         assert_eq!(parse_time(b"-NOPERM no\r\n").unwrap(), Some((Err("NOPERM".into()), 12)));
         assert_eq!(parse_time(b"*2\r\n:1\r\n:2\r\n"), Err(ReadError::Protocol));
         assert_eq!(parse_time(b"*3\r\n"), Err(ReadError::Protocol));
@@ -647,91 +664,90 @@ mod tests {
     type Receiver = oneshot::Receiver<Result<EntryReply, ReadError>>;
 
     /// A pipeline state with batches of `reads` reads written, as the writer leaves it.
-    fn written(batches: &[usize]) -> (Shared, Vec<Receiver>) {
+    fn written(batches: &[usize], markers: bool) -> (Shared, Vec<Receiver>) {
         let shared = Shared { state: Mutex::new(State::default()), queued: Notify::new() };
         let mut receivers = Vec::new();
         {
             let mut state = shared.lock();
-            state.markers = true;
+            state.markers = markers;
             for (number, &reads) in (1..).zip(batches) {
                 for _ in 0..reads {
                     let (responder, receiver) = oneshot::channel();
                     state.in_flight.push_back(Slot::Read(responder));
                     receivers.push(receiver);
                 }
-                state.in_flight.push_back(Slot::End(number));
+                state.in_flight.push_back(Slot::End(markers.then_some(number)));
             }
         }
         (shared, receivers)
     }
 
     #[test]
-    fn replies_are_handed_out_a_whole_batch_at_a_time() {
-        let (shared, mut receivers) = written(&[2, 1]);
-        let second = entry(b"second", 12);
-        let mut buf = BytesMut::from(
-            &[entry(b"first", 10), entry(b"", 11), b"$1\r\n1\r\n".to_vec(), second[..9].to_vec()].concat()[..],
-        );
+    fn replies_are_handed_out_a_whole_batch_at_a_time_with_its_clock() {
+        let (shared, mut receivers) = written(&[2, 1], true);
+        let second = [value(b"second"), time(12)].concat();
+        let mut buf =
+            BytesMut::from(&[value(b"first"), value(b""), time(10), marker(1), second[..9].to_vec()].concat()[..]);
         answer(&shared, &mut buf).unwrap();
         let first = receivers[0].try_recv().unwrap().unwrap();
         assert_eq!(first, EntryReply { value: Some(Bytes::from_static(b"first")), now: at(10) });
-        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { value: None, now: at(11) });
+        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { value: None, now: at(10) });
         assert_eq!(&buf[..], &second[..9], "an incomplete batch stays in the buffer");
 
         buf.extend_from_slice(&second[9..]);
         answer(&shared, &mut buf).unwrap();
         assert!(receivers[2].try_recv().is_err(), "complete, but its batch's marker has not come");
-        buf.extend_from_slice(b"$1\r\n2\r\n");
+        buf.extend_from_slice(&marker(2));
         answer(&shared, &mut buf).unwrap();
-        assert_eq!(receivers[2].try_recv().unwrap().unwrap().value, Some(Bytes::from_static(b"second")));
+        assert_eq!(receivers[2].try_recv().unwrap().unwrap(), EntryReply { value: Some("second".into()), now: at(12) });
         assert!(buf.is_empty());
         assert!(shared.lock().waiting_since.is_none(), "nothing is awaited any more");
     }
 
     #[test]
-    fn without_markers_each_read_is_answered_when_complete() {
-        let shared = Shared { state: Mutex::new(State::default()), queued: Notify::new() };
-        let mut receivers = Vec::new();
-        for _ in 0..2 {
-            let (responder, receiver) = oneshot::channel();
-            shared.lock().in_flight.push_back(Slot::Read(responder));
-            receivers.push(receiver);
-        }
-        let second = entry(b"v2", 800);
-        let mut buf = BytesMut::from(&[entry(b"v1", 900), second[..8].to_vec()].concat()[..]);
+    fn without_markers_a_batch_ends_with_its_clock() {
+        let (shared, mut receivers) = written(&[1, 1], false);
+        let mut buf = BytesMut::from(&[value(b"v1"), time(900), value(b"v2")].concat()[..]);
         answer(&shared, &mut buf).unwrap();
-        assert_eq!(receivers[0].try_recv().unwrap().unwrap().value, Some(Bytes::from_static(b"v1")));
+        assert_eq!(receivers[0].try_recv().unwrap().unwrap(), EntryReply { value: Some("v1".into()), now: at(900) });
         assert!(receivers[1].try_recv().is_err());
-        buf.extend_from_slice(&second[8..]);
+        buf.extend_from_slice(&time(901));
         answer(&shared, &mut buf).unwrap();
-        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { value: Some("v2".into()), now: at(800) });
+        assert_eq!(receivers[1].try_recv().unwrap().unwrap(), EntryReply { value: Some("v2".into()), now: at(901) });
     }
 
     #[test]
     fn a_server_error_fails_that_read_only() {
-        let (shared, mut receivers) = written(&[2]);
+        let (shared, mut receivers) = written(&[2], true);
         let refused = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n".to_vec();
-        let time = entry(b"", 5)[6..].to_vec();
-        let mut buf = BytesMut::from(&[refused, time, entry(b"", 6), b"$1\r\n1\r\n".to_vec()].concat()[..]);
+        let mut buf = BytesMut::from(&[refused, value(b""), time(6), marker(1)].concat()[..]);
         answer(&shared, &mut buf).unwrap();
         assert_eq!(receivers[0].try_recv().unwrap(), Err(ReadError::Server("WRONGTYPE".into())));
         assert_eq!(receivers[1].try_recv().unwrap(), Ok(EntryReply { value: None, now: at(6) }));
+        // A refused TIME (an ACL without it) fails the batch's reads, not the stream.
+        let (shared, mut receivers) = written(&[1], true);
+        let mut buf = BytesMut::from(&[value(b"v"), b"-NOPERM no\r\n".to_vec(), marker(1)].concat()[..]);
+        answer(&shared, &mut buf).unwrap();
+        assert_eq!(receivers[0].try_recv().unwrap(), Err(ReadError::Server("NOPERM".into())));
     }
 
     #[test]
     fn a_stream_out_of_step_is_a_protocol_error_before_any_reply_is_handed_out() {
         // A reply too many, after the batch.
-        let (shared, _receivers) = written(&[1]);
-        let mut buf = BytesMut::from(&[entry(b"", 1), b"$1\r\n1\r\n:-2\r\n".to_vec()].concat()[..]);
+        let (shared, _receivers) = written(&[1], true);
+        let mut buf = BytesMut::from(&[value(b""), time(1), marker(1), b":-2\r\n".to_vec()].concat()[..]);
         assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
         // A value that is not a string (GETRANGE answers one even for an absent key).
-        let (shared, _receivers) = written(&[1]);
-        let mut buf =
-            BytesMut::from(&[b"$-1\r\n".to_vec(), entry(b"", 1)[6..].to_vec(), b"$1\r\n1\r\n".to_vec()].concat()[..]);
+        let (shared, _receivers) = written(&[1], true);
+        let mut buf = BytesMut::from(&[b"$-1\r\n".to_vec(), time(1), marker(1)].concat()[..]);
+        assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
+        // A value where the clock should be: replies were lost or gained.
+        let (shared, _receivers) = written(&[1], false);
+        let mut buf = BytesMut::from(&[value(b"a"), value(b"b")].concat()[..]);
         assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
         // Another batch's marker: replies were lost, and these belong to other reads.
-        let (shared, mut receivers) = written(&[2]);
-        let mut buf = BytesMut::from(&[entry(b"a", 1), entry(b"b", 2), b"$1\r\n7\r\n".to_vec()].concat()[..]);
+        let (shared, mut receivers) = written(&[2], true);
+        let mut buf = BytesMut::from(&[value(b"a"), value(b"b"), time(2), marker(7)].concat()[..]);
         assert_eq!(answer(&shared, &mut buf), Err(ReadError::Protocol));
         assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()), "no read got a reply");
     }
@@ -744,25 +760,29 @@ mod tests {
             if let Ok(Some((_, used))) = parse_frame(&bytes) {
                 proptest::prop_assert!(used <= bytes.len());
             }
-            let (shared, _receivers) = written(&[2, 1]);
-            let _ = answer(&shared, &mut BytesMut::from(&bytes[..]));
+            for markers in [true, false] {
+                let (shared, _receivers) = written(&[2, 1], markers);
+                let _ = answer(&shared, &mut BytesMut::from(&bytes[..]));
+            }
         }
 
         /// However the replies are cut into reads, every read gets its own entry.
         #[test]
         fn replies_split_anywhere_reach_their_own_reads(
-            entries in proptest::collection::vec(
-                (0u64..2_000_000_000, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)),
-                1..12,
-            ),
+            entries in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), 1..12),
+            secs in 0u64..2_000_000_000,
+            markers in proptest::prelude::any::<bool>(),
             cuts in proptest::collection::vec(1usize..64, 1..40),
         ) {
-            let (shared, mut receivers) = written(&[entries.len()]);
+            let (shared, mut receivers) = written(&[entries.len()], markers);
             let mut stream = Vec::new();
-            for (secs, value) in &entries {
-                stream.extend_from_slice(&entry(value, *secs));
+            for entry in &entries {
+                stream.extend_from_slice(&value(entry));
             }
-            stream.extend_from_slice(b"$1\r\n1\r\n");
+            stream.extend_from_slice(&time(secs));
+            if markers {
+                stream.extend_from_slice(&marker(1));
+            }
             let mut buf = BytesMut::new();
             let mut rest = &stream[..];
             for cut in cuts.iter().cycle() {
@@ -775,10 +795,10 @@ mod tests {
                 rest = tail;
             }
             proptest::prop_assert!(buf.is_empty());
-            for ((secs, value), receiver) in entries.iter().zip(&mut receivers) {
+            for (entry, receiver) in entries.iter().zip(&mut receivers) {
                 let reply = receiver.try_recv().unwrap().unwrap();
-                proptest::prop_assert_eq!(reply.now, at(*secs));
-                proptest::prop_assert_eq!(reply.value.as_deref(), (!value.is_empty()).then_some(&value[..]));
+                proptest::prop_assert_eq!(reply.now, at(secs));
+                proptest::prop_assert_eq!(reply.value.as_deref(), (!entry.is_empty()).then_some(&entry[..]));
             }
         }
     }
