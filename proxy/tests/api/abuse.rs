@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::helpers::*;
 
@@ -272,25 +272,10 @@ async fn a_client_trickling_its_body_is_cut_off_at_the_request_timeout() {
                 content-length: 200\r\n\r\ngrant_type=";
     socket.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        // One byte every 100 ms: never finishes the body before the timeout.
-        loop {
-            let mut buf = [0u8; 1024];
-            tokio::select! {
-                n = socket.read(&mut buf) => match n {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => answer.extend_from_slice(&buf[..n]),
-                },
-                () = tokio::time::sleep(Duration::from_millis(100)) => {
-                    let _ = socket.write_all(b"x").await;
-                }
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "the connection was still open after 5 s");
-    let answer = String::from_utf8_lossy(&answer);
+    // One byte every 100 ms: never finishes the body before the timeout.
+    let answer = trickle_until_closed(&mut socket, Duration::from_millis(100), Duration::from_secs(5))
+        .await
+        .expect("the connection was still open after 5 s");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"error\":\"invalid_request\""), "{answer}");
     assert!(started.elapsed() >= Duration::from_millis(500), "cut off early: {:?}", started.elapsed());

@@ -46,3 +46,30 @@ pub async fn read_one_response(stream: &mut tokio::net::TcpStream) -> String {
         received.extend_from_slice(&buf[..n]);
     }
 }
+
+/// Sends one body byte every `every` until the peer closes the connection, at most `limit`.
+/// Returns what was received, or `None` if the connection was still open at `limit`.
+pub async fn trickle_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    every: Duration,
+    limit: Duration,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::select! {
+                n = stream.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                },
+                () = tokio::time::sleep(every) => {
+                    let _ = stream.write_all(b"x").await;
+                }
+            }
+        }
+    })
+    .await;
+    read.ok().map(|()| String::from_utf8_lossy(&received).into_owned())
+}
