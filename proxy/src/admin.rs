@@ -14,7 +14,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use shared::canonical::Scope;
 
-use crate::breaker::BreakerState;
+use crate::metrics::BreakerState;
 use crate::purge::{MAX_CLIENT_ID_BYTES, PurgeError, PurgeTarget};
 use crate::response::{ErrorCode, oauth_json};
 use crate::state::AppState;

@@ -8,9 +8,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-// The state's vocabulary is a metrics label, so metrics owns it; callers still ask the breaker.
-pub use crate::metrics::BreakerState;
-use crate::metrics::Metrics;
+// The state's vocabulary is a metrics label, so metrics owns it.
+use crate::metrics::{BreakerState, Metrics};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

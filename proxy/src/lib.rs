@@ -25,7 +25,8 @@
 //!   - [`upstream`]: the token endpoint client.
 //!   - [`quota`]: failed-authentication throttling and the upstream rate cap.
 //!   - [`entry`]: a cached token: freshness, refresh point, `expires_in` rewriting.
-//! - [`response`]: the one place where outcomes and errors become HTTP responses.
+//! - [`response`]: the one place where outcomes and errors become HTTP responses
+//!   ([`error_code`]: the OAuth error codes).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the authenticated admin API.
 //! - [`purge`]: purge epochs: how an operator drops a client's cached tokens everywhere.
 //! - [`metrics`], [`telemetry`], [`shutdown`]: operations.
@@ -40,6 +41,7 @@ pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod entry;
+pub mod error_code;
 pub mod flight_message;
 pub mod handler;
 pub mod l1;

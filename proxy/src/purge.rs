@@ -32,29 +32,15 @@ use std::time::Duration;
 use shared::canonical::{CanonicalRequest, PurgeEpochs, Scope};
 use shared::keys::{KeyHasher, Tag};
 
-use crate::store::{RedisStore, StoreError};
+use crate::store::{PurgeState, RedisStore, StoreError};
 
-/// The Redis hash of purge epochs: field `all`, field `v` (the version), and one field per
-/// purged tag (hex).
-pub const EPOCHS_KEY: &str = "tp:purge";
-/// The field of "purge everything".
+/// The field of "purge everything" in the purge hash ([`crate::store::EPOCHS_KEY`]).
 pub const ALL_FIELD: &str = "all";
-/// The field that changes with every change of the hash.
-pub const VERSION_FIELD: &str = "v";
 /// The longest client id a purge accepts (Cognito's are at most 128 characters).
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
 /// The most client and client-scope epochs kept at once: a purge beyond it is refused (purging
 /// everything still works). Each field is about 60 bytes, read by every replica on each change.
 pub const MAX_PURGED: usize = 10_000;
-
-/// The purge hash as Redis holds it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PurgeState {
-    /// Changes with every change of the hash.
-    pub version: String,
-    /// `field → epoch`, without the version.
-    pub fields: HashMap<String, u64>,
-}
 
 /// Why a purge did not happen.
 #[derive(Debug, thiserror::Error)]

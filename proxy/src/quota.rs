@@ -28,8 +28,8 @@ use shared::keys::KeyHasher;
 
 use crate::config::AuthFailureLimits;
 use crate::entry::unit_random;
+use crate::error_code::ErrorCode;
 use crate::metrics::{Metrics, Throttle};
-use crate::response::ErrorCode;
 use crate::store::{AuthCounters, RedisStore, Verdict};
 use crate::upstream::UpstreamResponse;
 

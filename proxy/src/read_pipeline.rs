@@ -462,8 +462,9 @@ fn parse_batch(in_flight: &VecDeque<Slot>, buf: &[u8]) -> Result<Option<(Vec<Rea
 }
 
 /// The longest value a read returns whole: longer ones come back cut at one byte more, so the
-/// caller knows, and a planted huge value is never read whole.
-pub const MAX_VALUE: usize = crate::store::MAX_ENTRY_BYTES;
+/// caller knows, and a planted huge value is never read whole. A sealed token response is a few
+/// KiB; the store takes this as the largest entry (`store::MAX_ENTRY_BYTES`).
+pub const MAX_VALUE: usize = 64 * 1024;
 
 /// One read: `GETRANGE` bounds what is read (and answers an empty string for an absent key).
 /// The batch's `TIME` follows the values: the time left is computed from a clock reading no

@@ -27,10 +27,9 @@ use fred::types::scripts::Script;
 use shared::keys::{CacheKey, Tag};
 use tokio::sync::{Notify, mpsc};
 
-use crate::breaker::{Breaker, BreakerState};
-use crate::metrics::Metrics;
-use crate::purge::{EPOCHS_KEY, PurgeState, VERSION_FIELD};
-use crate::read_pipeline::{ReadError, ReadPipeline, Target};
+use crate::breaker::Breaker;
+use crate::metrics::{BreakerState, Metrics};
+use crate::read_pipeline::{MAX_VALUE, ReadError, ReadPipeline, Target};
 use crate::redis_clock::{RedisClock, RedisTime};
 
 /// The channel every replica subscribes to for flight outcomes.
@@ -124,7 +123,22 @@ return redis.call('HGETALL', KEYS[1])
 /// The largest value an entry may have: a sealed token response is a few KiB (the upstream's
 /// body is bounded, and Cognito's tokens are about 1 KiB). A larger value was planted: it is a
 /// miss for its key, never read whole.
-pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+pub const MAX_ENTRY_BYTES: usize = MAX_VALUE;
+
+/// The Redis hash of purge epochs (see [`crate::purge`]): field `all`, field `v` (the
+/// version), and one field per purged tag (hex).
+pub const EPOCHS_KEY: &str = "tp:purge";
+/// The field of the purge hash that changes with every change of it.
+const VERSION_FIELD: &str = "v";
+
+/// The purge hash as Redis holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeState {
+    /// Changes with every change of the hash.
+    pub version: String,
+    /// `field → epoch`, without the version.
+    pub fields: HashMap<String, u64>,
+}
 
 /// Lua shared by the scripts that read an entry: `entry(limit)` returns its value (`false` if
 /// absent or unusable), its PTTL, and 1 if it was there but unusable (not a string, or larger

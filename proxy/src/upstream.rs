@@ -18,8 +18,8 @@ use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::error_code::ErrorCode;
 use crate::metrics::{Metrics, UpstreamClass};
-use crate::response::ErrorCode;
 
 /// Largest upstream response body read; a larger one is a bad gateway.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;

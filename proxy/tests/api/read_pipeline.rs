@@ -253,7 +253,7 @@ async fn the_store_reads_the_same_through_the_pipeline_as_through_fred() {
             assert!(store.read(&wrong_type).await.unwrap().is_none(), "a hash at an entry's name");
             assert!(store.read(&oversized).await.unwrap().is_none(), "a 3 MiB value");
         }
-        assert_eq!(store.breaker_state(), token_proxy::breaker::BreakerState::Closed);
+        assert_eq!(store.breaker_state(), token_proxy::metrics::BreakerState::Closed);
     }
     let sent = net_output_bytes(&client).await - sent_before;
     assert!(sent < 2 << 20, "Redis sent {sent} bytes for 20 reads of a 3 MiB value: it was read whole");
