@@ -65,6 +65,11 @@ fuzz_target!(|data: &[u8]| {
                 let Some(FlightMessage::Relayed(again)) = again else { panic!("a relayed answer does not re-decode") };
                 same_response(response, &again);
             }
+            FlightMessage::Refused(refused) => {
+                let again = flight_message::decode(&flight_message::encode_refused(refused), now, &clock, freshness);
+                let Some(FlightMessage::Refused(again)) = again else { panic!("a refusal does not re-decode") };
+                assert_eq!(&again, refused);
+            }
             FlightMessage::Failed(failure) => {
                 let again = flight_message::decode(&flight_message::encode_failure(failure), now, &clock, freshness);
                 match (failure, again) {

@@ -13,6 +13,8 @@
 //! - `2 ‖ answer` — the upstream's answer, relayed to callers as it came;
 //! - `3 ‖ answer` — the upstream answered with a status a token endpoint must not send (5xx);
 //! - `4 ‖ u8 kind` — the upstream did not answer (timeout, connection, unreadable answer);
+//! - `5 ‖ u8 reason ‖ u32 ms` — the leader's guards refused the call (throttle, rate cap;
+//!   the reason's place in [`REFUSAL_REASONS`]), retry after that long;
 //!
 //! where `answer = u16 status ‖ 3 × (u16 length ‖ header value) ‖ body`, a length of `0xFFFF`
 //! meaning the header was absent.
@@ -24,6 +26,7 @@ use http::StatusCode;
 use http::header::HeaderValue;
 
 use crate::entry::{CachedToken, Freshness};
+use crate::quota::{REFUSAL_REASONS, Refused};
 use crate::redis_clock::{self, RedisClock};
 use crate::response::UpstreamFailure;
 use crate::upstream::{UpstreamError, UpstreamResponse};
@@ -32,6 +35,7 @@ const TOKEN: u8 = 1;
 const RELAYED: u8 = 2;
 const BAD_STATUS: u8 = 3;
 const UNREACHABLE: u8 = 4;
+const REFUSED: u8 = 5;
 const ABSENT: u16 = 0xFFFF;
 
 /// A flight's outcome as it crosses replicas.
@@ -40,12 +44,21 @@ pub enum FlightMessage {
     Token(CachedToken),
     Relayed(UpstreamResponse),
     Failed(UpstreamFailure),
+    Refused(Refused),
 }
 
 /// Encodes a token with its expiry on Redis's clock (`clock`: the leader's lock reply).
 pub fn encode_token(token: &CachedToken, now: Instant, clock: &RedisClock) -> Vec<u8> {
     let mut out = vec![TOKEN];
     out.extend_from_slice(&redis_clock::encode_entry(clock.at(now + token.remaining(now)), &token.to_stored()));
+    out
+}
+
+/// Encodes a refusal by the leader's guards: no upstream call was made.
+pub fn encode_refused(refused: &Refused) -> Vec<u8> {
+    let reason = REFUSAL_REASONS.iter().position(|r| *r == refused.reason).unwrap_or(usize::from(u8::MAX));
+    let mut out = vec![REFUSED, u8::try_from(reason).unwrap_or(u8::MAX)];
+    out.extend_from_slice(&u32::try_from(refused.retry_after.as_millis()).unwrap_or(u32::MAX).to_be_bytes());
     out
 }
 
@@ -93,6 +106,13 @@ pub fn decode(message: &[u8], now: Instant, clock: &RedisClock, freshness: &Fres
             CachedToken::from_stored(stored, left, now, freshness).map(FlightMessage::Token)
         }
         RELAYED => decode_answer(rest).map(FlightMessage::Relayed),
+        REFUSED => {
+            let (&reason, ms) = rest.split_first()?;
+            let reason = REFUSAL_REASONS.get(usize::from(reason))?;
+            let ms = u32::from_be_bytes(ms.try_into().ok()?);
+            let retry_after = std::time::Duration::from_millis(u64::from(ms));
+            Some(FlightMessage::Refused(Refused { reason, retry_after }))
+        }
         BAD_STATUS => decode_answer(rest).map(|r| FlightMessage::Failed(UpstreamFailure::BadStatus(r))),
         UNREACHABLE => {
             let error = match rest {
@@ -212,10 +232,30 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_reaches_followers_as_a_refusal() {
+        let now = Instant::now();
+        for reason in REFUSAL_REASONS {
+            let refused = Refused { reason, retry_after: Duration::from_millis(1_500) };
+            let Some(FlightMessage::Refused(back)) = decode(&encode_refused(&refused), now, &clock(now), &FRESH) else {
+                panic!("not a refusal")
+            };
+            assert_eq!(back, refused);
+        }
+        assert!(decode(&[REFUSED, 9, 0, 0, 0, 1], now, &clock(now), &FRESH).is_none(), "an unknown reason");
+    }
+
+    #[test]
     fn malformed_messages_are_refused() {
         let now = Instant::now();
-        for message in [&[][..], &[9], &[TOKEN, 0, 0], &[RELAYED, 0], &[RELAYED, 0, 200, 0, 5, b'a'], &[UNREACHABLE, 7]]
-        {
+        for message in [
+            &[][..],
+            &[9],
+            &[TOKEN, 0, 0],
+            &[RELAYED, 0],
+            &[RELAYED, 0, 200, 0, 5, b'a'],
+            &[UNREACHABLE, 7],
+            &[REFUSED, 0, 0],
+        ] {
             assert!(decode(message, now, &clock(now), &FRESH).is_none(), "{message:?}");
         }
     }

@@ -73,6 +73,13 @@ enum Counted {
     Local([CounterName; 2]),
 }
 
+/// Why the failed-authentication throttle refused a call.
+pub const THROTTLED: &str = "too many failed authentications for this client; retry later";
+/// Why the upstream rate cap refused a call.
+pub const RATE_CAPPED: &str = "the token endpoint's rate cap is reached; retry later";
+/// Every reason a call may be refused for (an announcement names one by its place here).
+pub const REFUSAL_REASONS: [&str; 2] = [THROTTLED, RATE_CAPPED];
+
 /// A call the guards refused before it reached the upstream: answered 429 with `Retry-After`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
@@ -207,10 +214,7 @@ impl Quota {
             let wait = wait + QUEUE_JITTER.mul_f64(unit_random());
             if Instant::now() + wait > give_up_at {
                 metrics.throttled(Throttle::RateCap);
-                return Err(Refused {
-                    reason: "the token endpoint's rate cap is reached; retry later",
-                    retry_after: Duration::from_secs(1),
-                });
+                return Err(Refused { reason: RATE_CAPPED, retry_after: Duration::from_secs(1) });
             }
             tokio::time::sleep(wait).await;
         }
@@ -219,7 +223,7 @@ impl Quota {
     fn throttled(&self, client_id: &str, wait: Duration, metrics: &Metrics) -> Refused {
         metrics.throttled(Throttle::AuthFailures);
         tracing::warn!(client_id, ?wait, "too many failed authentications; throttling unproven credentials");
-        Refused { reason: "too many failed authentications for this client; retry later", retry_after: wait }
+        Refused { reason: THROTTLED, retry_after: wait }
     }
 
     /// The failed-authentication limits, per source and per client (the counters' order).

@@ -39,8 +39,8 @@ pub const PURGE_CHANNEL: &str = "tp:purge";
 
 /// Lua helpers of the purge scripts (see [`crate::purge`]): Redis's clock in µs, exact as a Lua
 /// number until the year 2255; epochs written as integers, never in exponent form; epochs that
-/// are not whole numbers below 2^53 (where adding one stops changing a Lua number) count as
-/// absent; and the repair of a lost or damaged hash (absent, another type, an unusable `all`):
+/// are not plain digit strings below 2^53 (where adding one stops changing a Lua number) count
+/// as absent, exactly as the replicas' parser sees them; and the repair of a lost or damaged hash (absent, another type, an unusable `all`):
 /// `all` anew from the clock, so entries keyed before the loss stay out of reach, and a version
 /// where there is none (a hash written by an earlier release).
 const PURGE_LUA_COMMON: &str = r"
@@ -50,8 +50,9 @@ local function now_us()
 end
 local function int(n) return string.format('%.0f', n) end
 local function sane(value)
-  local n = tonumber(value or '')
-  if n and n >= 0 and n < 9007199254740992 and n == math.floor(n) then return n end
+  if type(value) ~= 'string' or not value:match('^%d+$') then return nil end
+  local n = tonumber(value)
+  if n < 9007199254740992 then return n end
   return nil
 end
 local function epoch(field) return sane(redis.call('HGET', KEYS[1], field)) or 0 end
@@ -733,7 +734,9 @@ fn parse_purge_state(flat: Vec<Value>) -> Result<PurgeState, StoreError> {
         let (Some(field), Some(value)) = (field, value) else { continue };
         if field == VERSION_FIELD {
             state.version = value;
-        } else if let Ok(epoch) = value.parse::<u64>() {
+        } else if let Some(epoch) =
+            value.bytes().all(|b| b.is_ascii_digit()).then(|| value.parse::<u64>().ok()).flatten()
+        {
             // The scripts count larger values as absent (see PURGE_LUA_COMMON): so does this
             // replica, which then never writes one back.
             if epoch < 1 << 53 {

@@ -585,6 +585,13 @@ impl Inner {
                     if let Some(fetched) =
                         self.follow(keys, secret, &mut waiter, lock_ttl.min(BACKSTOP_INTERVAL), &clock).await
                     {
+                        // The leader's upstream failed or was refused: this replica's own
+                        // still-valid token stands in, as it would for a leader (stale-if-error).
+                        if fetched.outcome.is_upstream_trouble() {
+                            if let Some(token) = stale.filter(|t| t.is_servable(Instant::now(), freshness)) {
+                                return Fetched { source: Source::Stale, outcome: Outcome::Token(token) };
+                            }
+                        }
                         return fetched;
                     }
                 }
@@ -627,6 +634,8 @@ impl Inner {
             let Ok(plain) = self.parts.keys.sealer.open(key, secret, &message) else { continue };
             let now = Instant::now();
             let outcome = match flight_message::decode(&plain, now, clock, &self.parts.freshness)? {
+                // An announcement published again after its token expired: not an answer.
+                FlightMessage::Token(token) if !token.is_servable(now, &self.parts.freshness) => continue,
                 FlightMessage::Token(token) => {
                     let token = Arc::new(token);
                     self.remember_locally(keys.l1, &token);
@@ -634,6 +643,7 @@ impl Inner {
                 }
                 FlightMessage::Relayed(response) => Outcome::Relayed(response),
                 FlightMessage::Failed(failure) => Outcome::Failed(failure),
+                FlightMessage::Refused(refused) => Outcome::Refused(refused),
             };
             return Some(Fetched { source: Source::Peer, outcome });
         }
@@ -696,8 +706,7 @@ impl Inner {
             }
             Outcome::Relayed(response) => (None, flight_message::encode_relayed(response)),
             Outcome::Failed(failure) => (None, flight_message::encode_failure(failure)),
-            // Followers on other replicas are told the 429 this replica's guards answered.
-            Outcome::Refused(refused) => (None, flight_message::encode_relayed(&refused.to_response())),
+            Outcome::Refused(refused) => (None, flight_message::encode_refused(refused)),
         };
         let sealed_message = sealer.seal(&key, secret, &message);
         if let Ok(false) = store.complete(&key, &lock.owner, entry, sealed_message).await {
