@@ -31,7 +31,6 @@ use crate::entry::unit_random;
 use crate::error_code::ErrorCode;
 use crate::metrics::{Metrics, Throttle};
 use crate::store::{AuthCounters, RedisStore, Verdict};
-use crate::upstream::UpstreamResponse;
 
 /// Most (client, source) and client counters one replica tracks on its own. Beyond it, new
 /// unproven credentials are refused until old windows end: under an attack that large, the
@@ -86,13 +85,6 @@ pub struct Refused {
     /// Why, for the caller (never names a secret).
     pub reason: &'static str,
     pub retry_after: Duration,
-}
-
-impl Refused {
-    /// The 429 a follower on another replica is told about (announcements carry answers).
-    pub fn to_response(&self) -> UpstreamResponse {
-        UpstreamResponse::too_many_requests(self.reason, self.retry_after)
-    }
 }
 
 type CounterName = [u8; 16];
