@@ -23,6 +23,7 @@ use crate::handler::client_router;
 use crate::listener::{self, AcceptFailures, Inbound};
 use crate::metrics::Metrics;
 use crate::state::AppState;
+use crate::store::Sealing;
 use crate::token_service::{self, TokenService};
 
 /// How often histogram buffers are drained between scrapes.
@@ -54,13 +55,15 @@ impl Application {
     async fn assemble(config: Config) -> Result<Application, StartError> {
         let metrics = Arc::new(Metrics::new());
         let (keys, previous_keys) = config.secrets.keys()?;
-        let store = config.redis.as_ref().map(|redis| redis.store(Arc::clone(&metrics))).transpose()?;
+        let freshness = config.cache.freshness();
+        let sealing = Sealing::new(&keys, &previous_keys, freshness);
+        let store = config.redis.as_ref().map(|redis| redis.store(sealing, Arc::clone(&metrics))).transpose()?;
         let upstream = config.upstream.client(Arc::clone(&metrics))?;
         let service = TokenService::new(token_service::Parts {
             upstream,
-            keys,
-            previous_keys,
-            freshness: config.cache.freshness(),
+            hasher: keys.hasher,
+            previous_hashers: previous_keys.into_iter().map(|k| k.hasher).collect(),
+            freshness,
             flight: config.cache.flight(config.upstream.timeout),
             l1: config.cache.l1(store.is_some()),
             quota: config.quota.quota(config.upstream.timeout),

@@ -15,10 +15,13 @@
 //!   - [`state`]: what the handlers of both listeners share (built by [`app`]).
 //! - [`source`]: the caller's source address (behind trusted load balancers too), the allowlist.
 //! - [`normalize`]: HTTP request → [`normalize::TokenRequest`], or a 4xx rejection.
-//! - [`token_service`]: L1 → in-process single flight → Redis (lead or follow) → upstream.
+//! - [`token_service`]: L1 → Redis read → in-process flight → cluster flight → upstream
+//!   (orchestration only; [`outcome`]: what a fetch produced).
 //!   - [`l1`]: the bounded in-process cache.
-//!   - [`single_flight`]: one fetch per key per replica.
-//!   - [`store`]: Redis: sealed entries, the per-key lock, outcome announcements.
+//!   - [`local_flight`]: one Redis read and one fetch per key per replica.
+//!   - [`cluster_flight`]: one upstream call per key across replicas: the lock as a guard,
+//!     following, and [`cluster_flight::plan`], the pure decision of what to do next.
+//!   - [`store`]: Redis: entries (sealed and opened there), purge epochs, quota counters.
 //!   - [`redis_clock`]: entries carry their expiry on Redis's own clock.
 //!   - [`breaker`]: stops paying Redis timeouts while Redis keeps failing.
 //!   - [`flight_message`]: what a leader announces to followers on other replicas.
@@ -39,6 +42,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod breaker;
+pub mod cluster_flight;
 pub mod config;
 pub mod entry;
 pub mod error_code;
@@ -46,15 +50,16 @@ pub mod flight_message;
 pub mod handler;
 pub mod l1;
 pub mod listener;
+pub mod local_flight;
 pub mod metrics;
 pub mod normalize;
+pub mod outcome;
 pub mod purge;
 pub mod quota;
 pub mod read_pipeline;
 pub mod redis_clock;
 pub mod response;
 pub mod shutdown;
-pub mod single_flight;
 pub mod source;
 pub mod state;
 pub mod store;

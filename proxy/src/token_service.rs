@@ -1,21 +1,20 @@
-//! The token service: answers a normalized request from the caches or the upstream.
+//! The token service: answers a normalized request from the caches or the upstream. It
+//! orchestrates; the parts it drives do the work (docs/architecture.md, "A cold miss").
 //!
-//! Lookup order for a cacheable request (docs/architecture.md):
+//! Lookup order for a cacheable request:
 //!
 //! 1. **L1**, the in-process cache. A fresh token is a HIT; past its refresh point the hit
 //!    also starts one background refresh, so hot keys never wait at expiry.
-//! 2. **In-process single flight**: one fetch per key per replica, run as its own task so a
-//!    caller that disconnects cannot cancel what its followers wait for.
-//! 3. **Redis**: one script reads the entry or, if there is no fresh one, takes the key's lock.
-//! 4. The lock holder (**leader**) calls the upstream, then one script stores the sealed entry,
-//!    releases its own lock and announces the outcome. Everyone else (**followers**, on any
-//!    replica) waits for that announcement, looks again periodically in case it was lost
-//!    (pub/sub delivers at most once), and takes the lock over if it expires.
+//! 2. **Redis**: one read, shared by identical concurrent requests ([`SharedReads`]).
+//! 3. **In-process single flight** ([`crate::local_flight`]): one fetch per key per replica,
+//!    run as its own task so a caller that disconnects cannot cancel what its followers wait
+//!    for, within the failed-authentication guard ([`Quota`]).
+//! 4. **Cluster single flight** ([`crate::cluster_flight`]): one upstream call per key across
+//!    the replicas; it decides when to lead, follow, go without Redis or serve stale, and
+//!    calls back here for the upstream call itself.
 //!
-//! The lock only saves work: when Redis fails, the fetch goes straight to the upstream
-//! (at most one call per replica per key, thanks to step 2). When the upstream fails and an
-//! older token is still servable, that token is served (STALE). Only a well-formed 200 is
-//! cached. This module knows nothing of axum: it takes a [`TokenRequest`], returns a [`Reply`].
+//! Sealing and opening are the store's ([`crate::store`]): this module sees tokens only. It
+//! knows nothing of axum either: it takes a [`TokenRequest`], returns a [`Reply`].
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,78 +26,23 @@ use secrecy::ExposeSecret;
 use shared::basic;
 use shared::canonical::{AuthMethod, CanonicalRequest, PurgeEpochs};
 use shared::form;
-use shared::keys::{CacheKey, Keys};
+use shared::keys::{CacheKey, KeyHasher};
 
+use crate::cluster_flight::{self, ClusterFlights, FlightSettings, Plan, Purpose, Redis};
 use crate::entry::{CachedToken, Freshness};
-use crate::flight_message::{self, FlightMessage};
 use crate::l1::{L1, L1Hasher, L1Key};
+use crate::local_flight::{Flights, Role, SharedReads};
 use crate::metrics::Metrics;
 use crate::normalize::{PassThrough, TokenRequest};
+use crate::outcome::{Fetched, Outcome, Source};
 use crate::purge::{self, Epochs, Look, PurgeError, PurgeTarget};
 use crate::quota::{self, Quota, Refused};
-use crate::redis_clock::{self, RedisClock};
-use crate::response::{Answer, CacheStatus, ProxyError, Reply, UpstreamFailure};
-use crate::single_flight::{Flights, Role, SharedReads};
-use crate::store::{LockOwner, Lookup, RedisStore, StoredValue, Waiter};
+use crate::response::{Answer, CacheStatus, ProxyError, Reply};
+use crate::store::RedisStore;
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 /// Every how many purge looks (about one a second) the whole purge hash is read.
 const WHOLE_PURGE_LOOK_EVERY: u64 = 10;
-/// How often a follower looks at Redis itself, in case the announcement was lost.
-const BACKSTOP_INTERVAL: Duration = Duration::from_millis(200);
-/// A refresh accepts an entry in Redis as the successor of its token when the entry outlives
-/// that token by at least this much (the token's own entry differs by milliseconds).
-const SUCCESSOR_MARGIN: Duration = Duration::from_secs(1);
-
-/// Where a fetch's answer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
-    /// An entry in Redis (or the token a refresh found still current).
-    Cache,
-    /// This replica called the upstream.
-    Upstream,
-    /// Another replica called the upstream and announced the outcome.
-    Peer,
-    /// The upstream failed; an older, still servable token stands in.
-    Stale,
-}
-
-/// What one fetch produced; shared by every caller of the flight on this replica.
-#[derive(Debug, Clone)]
-struct Fetched {
-    source: Source,
-    outcome: Outcome,
-}
-
-#[derive(Debug, Clone)]
-enum Outcome {
-    Token(Arc<CachedToken>),
-    /// The upstream's answer, relayed as is (never cached).
-    Relayed(UpstreamResponse),
-    Failed(UpstreamFailure),
-    /// The quota's guards refused the call: no upstream call was made.
-    Refused(Refused),
-}
-
-impl Outcome {
-    /// Failures after which a still-servable older token is served instead (stale-if-error).
-    fn is_upstream_trouble(&self) -> bool {
-        match self {
-            Outcome::Failed(_) | Outcome::Refused(_) => true,
-            Outcome::Relayed(response) => response.status == StatusCode::TOO_MANY_REQUESTS,
-            Outcome::Token(_) => false,
-        }
-    }
-}
-
-/// Why a fetch runs.
-#[derive(Debug, Clone, Copy)]
-enum Purpose {
-    /// A request from `source` found no fresh token.
-    Miss { source: IpAddr },
-    /// A hit passed its refresh point: fetch a successor unless someone else already is.
-    Refresh,
-}
 
 /// What L1 can do for a request.
 #[derive(Debug)]
@@ -126,32 +70,17 @@ enum Read {
     Unavailable,
 }
 
-/// Whether a fetch may still use Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Redis {
-    Use,
-    Skip,
-}
-
-/// Timing of the cluster-wide single flight.
-#[derive(Debug, Clone, Copy)]
-pub struct FlightSettings {
-    /// How long a leader's lock lasts before followers may take it over.
-    pub lock_ttl: Duration,
-    /// The upstream's own deadline; bounds how long a follower waits in all.
-    pub upstream_timeout: Duration,
-}
-
 /// The parts the service is built from.
 #[derive(Debug)]
 pub struct Parts {
     pub upstream: Upstream,
+    /// Redis, which seals and opens the entries it holds (see [`crate::store::Sealing`]).
     pub store: Option<RedisStore>,
-    /// Keys of the current root secret: every entry is named and sealed with them.
-    pub keys: Keys,
-    /// Keys of earlier root secrets (`TOKEN_PROXY_PREVIOUS_SECRETS`): their entries are still
-    /// read, so a rotation costs no upstream calls, but never written.
-    pub previous_keys: Vec<Keys>,
+    /// Names every entry: the current root secret's keyed hash.
+    pub hasher: KeyHasher,
+    /// The hashers of earlier root secrets (`TOKEN_PROXY_PREVIOUS_SECRETS`): their entries are
+    /// still read, so a rotation costs no upstream calls, but never written.
+    pub previous_hashers: Vec<KeyHasher>,
     pub freshness: Freshness,
     pub flight: FlightSettings,
     pub l1: L1,
@@ -175,15 +104,29 @@ struct Inner {
     epochs: Epochs,
     /// Redis reads under way: identical concurrent requests share one.
     reads: SharedReads<Read>,
-    flights: Arc<Flights<Fetched>>,
+    local_flights: Arc<Flights<Fetched>>,
+    /// The cluster-wide half of the single flight, when there is a Redis.
+    cluster: Option<ClusterFlights>,
 }
 
-/// The lock of a key this replica's flight holds, and Redis's clock as the lock script read it
-/// (where the entry the flight writes is placed in time).
+/// One fetch's values, as they travel from an L1 miss to the flight.
 #[derive(Debug)]
-struct HeldLock {
-    owner: LockOwner,
-    clock: RedisClock,
+struct Fetch {
+    keys: EntryKeys,
+    request: CanonicalRequest,
+    purpose: Purpose,
+    /// This replica's own servable token for the key: the token being refreshed, or an L1
+    /// entry due for revalidation.
+    local: Option<Arc<CachedToken>>,
+    /// Whether the flight may use Redis (the hit read may have found it failing already).
+    redis: RedisUse,
+}
+
+/// Whether a fetch may still use Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RedisUse {
+    Use,
+    Skip,
 }
 
 /// The two names of one entry: in L1 (cheap, process-local) and in Redis (keyed HMAC).
@@ -196,13 +139,16 @@ struct EntryKeys {
 impl TokenService {
     pub fn new(parts: Parts) -> TokenService {
         let upstream_id = parts.upstream.url().as_str().to_owned();
+        let cluster =
+            parts.store.clone().map(|store| ClusterFlights::new(store, parts.flight, Arc::clone(&parts.metrics)));
         let inner = Arc::new(Inner {
+            cluster,
             parts,
             upstream_id,
             l1_hasher: L1Hasher::default(),
             epochs: Epochs::default(),
             reads: SharedReads::default(),
-            flights: Arc::default(),
+            local_flights: Arc::default(),
         });
         if inner.parts.store.is_some() {
             tokio::spawn(follow_purges(Arc::downgrade(&inner)));
@@ -214,7 +160,7 @@ impl TokenService {
     /// epoch in Redis and announces it; without Redis, here only. Returns the new epoch.
     pub async fn purge(&self, target: &PurgeTarget) -> Result<u64, PurgeError> {
         let inner = &self.inner;
-        let field = target.field(&inner.parts.keys.hasher);
+        let field = target.field(&inner.parts.hasher);
         let Some(store) = &inner.parts.store else { return Ok(inner.epochs.bump_local(&field)) };
         let epoch =
             store.purge(&field, inner.purge_retention(), purge::MAX_PURGED).await?.ok_or(PurgeError::TooMany)?;
@@ -254,7 +200,7 @@ impl TokenService {
     fn l1_lookup(&self, request: CanonicalRequest) -> L1Lookup {
         let inner = &self.inner;
         let freshness = &inner.parts.freshness;
-        let hasher = &inner.parts.keys.hasher;
+        let hasher = &inner.parts.hasher;
         let epochs = inner.epochs.for_request(hasher, &request);
         let l1 = inner.l1_hasher.key(&inner.upstream_id, &request, epochs);
         let now = Instant::now();
@@ -291,16 +237,15 @@ impl TokenService {
                 let answer = Ok(Answer::Token(token.render(Instant::now())));
                 return Reply { cache: Some(CacheStatus::Hit), answer };
             }
-            Read::Miss => Redis::Use,
+            Read::Miss => RedisUse::Use,
             // Already paid one Redis deadline: the flight goes on without Redis.
-            Read::Unavailable => Redis::Skip,
+            Read::Unavailable => RedisUse::Skip,
         };
 
         let fetcher = Arc::clone(inner);
         let refresh_request = request.clone();
-        let flight = inner
-            .flights
-            .join(keys.cache, move || fetcher.fetch(keys, request, Purpose::Miss { source }, redis, local));
+        let fetch = Fetch { keys, request, purpose: Purpose::Miss { source }, local, redis };
+        let flight = inner.local_flights.join(keys.cache, move || fetcher.fetch(fetch));
         let role = flight.role;
         if role == Role::Follower {
             inner.parts.metrics.coalesced_waiter();
@@ -340,12 +285,10 @@ impl TokenService {
         let task = tokio::spawn(async move {
             let (quota, store, metrics) = (&inner.parts.quota, inner.parts.store.as_ref(), &inner.parts.metrics);
             let attempt = match &request.client_id {
-                Some(client_id) => {
-                    match quota.attempt(store, &inner.parts.keys.hasher, client_id, source, metrics).await {
-                        Ok(attempt) => Some(attempt),
-                        Err(refused) => return Outcome::Refused(refused),
-                    }
-                }
+                Some(client_id) => match quota.attempt(store, &inner.parts.hasher, client_id, source, metrics).await {
+                    Ok(attempt) => Some(attempt),
+                    Err(refused) => return Outcome::Refused(refused),
+                },
                 None => None,
             };
             let called = inner.exchange(request.form_body, request.authorization).await;
@@ -354,7 +297,7 @@ impl TokenService {
                 quota.settle(store, attempt, failed, metrics).await;
             }
             match called {
-                Ok(result) => classify(result),
+                Ok(result) => Outcome::classify(result),
                 Err(refused) => Outcome::Refused(refused),
             }
         });
@@ -362,7 +305,7 @@ impl TokenService {
             Ok(Outcome::Relayed(response)) => Ok(Answer::Relayed(response)),
             Ok(Outcome::Failed(failure)) => Err(ProxyError::Upstream(failure)),
             Ok(Outcome::Refused(refused)) => return Reply { cache: None, answer: Err(ProxyError::Refused(refused)) },
-            Ok(Outcome::Token(_)) => unreachable!("classify never builds a token"),
+            Ok(Outcome::Token(_)) => unreachable!("Outcome::classify never builds a token"),
             Err(_) => Err(ProxyError::Internal),
         };
         Reply { cache: Some(CacheStatus::Bypass), answer }
@@ -391,15 +334,6 @@ async fn follow_purges(inner: std::sync::Weak<Inner>) {
     }
 }
 
-/// Sorts an upstream result that is not a cacheable token into relayed answers and failures.
-fn classify(result: Result<UpstreamResponse, UpstreamError>) -> Outcome {
-    match result {
-        Err(error) => Outcome::Failed(UpstreamFailure::Unreachable(error)),
-        Ok(response) if response.status.is_success() || response.status.is_client_error() => Outcome::Relayed(response),
-        Ok(response) => Outcome::Failed(UpstreamFailure::BadStatus(response)),
-    }
-}
-
 impl Inner {
     /// How long a client's purge epoch must be kept: entries keyed under the epoch before it
     /// live at most this long (see [`crate::purge`]).
@@ -411,11 +345,9 @@ impl Inner {
     /// the lock, across the cluster.
     fn start_refresh(self: &Arc<Self>, keys: EntryKeys, request: CanonicalRequest, current: Arc<CachedToken>) {
         let fetcher = Arc::clone(self);
+        let fetch = Fetch { keys, request, purpose: Purpose::Refresh, local: Some(current), redis: RedisUse::Use };
         // The flight runs on its own; nobody waits for it here.
-        drop(
-            self.flights
-                .join(keys.cache, move || fetcher.fetch(keys, request, Purpose::Refresh, Redis::Use, Some(current))),
-        );
+        drop(self.local_flights.join(keys.cache, move || fetcher.fetch(fetch)));
     }
 
     /// A fresh entry read straight from Redis (and put in L1), if there is one. Redis faults
@@ -432,57 +364,49 @@ impl Inner {
             return Read::Unavailable;
         }
         let secret = request.client_secret.expose_secret().as_bytes();
-        let current = (&self.parts.keys, keys.cache);
-        let previous =
-            self.parts.previous_keys.iter().map(|k| (k, k.hasher.cache_key_with(&self.upstream_id, request, epochs)));
-        for (ring_keys, key) in std::iter::once(current).chain(previous) {
-            let stored = match store.read(&key).await {
-                Ok(Some(stored)) => stored,
-                Ok(None) => continue,
-                Err(_) => return Read::Unavailable,
-            };
-            return match self.open_with(ring_keys, &key, secret, &stored) {
-                Some(token) if token.is_fresh(Instant::now(), &self.parts.freshness) => {
-                    self.remember_locally(keys.l1, &token);
-                    Read::Hit(token)
-                }
-                _ => Read::Miss,
-            };
+        let rotated: Vec<CacheKey>;
+        let names = if self.parts.previous_hashers.is_empty() {
+            std::slice::from_ref(&keys.cache)
+        } else {
+            // After a rotation: the names of the entry under each previous secret too.
+            let previous =
+                self.parts.previous_hashers.iter().map(|h| h.cache_key_with(&self.upstream_id, request, epochs));
+            rotated = std::iter::once(keys.cache).chain(previous).collect();
+            &rotated
+        };
+        match store.read_entry(names, secret).await {
+            Ok(Some(token)) if token.is_fresh(Instant::now(), &self.parts.freshness) => {
+                self.remember_locally(keys.l1, &token);
+                Read::Hit(token)
+            }
+            Ok(_) => Read::Miss,
+            Err(_) => Read::Unavailable,
         }
-        Read::Miss
     }
 
-    /// One fetch for `key`, run as its own task, within the failed-authentication guard.
+    /// One fetch, run as its own task, within the failed-authentication guard.
     ///
     /// Credentials are proven when this replica holds a token for exactly them (a refresh, or
     /// an L1 entry due for revalidation): only unproven ones are admitted by [`Quota::attempt`],
     /// before any lock is taken (waiting there never holds a key's lock), and settled by what
     /// the fetch brought: a failed authentication only if this replica's own call got one.
-    async fn fetch(
-        self: Arc<Self>,
-        keys: EntryKeys,
-        request: CanonicalRequest,
-        purpose: Purpose,
-        redis: Redis,
-        local: Option<Arc<CachedToken>>,
-    ) -> Fetched {
+    async fn fetch(self: Arc<Self>, fetch: Fetch) -> Fetched {
         let (quota, metrics) = (&self.parts.quota, &self.parts.metrics);
-        let store = self.parts.store.as_ref().filter(|_| redis == Redis::Use);
-        let unproven_from = match purpose {
-            Purpose::Miss { source } if local.is_none() => Some(source),
+        let store = self.parts.store.as_ref().filter(|_| fetch.redis == RedisUse::Use);
+        let unproven_from = match fetch.purpose {
+            Purpose::Miss { source } if fetch.local.is_none() => Some(source),
             _ => None,
         };
         let attempt = match unproven_from {
             Some(source) => {
-                let hasher = &self.parts.keys.hasher;
-                match quota.attempt(store, hasher, &request.client_id, source, metrics).await {
+                match quota.attempt(store, &self.parts.hasher, &fetch.request.client_id, source, metrics).await {
                     Ok(attempt) => Some(attempt),
-                    Err(refused) => return Fetched { source: Source::Upstream, outcome: Outcome::Refused(refused) },
+                    Err(refused) => return Fetched::new(Source::Upstream, Outcome::Refused(refused)),
                 }
             }
             None => None,
         };
-        let fetched = Arc::clone(&self).fetch_admitted(keys, request, purpose, redis, local).await;
+        let fetched = self.fly(&fetch).await;
         if let Some(attempt) = attempt {
             let failed = fetched.source == Source::Upstream
                 && matches!(&fetched.outcome, Outcome::Relayed(r) if quota::is_failed_authentication(r.status, &r.body));
@@ -491,226 +415,37 @@ impl Inner {
         fetched
     }
 
-    /// One fetch for `key`, once admitted: Redis (lead or follow), else the upstream. `local` is this
-    /// replica's own token for the key, if it has one that is still servable: the token being
-    /// refreshed, or an L1 entry due for revalidation.
-    async fn fetch_admitted(
-        self: Arc<Self>,
-        keys: EntryKeys,
-        request: CanonicalRequest,
-        purpose: Purpose,
-        redis: Redis,
-        local: Option<Arc<CachedToken>>,
-    ) -> Fetched {
-        let key = keys.cache;
-        let secret = request.client_secret.expose_secret().as_bytes();
-        let freshness = &self.parts.freshness;
-        let now = Instant::now();
-        let local_fresh = local.as_ref().filter(|t| t.is_fresh(now, freshness)).cloned();
-        let mut stale = local;
-        let store = match (&self.parts.store, redis) {
+    /// The flight proper, once admitted: the cluster flight decides, this replica's upstream
+    /// call is made here, and what it brings is kept in L1.
+    async fn fly(&self, fetch: &Fetch) -> Fetched {
+        let redis = match (&self.cluster, fetch.redis) {
+            (None, _) => Redis::None,
             // Keys built before the purge epochs are known could find a purged token.
-            (Some(_), Redis::Use) if !self.epochs.is_synced() => {
-                return self.degraded(keys, &request, purpose, local_fresh, stale).await;
-            }
-            (Some(store), Redis::Use) => store,
-            (None, _) => return self.lead(keys, &request, None, purpose, stale).await,
-            (Some(_), Redis::Skip) => return self.degraded(keys, &request, purpose, local_fresh, stale).await,
+            (Some(_), RedisUse::Use) if !self.epochs.is_synced() => Redis::Down,
+            (Some(flights), RedisUse::Use) => Redis::Up(flights),
+            (Some(_), RedisUse::Skip) => Redis::Down,
         };
-        let settings = self.parts.flight;
-        let owner = LockOwner::random();
-        // Register before the first look, so no announcement published after it is missed.
-        let mut waiter = store.subscribe(key);
-        // Entries with more than this TTL left in Redis may be fresh: entries are kept until
-        // their token has `min_token_ttl` left (`CachedToken::keep_for`). Only a hint for the
-        // lookup script: the sealed expiry decides (see `redis_clock`).
-        // A refresh wants a successor: only an entry that outlives the token being refreshed.
-        let mut fresh_ttl = match (&purpose, &local_fresh) {
-            (Purpose::Refresh, Some(current)) => {
-                Some(current.keep_for(now, freshness).unwrap_or_default() + SUCCESSOR_MARGIN)
-            }
-            (Purpose::Refresh, None) => None,
-            (Purpose::Miss { .. }, _) => Some(freshness.fresh_cutoff().saturating_sub(freshness.min_token_ttl)),
-        };
-        let mut seen_held = false;
-        let give_up_at = now + settings.lock_ttl + settings.upstream_timeout;
-        loop {
-            let lookup = match store.lookup(&key, &owner, settings.lock_ttl, fresh_ttl).await {
-                Ok(lookup) => lookup,
-                Err(_) => return self.degraded(keys, &request, purpose, local_fresh, stale).await,
-            };
-            match lookup {
-                Lookup::Fresh(value) => match self.open_entry(&key, secret, &value) {
-                    Some(token) if token.is_fresh(Instant::now(), freshness) => {
-                        if seen_held {
-                            self.parts.metrics.notification_miss();
-                        }
-                        self.remember_locally(keys.l1, &token);
-                        let source = if seen_held { Source::Peer } else { Source::Cache };
-                        return Fetched { source, outcome: Outcome::Token(token) };
-                    }
-                    // Unreadable (tampered, foreign) or not fresh after all: replace it.
-                    _ => fresh_ttl = None,
-                },
-                Lookup::Acquired { stale: old, clock } => {
-                    let lock = HeldLock { owner, clock };
-                    stale = stale.or_else(|| self.servable(&key, secret, old));
-                    self.parts.metrics.lock_acquired();
-                    if seen_held {
-                        self.parts.metrics.lock_takeover();
-                    }
-                    if let (Purpose::Miss { .. }, Some(token)) = (&purpose, local_fresh) {
-                        // Redis lost the entry (e.g. it restarted empty) but this replica still
-                        // holds a fresh token: put it back instead of calling the upstream.
-                        let fetched = Fetched { source: Source::Cache, outcome: Outcome::Token(token) };
-                        self.complete(store, key, secret, &lock, &fetched).await;
-                        return fetched;
-                    }
-                    return self.lead(keys, &request, Some(lock), purpose, stale).await;
-                }
-                Lookup::Held { lock_ttl, stale: old, clock } => {
-                    stale = stale.or_else(|| self.servable(&key, secret, old));
-                    if let Purpose::Refresh = purpose {
-                        // Someone else is refreshing this key already.
-                        return match stale {
-                            Some(token) => Fetched { source: Source::Cache, outcome: Outcome::Token(token) },
-                            None => self.lead(keys, &request, None, purpose, None).await,
-                        };
-                    }
-                    seen_held = true;
-                    if Instant::now() >= give_up_at {
-                        tracing::warn!(?key, "gave up waiting for the lock holder; calling the upstream directly");
-                        return self.lead(keys, &request, None, purpose, stale).await;
-                    }
-                    if let Some(fetched) =
-                        self.follow(keys, secret, &mut waiter, lock_ttl.min(BACKSTOP_INTERVAL), &clock).await
-                    {
-                        // The leader's upstream failed or was refused: this replica's own
-                        // still-valid token stands in, as it would for a leader (stale-if-error).
-                        if fetched.outcome.is_upstream_trouble() {
-                            if let Some(token) = stale.filter(|t| t.is_servable(Instant::now(), freshness)) {
-                                return Fetched { source: Source::Stale, outcome: Outcome::Token(token) };
-                            }
-                        }
-                        return fetched;
-                    }
-                }
-            }
+        let (freshness, settings) = (self.parts.freshness, self.parts.flight);
+        let plan = Plan::new(fetch.purpose, fetch.local.clone(), settings, freshness, Instant::now());
+        let secret = fetch.request.client_secret.expose_secret().as_bytes();
+        let call = || self.call_upstream(&fetch.request, fetch.purpose);
+        let served = cluster_flight::fly(redis, fetch.keys.cache, secret, plan, call).await;
+        if let (true, Some(token)) = (served.keep_locally, served.fetched.token()) {
+            self.remember_locally(fetch.keys.l1, token);
         }
+        served.fetched
     }
 
-    /// Redis is failing, so this replica goes on its own: from its own fresh token if it has
-    /// one, else to the upstream (at most one call per key per replica: the in-process flight).
-    async fn degraded(
-        &self,
-        keys: EntryKeys,
-        request: &CanonicalRequest,
-        purpose: Purpose,
-        local_fresh: Option<Arc<CachedToken>>,
-        stale: Option<Arc<CachedToken>>,
-    ) -> Fetched {
-        match local_fresh {
-            Some(token) => {
-                self.remember_locally(keys.l1, &token);
-                Fetched { source: Source::Cache, outcome: Outcome::Token(token) }
-            }
-            None => self.lead(keys, request, None, purpose, stale).await,
-        }
-    }
-
-    /// Waits up to `wait` for the leader's announcement; `clock` is from the lookup that found
-    /// the key locked.
-    async fn follow(
-        &self,
-        keys: EntryKeys,
-        secret: &[u8],
-        waiter: &mut Waiter,
-        wait: Duration,
-        clock: &RedisClock,
-    ) -> Option<Fetched> {
-        let key = &keys.cache;
-        let deadline = Instant::now() + wait;
-        while let Some(message) = waiter.next(deadline.saturating_duration_since(Instant::now())).await {
-            let Ok(plain) = self.parts.keys.sealer.open(key, secret, &message) else { continue };
-            let now = Instant::now();
-            let outcome = match flight_message::decode(&plain, now, clock, &self.parts.freshness)? {
-                // An announcement published again after its token expired: not an answer.
-                FlightMessage::Token(token) if !token.is_servable(now, &self.parts.freshness) => continue,
-                FlightMessage::Token(token) => {
-                    let token = Arc::new(token);
-                    self.remember_locally(keys.l1, &token);
-                    Outcome::Token(token)
-                }
-                FlightMessage::Relayed(response) => Outcome::Relayed(response),
-                FlightMessage::Failed(failure) => Outcome::Failed(failure),
-                FlightMessage::Refused(refused) => Outcome::Refused(refused),
-            };
-            return Some(Fetched { source: Source::Peer, outcome });
-        }
-        None
-    }
-
-    /// Calls the upstream. With `lock`, this replica holds the key's lock: it then stores the
-    /// entry, releases the lock and announces the outcome. Without, it only fills L1.
-    async fn lead(
-        &self,
-        keys: EntryKeys,
-        request: &CanonicalRequest,
-        lock: Option<HeldLock>,
-        purpose: Purpose,
-        stale: Option<Arc<CachedToken>>,
-    ) -> Fetched {
-        let key = keys.cache;
+    /// This replica's call to the upstream for `request`.
+    async fn call_upstream(&self, request: &CanonicalRequest, purpose: Purpose) -> Outcome {
         if let Purpose::Refresh = purpose {
             self.parts.metrics.refresh();
         }
-        let secret = request.client_secret.expose_secret().as_bytes();
         let sent_at = Instant::now();
         let (form_body, authorization) = upstream_request(request);
-        let outcome = match self.exchange(form_body, authorization).await {
+        match self.exchange(form_body, authorization).await {
             Ok(result) => self.outcome_of(result, sent_at),
             Err(refused) => Outcome::Refused(refused),
-        };
-        let mut fetched = Fetched { source: Source::Upstream, outcome };
-        let now = Instant::now();
-        if fetched.outcome.is_upstream_trouble() {
-            if let Some(token) = stale.filter(|t| t.is_servable(now, &self.parts.freshness)) {
-                tracing::info!(?key, "upstream failed; serving a still-valid token (stale-if-error)");
-                fetched = Fetched { source: Source::Stale, outcome: Outcome::Token(token) };
-            }
-        }
-        if let (Source::Upstream, Outcome::Token(token)) = (&fetched.source, &fetched.outcome) {
-            self.remember_locally(keys.l1, token);
-        }
-        if let (Some(store), Some(lock)) = (&self.parts.store, lock) {
-            self.complete(store, key, secret, &lock, &fetched).await;
-        }
-        fetched
-    }
-
-    /// Ends a flight this replica led: stores a new token, releases the lock, announces the
-    /// outcome. Only a token from the upstream or put back from L1 is stored; never a stale one.
-    async fn complete(&self, store: &RedisStore, key: CacheKey, secret: &[u8], lock: &HeldLock, fetched: &Fetched) {
-        let now = Instant::now();
-        let sealer = &self.parts.keys.sealer;
-        let (entry, message) = match &fetched.outcome {
-            Outcome::Token(token) => {
-                let entry = match fetched.source {
-                    Source::Upstream | Source::Cache => token.keep_for(now, &self.parts.freshness).map(|ttl| {
-                        let expires = lock.clock.at(now + token.remaining(now));
-                        (sealer.seal(&key, secret, &redis_clock::encode_entry(expires, &token.to_stored())), ttl)
-                    }),
-                    Source::Stale | Source::Peer => None,
-                };
-                (entry, flight_message::encode_token(token, now, &lock.clock))
-            }
-            Outcome::Relayed(response) => (None, flight_message::encode_relayed(response)),
-            Outcome::Failed(failure) => (None, flight_message::encode_failure(failure)),
-            Outcome::Refused(refused) => (None, flight_message::encode_refused(refused)),
-        };
-        let sealed_message = sealer.seal(&key, secret, &message);
-        if let Ok(false) = store.complete(&key, &lock.owner, entry, sealed_message).await {
-            tracing::info!(?key, "the lock expired before the flight ended; another flight may have run");
         }
     }
 
@@ -735,34 +470,8 @@ impl Inner {
                     }
                 }
             }
-            other => classify(other),
+            other => Outcome::classify(other),
         }
-    }
-
-    /// Opens an entry read from Redis; a value that does not open is treated as absent.
-    fn open_entry(&self, key: &CacheKey, secret: &[u8], value: &StoredValue) -> Option<Arc<CachedToken>> {
-        self.open_with(&self.parts.keys, key, secret, value)
-    }
-
-    /// Opens an entry named and sealed with `keys` (the current ones or a previous secret's).
-    fn open_with(&self, keys: &Keys, key: &CacheKey, secret: &[u8], value: &StoredValue) -> Option<Arc<CachedToken>> {
-        let plaintext = match keys.sealer.open(key, secret, &value.sealed) {
-            Ok(plaintext) => plaintext,
-            Err(error) => {
-                tracing::warn!(?key, %error, "unreadable cache entry treated as a miss");
-                return None;
-            }
-        };
-        let Some((remaining, token)) = redis_clock::decode_entry(&plaintext, value.now) else {
-            tracing::warn!(?key, "cache entry of an earlier layout treated as a miss");
-            return None;
-        };
-        CachedToken::from_stored(token, remaining, Instant::now(), &self.parts.freshness).map(Arc::new)
-    }
-
-    /// A stale entry from Redis, if it opens and may still be served.
-    fn servable(&self, key: &CacheKey, secret: &[u8], value: Option<StoredValue>) -> Option<Arc<CachedToken>> {
-        self.open_entry(key, secret, &value?).filter(|t| t.is_servable(Instant::now(), &self.parts.freshness))
     }
 
     fn remember_locally(&self, key: L1Key, token: &Arc<CachedToken>) {

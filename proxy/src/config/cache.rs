@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use super::{ConfigError, Setting, Source};
+use crate::cluster_flight::FlightSettings;
 use crate::entry::Freshness;
 use crate::l1::L1;
-use crate::token_service::FlightSettings;
 
 pub static LOCK_TTL: Setting = Setting {
     name: "TOKEN_PROXY_LOCK_TTL",

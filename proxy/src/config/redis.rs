@@ -7,7 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{ConfigError, Setting, Source};
 use crate::metrics::Metrics;
-use crate::store::{RedisStore, StoreSettings};
+use crate::store::{RedisStore, Sealing, StoreSettings};
 
 pub static REDIS_URL: Setting = Setting {
     name: "TOKEN_PROXY_REDIS_URL",
@@ -70,14 +70,16 @@ impl RedisSettings {
         Ok(Some(RedisSettings { url: SecretString::from(url), timeout, breaker_threshold, breaker_cooldown }))
     }
 
-    /// The store: its clients start connecting in the background.
-    pub fn store(&self, metrics: Arc<Metrics>) -> Result<RedisStore, ConfigError> {
+    /// The store, sealing its entries with `sealing`: its clients start connecting in the
+    /// background.
+    pub fn store(&self, sealing: Sealing, metrics: Arc<Metrics>) -> Result<RedisStore, ConfigError> {
         let settings = StoreSettings {
             command_timeout: self.timeout,
             breaker_threshold: self.breaker_threshold,
             breaker_cooldown: self.breaker_cooldown,
             pipelined_reads: true,
         };
-        RedisStore::connect(self.url.expose_secret(), settings, metrics).map_err(|e| REDIS_URL.error(e.to_string()))
+        RedisStore::connect(self.url.expose_secret(), settings, sealing, metrics)
+            .map_err(|e| REDIS_URL.error(e.to_string()))
     }
 }

@@ -8,6 +8,7 @@ mod admin;
 mod binary;
 mod caching;
 mod cluster;
+mod cluster_flight;
 mod fault_proxy;
 mod freshness;
 mod inbound;

@@ -188,7 +188,7 @@ async fn purge_state_is_bounded() {
 /// retention (the longest a token lives) make room first, and purging everything always works.
 #[tokio::test]
 async fn client_purges_are_bounded_in_number_and_age() {
-    use token_proxy::store::{RedisStore, StoreSettings};
+    use token_proxy::store::StoreSettings;
     let redis = RedisServer::start().await;
     let settings = StoreSettings {
         command_timeout: Duration::from_secs(1),
@@ -196,8 +196,7 @@ async fn client_purges_are_bounded_in_number_and_age() {
         breaker_cooldown: Duration::from_secs(1),
         pipelined_reads: true,
     };
-    let store =
-        RedisStore::connect(&redis.url(), settings, std::sync::Arc::new(token_proxy::metrics::Metrics::new())).unwrap();
+    let store = crate::helpers::connect_store(&redis.url(), settings, &shared::keys::Keys::random());
     let day = Duration::from_secs(24 * 3600);
     let purge = async |field: &str, retention| {
         let mut result = store.purge(field, retention, 3).await;

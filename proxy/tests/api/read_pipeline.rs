@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 use shared::keys::CacheKey;
-use token_proxy::metrics::Metrics;
 use token_proxy::read_pipeline::{EntryReply, MAX_VALUE, ReadError, ReadPipeline, Target};
 use token_proxy::store::{RedisStore, StoreSettings};
 
@@ -213,7 +212,7 @@ async fn the_store_reads_the_same_through_the_pipeline_as_through_fred() {
             breaker_cooldown: Duration::from_secs(1),
             pipelined_reads,
         };
-        RedisStore::connect(&redis.url(), settings, Arc::new(Metrics::new())).unwrap()
+        crate::helpers::connect_store(&redis.url(), settings, &shared::keys::Keys::random())
     };
     let (pipelined, through_fred) = (store(true), store(false));
     let client = redis.client().await;
@@ -235,23 +234,23 @@ async fn the_store_reads_the_same_through_the_pipeline_as_through_fred() {
     let () = client.set(RedisStore::entry_key(&without_ttl), "x", None, None, false).await.unwrap();
 
     eventually(Duration::from_secs(5), "both stores connected", async || {
-        pipelined.read(&absent).await.is_ok() && through_fred.read(&absent).await.is_ok()
+        pipelined.read_value(&absent).await.is_ok() && through_fred.read_value(&absent).await.is_ok()
     })
     .await;
     let sent_before: u64 = net_output_bytes(&client).await;
     let mut clocks = Vec::new();
     for store in [&pipelined, &through_fred] {
-        let value = store.read(&present).await.unwrap().expect("the entry");
+        let value = store.read_value(&present).await.unwrap().expect("the entry");
         assert_eq!(&value.sealed[..], &[0u8, 1, 2, 255][..]);
         clocks.push(value.now);
         // Its sealed expiry, not a TTL, decides whether a value is served.
-        assert!(store.read(&without_ttl).await.unwrap().is_some());
-        assert!(store.read(&absent).await.unwrap().is_none());
+        assert!(store.read_value(&without_ttl).await.unwrap().is_some());
+        assert!(store.read_value(&absent).await.unwrap().is_none());
         // Issue 10, defect 3: one key's bad data is that key's miss, not a Redis failure, and
         // a planted huge value is never read whole.
         for _ in 0..10 {
-            assert!(store.read(&wrong_type).await.unwrap().is_none(), "a hash at an entry's name");
-            assert!(store.read(&oversized).await.unwrap().is_none(), "a 3 MiB value");
+            assert!(store.read_value(&wrong_type).await.unwrap().is_none(), "a hash at an entry's name");
+            assert!(store.read_value(&oversized).await.unwrap().is_none(), "a 3 MiB value");
         }
         assert_eq!(store.breaker_state(), token_proxy::metrics::BreakerState::Closed);
     }

@@ -24,6 +24,25 @@ pub struct RedisServer {
     extra_args: Vec<String>,
 }
 
+/// The freshness rules of a store used directly (not through a proxy).
+pub const STORE_FRESHNESS: token_proxy::entry::Freshness = token_proxy::entry::Freshness {
+    expiry_margin: Duration::from_secs(60),
+    min_token_ttl: Duration::from_secs(30),
+    refresh_at: 0.75,
+    max_lifetime: Duration::from_secs(86_400),
+};
+
+/// A store on `url` used directly, sealing with `keys`.
+pub fn connect_store(
+    url: &str,
+    settings: token_proxy::store::StoreSettings,
+    keys: &shared::keys::Keys,
+) -> token_proxy::store::RedisStore {
+    let sealing = token_proxy::store::Sealing::new(keys, &[], STORE_FRESHNESS);
+    let metrics = std::sync::Arc::new(token_proxy::metrics::Metrics::new());
+    token_proxy::store::RedisStore::connect(url, settings, sealing, metrics).expect("a valid Redis URL")
+}
+
 impl RedisServer {
     pub async fn start() -> RedisServer {
         RedisServer::start_with(&[]).await
