@@ -1,8 +1,8 @@
 //! `token_proxy::flight_message::decode`: what a follower replica reads from pub/sub after
 //! unsealing (and, through `CachedToken::from_stored`, what it reads from Redis).
 //!
-//! Properties: never panics, for a few valid freshness settings; whatever decodes re-encodes to
-//! a message that decodes to the same thing (for a token: the same rendered body and the same
+//! Properties: never panics, for a few valid freshness settings; whatever decodes re-encodes
+//! (`flight_message::encode`) to a message that decodes to the same thing (for a token: the same rendered body and the same
 //! time left, to the millisecond the wire carries).
 #![no_main]
 
@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use token_proxy::entry::Freshness;
-use token_proxy::flight_message::{self, FlightMessage};
+use token_proxy::flight_message;
+use token_proxy::outcome::Outcome;
 use token_proxy::redis_clock::{RedisClock, RedisTime};
 use token_proxy::response::UpstreamFailure;
 use token_proxy::upstream::UpstreamResponse;
@@ -49,39 +50,33 @@ fuzz_target!(|data: &[u8]| {
     let clock = RedisClock::new(RedisTime(1_700_000_000_000_000), now);
     for freshness in &FRESHNESS {
         let Some(message) = flight_message::decode(data, now, &clock, freshness) else { continue };
+        let again = flight_message::decode(&flight_message::encode(&message, now, &clock), now, &clock, freshness);
         match &message {
-            FlightMessage::Token(token) => {
+            Outcome::Token(token) => {
                 let body = token.render(now);
                 assert!(token.remaining(now) <= Duration::from_secs(u64::from(u32::MAX)));
                 let _ = (token.is_fresh(now, freshness), token.keep_for(now, freshness), token.to_stored());
-                let again =
-                    flight_message::decode(&flight_message::encode_token(token, now, &clock), now, &clock, freshness);
-                let Some(FlightMessage::Token(again)) = again else { panic!("a decoded token does not re-decode") };
+                let Some(Outcome::Token(again)) = again else { panic!("a decoded token does not re-decode") };
                 assert_eq!(again.render(now), body);
                 assert_eq!(again.remaining(now).as_millis(), token.remaining(now).as_millis());
             }
-            FlightMessage::Relayed(response) => {
-                let again = flight_message::decode(&flight_message::encode_relayed(response), now, &clock, freshness);
-                let Some(FlightMessage::Relayed(again)) = again else { panic!("a relayed answer does not re-decode") };
+            Outcome::Relayed(response) => {
+                let Some(Outcome::Relayed(again)) = again else { panic!("a relayed answer does not re-decode") };
                 same_response(response, &again);
             }
-            FlightMessage::Refused(refused) => {
-                let again = flight_message::decode(&flight_message::encode_refused(refused), now, &clock, freshness);
-                let Some(FlightMessage::Refused(again)) = again else { panic!("a refusal does not re-decode") };
+            Outcome::Refused(refused) => {
+                let Some(Outcome::Refused(again)) = again else { panic!("a refusal does not re-decode") };
                 assert_eq!(&again, refused);
             }
-            FlightMessage::Failed(failure) => {
-                let again = flight_message::decode(&flight_message::encode_failure(failure), now, &clock, freshness);
-                match (failure, again) {
-                    (UpstreamFailure::BadStatus(a), Some(FlightMessage::Failed(UpstreamFailure::BadStatus(b)))) => {
-                        same_response(a, &b)
-                    }
-                    (UpstreamFailure::Unreachable(a), Some(FlightMessage::Failed(UpstreamFailure::Unreachable(b)))) => {
-                        assert_eq!(*a, b)
-                    }
-                    _ => panic!("a failure does not re-decode"),
+            Outcome::Failed(failure) => match (failure, again) {
+                (UpstreamFailure::BadStatus(a), Some(Outcome::Failed(UpstreamFailure::BadStatus(b)))) => {
+                    same_response(a, &b)
                 }
-            }
+                (UpstreamFailure::Unreachable(a), Some(Outcome::Failed(UpstreamFailure::Unreachable(b)))) => {
+                    assert_eq!(*a, b)
+                }
+                _ => panic!("a failure does not re-decode"),
+            },
         }
     }
 });

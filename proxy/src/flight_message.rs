@@ -19,6 +19,7 @@
 //! where `answer = u16 status ‖ 3 × (u16 length ‖ header value) ‖ body`, a length of `0xFFFF`
 //! meaning the header was absent.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -26,6 +27,7 @@ use http::StatusCode;
 use http::header::HeaderValue;
 
 use crate::entry::{CachedToken, Freshness};
+use crate::outcome::Outcome;
 use crate::quota::{REFUSAL_REASONS, Refused};
 use crate::redis_clock::{self, RedisClock};
 use crate::response::UpstreamFailure;
@@ -38,35 +40,32 @@ const UNREACHABLE: u8 = 4;
 const REFUSED: u8 = 5;
 const ABSENT: u16 = 0xFFFF;
 
-/// A flight's outcome as it crosses replicas.
-#[derive(Debug)]
-pub enum FlightMessage {
-    Token(CachedToken),
-    Relayed(UpstreamResponse),
-    Failed(UpstreamFailure),
-    Refused(Refused),
+/// Encodes a flight's outcome; a token with its expiry on Redis's clock (`clock`: the leader's
+/// lock reply).
+pub fn encode(outcome: &Outcome, now: Instant, clock: &RedisClock) -> Vec<u8> {
+    match outcome {
+        Outcome::Token(token) => encode_token(token, now, clock),
+        Outcome::Relayed(response) => encode_answer(RELAYED, response),
+        Outcome::Failed(failure) => encode_failure(failure),
+        Outcome::Refused(refused) => encode_refused(refused),
+    }
 }
 
-/// Encodes a token with its expiry on Redis's clock (`clock`: the leader's lock reply).
-pub fn encode_token(token: &CachedToken, now: Instant, clock: &RedisClock) -> Vec<u8> {
+fn encode_token(token: &CachedToken, now: Instant, clock: &RedisClock) -> Vec<u8> {
     let mut out = vec![TOKEN];
     out.extend_from_slice(&redis_clock::encode_entry(clock.at(now + token.remaining(now)), &token.to_stored()));
     out
 }
 
-/// Encodes a refusal by the leader's guards: no upstream call was made.
-pub fn encode_refused(refused: &Refused) -> Vec<u8> {
+/// A refusal by the leader's guards: no upstream call was made.
+fn encode_refused(refused: &Refused) -> Vec<u8> {
     let reason = REFUSAL_REASONS.iter().position(|r| *r == refused.reason).unwrap_or(usize::from(u8::MAX));
     let mut out = vec![REFUSED, u8::try_from(reason).unwrap_or(u8::MAX)];
     out.extend_from_slice(&u32::try_from(refused.retry_after.as_millis()).unwrap_or(u32::MAX).to_be_bytes());
     out
 }
 
-pub fn encode_relayed(response: &UpstreamResponse) -> Vec<u8> {
-    encode_answer(RELAYED, response)
-}
-
-pub fn encode_failure(failure: &UpstreamFailure) -> Vec<u8> {
+fn encode_failure(failure: &UpstreamFailure) -> Vec<u8> {
     match failure {
         UpstreamFailure::BadStatus(response) => encode_answer(BAD_STATUS, response),
         UpstreamFailure::Unreachable(error) => vec![
@@ -98,22 +97,22 @@ fn encode_answer(kind: u8, response: &UpstreamResponse) -> Vec<u8> {
 
 /// Decodes a message at `now`, with `clock` from the follower's last lookup; `None` for
 /// anything malformed.
-pub fn decode(message: &[u8], now: Instant, clock: &RedisClock, freshness: &Freshness) -> Option<FlightMessage> {
+pub fn decode(message: &[u8], now: Instant, clock: &RedisClock, freshness: &Freshness) -> Option<Outcome> {
     let (&kind, rest) = message.split_first()?;
     match kind {
         TOKEN => {
             let (left, stored) = redis_clock::decode_entry(rest, clock.at(now))?;
-            CachedToken::from_stored(stored, left, now, freshness).map(FlightMessage::Token)
+            CachedToken::from_stored(stored, left, now, freshness).map(|token| Outcome::Token(Arc::new(token)))
         }
-        RELAYED => decode_answer(rest).map(FlightMessage::Relayed),
+        RELAYED => decode_answer(rest).map(Outcome::Relayed),
         REFUSED => {
             let (&reason, ms) = rest.split_first()?;
             let reason = REFUSAL_REASONS.get(usize::from(reason))?;
             let ms = u32::from_be_bytes(ms.try_into().ok()?);
             let retry_after = std::time::Duration::from_millis(u64::from(ms));
-            Some(FlightMessage::Refused(Refused { reason, retry_after }))
+            Some(Outcome::Refused(Refused { reason, retry_after }))
         }
-        BAD_STATUS => decode_answer(rest).map(|r| FlightMessage::Failed(UpstreamFailure::BadStatus(r))),
+        BAD_STATUS => decode_answer(rest).map(|r| Outcome::Failed(UpstreamFailure::BadStatus(r))),
         UNREACHABLE => {
             let error = match rest {
                 [0] => UpstreamError::Timeout,
@@ -121,7 +120,7 @@ pub fn decode(message: &[u8], now: Instant, clock: &RedisClock, freshness: &Fres
                 [2] => UpstreamError::BadResponse,
                 _ => return None,
             };
-            Some(FlightMessage::Failed(UpstreamFailure::Unreachable(error)))
+            Some(Outcome::Failed(UpstreamFailure::Unreachable(error)))
         }
         _ => None,
     }
@@ -171,8 +170,7 @@ mod tests {
             CachedToken::from_upstream(br#"{"access_token":"x","expires_in":3600,"token_type":"Bearer"}"#, t0, &FRESH)
                 .unwrap();
         let later = t0 + Duration::from_secs(100);
-        let Some(FlightMessage::Token(back)) =
-            decode(&encode_token(&token, later, &clock(t0)), later, &clock(t0), &FRESH)
+        let Some(Outcome::Token(back)) = decode(&encode_token(&token, later, &clock(t0)), later, &clock(t0), &FRESH)
         else {
             panic!("not a token")
         };
@@ -192,7 +190,7 @@ mod tests {
         let replayed_at = t0 + hour;
         let follower =
             RedisClock::new(crate::redis_clock::RedisTime(1_700_000_000_000_000 + 3_600_000_000), replayed_at);
-        if let Some(FlightMessage::Token(back)) = decode(&message, replayed_at, &follower, &FRESH) {
+        if let Some(Outcome::Token(back)) = decode(&message, replayed_at, &follower, &FRESH) {
             assert_eq!(back.remaining(replayed_at), Duration::ZERO, "a replayed token must not look young");
         }
     }
@@ -207,7 +205,9 @@ mod tests {
             www_authenticate: Some(HeaderValue::from_static("Basic")),
         };
         let now = Instant::now();
-        let Some(FlightMessage::Relayed(back)) = decode(&encode_relayed(&response), now, &clock(now), &FRESH) else {
+        let Some(Outcome::Relayed(back)) =
+            decode(&encode(&Outcome::Relayed(response.clone()), now, &clock(now)), now, &clock(now), &FRESH)
+        else {
             panic!()
         };
         assert_eq!(
@@ -220,13 +220,13 @@ mod tests {
             UpstreamFailure::BadStatus(UpstreamResponse { status: StatusCode::SERVICE_UNAVAILABLE, ..response });
         assert!(matches!(
             decode(&encode_failure(&failure), now, &clock(now), &FRESH),
-            Some(FlightMessage::Failed(UpstreamFailure::BadStatus(r))) if r.status == StatusCode::SERVICE_UNAVAILABLE
+            Some(Outcome::Failed(UpstreamFailure::BadStatus(r))) if r.status == StatusCode::SERVICE_UNAVAILABLE
         ));
         for error in [UpstreamError::Timeout, UpstreamError::Connect, UpstreamError::BadResponse] {
             let encoded = encode_failure(&UpstreamFailure::Unreachable(error));
             assert!(matches!(
                 decode(&encoded, now, &clock(now), &FRESH),
-                Some(FlightMessage::Failed(UpstreamFailure::Unreachable(e))) if e == error
+                Some(Outcome::Failed(UpstreamFailure::Unreachable(e))) if e == error
             ));
         }
     }
@@ -236,7 +236,7 @@ mod tests {
         let now = Instant::now();
         for reason in REFUSAL_REASONS {
             let refused = Refused { reason, retry_after: Duration::from_millis(1_500) };
-            let Some(FlightMessage::Refused(back)) = decode(&encode_refused(&refused), now, &clock(now), &FRESH) else {
+            let Some(Outcome::Refused(back)) = decode(&encode_refused(&refused), now, &clock(now), &FRESH) else {
                 panic!("not a refusal")
             };
             assert_eq!(back, refused);

@@ -11,7 +11,7 @@ use shared::seal::Sealer;
 
 use super::StoredValue;
 use crate::entry::{CachedToken, Freshness};
-use crate::flight_message::{self, FlightMessage};
+use crate::flight_message;
 use crate::outcome::Outcome;
 use crate::redis_clock::{self, RedisClock};
 
@@ -95,12 +95,7 @@ impl Sealing {
 
     /// `outcome` sealed as an announcement to the followers of `key`.
     pub fn seal_announcement(&self, key: &CacheKey, secret: &[u8], outcome: &Outcome, clock: &RedisClock) -> Vec<u8> {
-        let message = match outcome {
-            Outcome::Token(token) => flight_message::encode_token(token, Instant::now(), clock),
-            Outcome::Relayed(response) => flight_message::encode_relayed(response),
-            Outcome::Failed(failure) => flight_message::encode_failure(failure),
-            Outcome::Refused(refused) => flight_message::encode_refused(refused),
-        };
+        let message = flight_message::encode(outcome, Instant::now(), clock);
         self.current().seal(key, secret, &message)
     }
 
@@ -110,11 +105,8 @@ impl Sealing {
         let now = Instant::now();
         match flight_message::decode(&plain, now, clock, &self.freshness) {
             None => Announcement::Malformed,
-            Some(FlightMessage::Token(token)) if !token.is_servable(now, &self.freshness) => Announcement::Expired,
-            Some(FlightMessage::Token(token)) => Announcement::Outcome(Outcome::Token(Arc::new(token))),
-            Some(FlightMessage::Relayed(response)) => Announcement::Outcome(Outcome::Relayed(response)),
-            Some(FlightMessage::Failed(failure)) => Announcement::Outcome(Outcome::Failed(failure)),
-            Some(FlightMessage::Refused(refused)) => Announcement::Outcome(Outcome::Refused(refused)),
+            Some(Outcome::Token(token)) if !token.is_servable(now, &self.freshness) => Announcement::Expired,
+            Some(outcome) => Announcement::Outcome(outcome),
         }
     }
 

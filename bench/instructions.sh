@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Instructions per cache hit, counted by valgrind's callgrind: a figure that, unlike req/s, does
+# not move with whatever else the machine is doing, so that two builds can be compared on a busy
+# machine (throughput.sh gives the real rates).
+#
+# Starts on free loopback ports a private redis-server, mock-idp and token-proxy under
+# `valgrind --tool=callgrind`, warms BENCH_KEYS keys, then collects only
+# while BENCH_REQUESTS hit requests are sent over one keep-alive connection, and prints the
+# instructions the proxy executed per request. Every request must be a 200 HIT.
+#
+# Environment (defaults in brackets):
+#   BENCH_MODE [redis]        redis: TOKEN_PROXY_L1_CAPACITY=0, every hit reads Redis; l1: hits
+#                             answered from the in-process cache
+#   BENCH_REQUESTS [2000]     measured requests
+#   BENCH_KEYS [100]          distinct warm keys the requests cycle through
+#   BENCH_SKIP_BUILD [0]      1 = use the release binaries already built (CARGO_TARGET_DIR)
+# Everything listens on 127.0.0.1 only and is stopped on exit; the run is bounded (5 minutes).
+set -euo pipefail
+export LC_ALL=C
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+MODE=${BENCH_MODE:-redis}
+REQUESTS=${BENCH_REQUESTS:-2000}
+KEYS=${BENCH_KEYS:-100}
+MAX_SECONDS=300
+
+source "$ROOT/bench/lib.sh"
+
+[[ $MODE == redis || $MODE == l1 ]] || die "BENCH_MODE must be redis or l1, got '$MODE'"
+[[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || die "BENCH_REQUESTS must be a positive integer"
+[[ $KEYS =~ ^[1-9][0-9]*$ ]] || die "BENCH_KEYS must be a positive integer"
+command -v valgrind >/dev/null || die "valgrind is needed (apt-get install valgrind)"
+command -v callgrind_control >/dev/null || die "callgrind_control is needed (it comes with valgrind)"
+
+if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+    cargo build --release -p token-proxy -p mock-idp --bins
+fi
+
+bench_begin token-proxy-instructions
+read -r P_REDIS P_IDP P_PROXY P_ADMIN <<<"$(free_ports 4)"
+start_redis_and_idp
+
+L1_CAPACITY=100000
+[[ $MODE == redis ]] && L1_CAPACITY=0
+log "starting token-proxy under callgrind ($MODE hits) on 127.0.0.1:$P_PROXY"
+TOKEN_PROXY_LISTEN=127.0.0.1:$P_PROXY TOKEN_PROXY_ADMIN_LISTEN=127.0.0.1:$P_ADMIN \
+    TOKEN_PROXY_UPSTREAM_URL=http://127.0.0.1:$P_IDP/oauth2/token \
+    TOKEN_PROXY_REDIS_URL=redis://127.0.0.1:$P_REDIS TOKEN_PROXY_SECRET=$(openssl rand -base64 32) \
+    TOKEN_PROXY_LOG=warn TOKEN_PROXY_L1_CAPACITY=$L1_CAPACITY \
+    start proxy valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" \
+    "$TARGET_DIR/release/token-proxy"
+wait_until proxy curl -sf --max-time 2 "http://127.0.0.1:$P_ADMIN/readyz"
+
+# send N FIRST_KEY: N requests over one keep-alive connection, cycling through the keys; fails
+# unless every answer is 200 with X-Cache HIT (after the warm-up round).
+send() {
+    python3 - "$P_PROXY" "$1" "$KEYS" "$2" <<'PY'
+import base64, http.client, sys
+port, n, keys, expect = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+auth = "Basic " + base64.b64encode(b"demo-client:demo-secret").decode()
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(n):
+    body = f"grant_type=client_credentials&aws_client_metadata={i % keys + 1}"
+    conn.request("POST", "/oauth2/token", body,
+                 {"Authorization": auth, "Content-Type": "application/x-www-form-urlencoded"})
+    response = conn.getresponse()
+    response.read()
+    cache = response.getheader("X-Cache")
+    if response.status != 200 or (expect == "hit" and cache != "HIT"):
+        sys.exit(f"request {i}: {response.status} {cache}")
+PY
+}
+
+log "warming $KEYS keys"
+send "$KEYS" any
+send "$KEYS" hit
+callgrind_control -z "${SERVER_PID[proxy]}" >/dev/null
+log "measuring $REQUESTS requests"
+send "$REQUESTS" hit
+callgrind_control -d "${SERVER_PID[proxy]}" >/dev/null
+sleep 1
+total=$(cat "$WORK"/callgrind.out* | awk '/^summary:/ { s += $2 } END { print s + 0 }')
+((total > 0)) || die "callgrind recorded nothing"
+echo "| mode | requests | instructions | per request |"
+echo "| --- | ---: | ---: | ---: |"
+echo "| $MODE | $REQUESTS | $total | $((total / REQUESTS)) |"
