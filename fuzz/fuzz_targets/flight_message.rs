@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use token_proxy::entry::Freshness;
 use token_proxy::flight_message;
-use token_proxy::outcome::Outcome;
+use token_proxy::outcome::{Outcome, UpstreamFailure};
 use token_proxy::redis_clock::{RedisClock, RedisTime};
-use token_proxy::response::UpstreamFailure;
 use token_proxy::upstream::UpstreamResponse;
 
 const FRESHNESS: [Freshness; 3] = [

@@ -27,10 +27,8 @@ use http::StatusCode;
 use http::header::HeaderValue;
 
 use crate::entry::{CachedToken, Freshness};
-use crate::outcome::Outcome;
-use crate::quota::{REFUSAL_REASONS, Refused};
+use crate::outcome::{Outcome, REFUSAL_REASONS, Refused, UpstreamFailure};
 use crate::redis_clock::{self, RedisClock};
-use crate::response::UpstreamFailure;
 use crate::upstream::{UpstreamError, UpstreamResponse};
 
 const TOKEN: u8 = 1;

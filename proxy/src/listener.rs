@@ -49,9 +49,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::config::{TlsFile, TlsFiles};
 use crate::metrics::{ListenerKind, Metrics, Refusal};
 use crate::source::SourcePolicy;
+
+/// Certificate files of the client listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle client certificates must chain to (mTLS); `None` = no client certificates.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// One of the TLS files, for errors (a file is re-read when it changes, long after start-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    Cert,
+    Key,
+    ClientCa,
+}
 
 /// The certificate files are looked at no more often than this.
 const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);

@@ -1,15 +1,38 @@
 //! What a fetch produced and where it came from: the vocabulary shared by the token service,
 //! the cluster flight (which announces it to followers, see [`crate::flight_message`]) and the
-//! response mapping (which turns it into `X-Cache` and a body, see [`crate::response`]).
+//! response mapping (which turns it into `X-Cache` and a body, see [`crate::response`]). It
+//! imports nothing that does I/O, so every layer may name an outcome.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 
 use crate::entry::CachedToken;
-use crate::quota::Refused;
-use crate::response::UpstreamFailure;
 use crate::upstream::{UpstreamError, UpstreamResponse};
+
+/// The upstream gave no usable answer.
+#[derive(Debug, Clone)]
+pub enum UpstreamFailure {
+    Unreachable(UpstreamError),
+    /// A 5xx (or another status a token endpoint must not send).
+    BadStatus(UpstreamResponse),
+}
+
+/// A call the guards refused before it reached the upstream: answered 429 with `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Why, for the caller (never names a secret).
+    pub reason: &'static str,
+    pub retry_after: Duration,
+}
+
+/// Why the failed-authentication throttle refused a call.
+pub const THROTTLED: &str = "too many failed authentications for this client; retry later";
+/// Why the upstream rate cap refused a call.
+pub const RATE_CAPPED: &str = "the token endpoint's rate cap is reached; retry later";
+/// Every reason a call may be refused for (an announcement names one by its place here).
+pub const REFUSAL_REASONS: [&str; 2] = [THROTTLED, RATE_CAPPED];
 
 /// What a fetch (or an announcement) carries.
 #[derive(Debug, Clone)]

@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use shared::keys::KeyHasher;
 
-use crate::config::AuthFailureLimits;
 use crate::entry::unit_random;
 use crate::error_code::ErrorCode;
 use crate::metrics::{Metrics, Throttle};
+use crate::outcome::{RATE_CAPPED, Refused, THROTTLED};
 use crate::store::{AuthCounters, RedisStore, Verdict};
 
 /// Most (client, source) and client counters one replica tracks on its own. Beyond it, new
@@ -47,6 +47,17 @@ pub struct Quota {
     settings: QuotaSettings,
     local_auth: Mutex<LocalCounters>,
     local_rate: Mutex<RateWindow>,
+}
+
+/// Thresholds of failed-authentication throttling, counted over `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthFailureLimits {
+    /// Per client_id and source address; 0 = off. Default 5.
+    pub per_source: u32,
+    /// Per client_id, from all sources; 0 = off. Default 50.
+    pub per_client: u32,
+    /// Default 60 s.
+    pub window: Duration,
 }
 
 /// Settings of [`Quota`].
@@ -70,21 +81,6 @@ enum Counted {
     Nothing,
     Redis(AuthCounters),
     Local([CounterName; 2]),
-}
-
-/// Why the failed-authentication throttle refused a call.
-pub const THROTTLED: &str = "too many failed authentications for this client; retry later";
-/// Why the upstream rate cap refused a call.
-pub const RATE_CAPPED: &str = "the token endpoint's rate cap is reached; retry later";
-/// Every reason a call may be refused for (an announcement names one by its place here).
-pub const REFUSAL_REASONS: [&str; 2] = [THROTTLED, RATE_CAPPED];
-
-/// A call the guards refused before it reached the upstream: answered 429 with `Retry-After`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused {
-    /// Why, for the caller (never names a secret).
-    pub reason: &'static str,
-    pub retry_after: Duration,
 }
 
 type CounterName = [u8; 16];

@@ -16,7 +16,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use shared::wire::OAuthError;
 
 pub use crate::error_code::ErrorCode;
-use crate::quota::Refused;
+use crate::outcome::{Refused, UpstreamFailure};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json;charset=UTF-8");
@@ -57,14 +57,6 @@ pub enum Answer {
     /// The upstream's own answer, relayed as it came (its 4xx errors, or a 200 we would not
     /// cache), minus every header but `Content-Type`, `Retry-After` and `WWW-Authenticate`.
     Relayed(UpstreamResponse),
-}
-
-/// The upstream gave no usable answer.
-#[derive(Debug, Clone)]
-pub enum UpstreamFailure {
-    Unreachable(UpstreamError),
-    /// A 5xx (or another status a token endpoint must not send).
-    BadStatus(UpstreamResponse),
 }
 
 /// A request refused before it reached the cache or the upstream.

@@ -3,9 +3,14 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
-
 /// Installs the global subscriber, writing to stdout.
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
 pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
     let filter = EnvFilter::try_new(filter).map_err(|e| format!("invalid log filter ({e})"))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);

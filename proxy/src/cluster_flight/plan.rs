@@ -233,8 +233,7 @@ mod tests {
     use tokio::time::advance;
 
     use super::*;
-    use crate::quota::Refused;
-    use crate::response::UpstreamFailure;
+    use crate::outcome::{REFUSAL_REASONS, Refused, UpstreamFailure};
     use crate::upstream::{UpstreamError, UpstreamResponse};
 
     const FRESHNESS: Freshness = Freshness {
@@ -403,7 +402,7 @@ mod tests {
         let own = token(100);
         // 50 s left: no longer fresh (60 s margin), still servable (30 s minimum).
         advance(Duration::from_secs(50)).await;
-        let refused = Refused { reason: crate::quota::REFUSAL_REASONS[0], retry_after: Duration::from_secs(1) };
+        let refused = Refused { reason: REFUSAL_REASONS[0], retry_after: Duration::from_secs(1) };
         let too_many = Outcome::Relayed(UpstreamResponse {
             status: StatusCode::TOO_MANY_REQUESTS,
             body: Bytes::new(),

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::{ConfigError, Setting, Source};
 use crate::admission::Admission;
-use crate::listener::{self, AcceptFailures, Inbound};
+use crate::listener::{self, AcceptFailures, Inbound, TlsFile, TlsFiles};
 use crate::normalize::RequestLimits;
 use crate::source::SourcePolicy;
 
@@ -82,23 +82,6 @@ pub static ALLOW_QUERY_PARAMS: Setting = Setting {
     default: Some("false"),
     help: "accept parameters in the query string like the API Gateway sample (discouraged: URLs get logged)",
 };
-
-/// Certificate files of the client listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// CA bundle client certificates must chain to (mTLS); `None` = no client certificates.
-    pub client_ca: Option<PathBuf>,
-}
-
-/// One of the TLS files, for errors (a file is re-read when it changes, long after start-up).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsFile {
-    Cert,
-    Key,
-    ClientCa,
-}
 
 impl TlsFile {
     pub fn setting(self) -> &'static Setting {

@@ -3,19 +3,12 @@
 use tracing_subscriber::EnvFilter;
 
 use super::{ConfigError, Setting, Source};
-use crate::telemetry;
+use crate::telemetry::{self, LogFormat};
 
 pub static LOG: Setting =
     Setting { name: "TOKEN_PROXY_LOG", default: Some("info"), help: "log filter, e.g. info,token_proxy=debug" };
 pub static LOG_FORMAT: Setting =
     Setting { name: "TOKEN_PROXY_LOG_FORMAT", default: Some("json"), help: "json or text" };
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Text,
-}
 
 /// What is logged, and how.
 #[derive(Debug, Clone)]

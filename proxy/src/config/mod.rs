@@ -30,13 +30,17 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
+/// Types of the parts, named where the settings are.
+pub use crate::listener::{TlsFile, TlsFiles};
+pub use crate::quota::AuthFailureLimits;
+pub use crate::telemetry::LogFormat;
 pub use admin::AdminSettings;
 pub use cache::CacheSettings;
 use file::ConfigFile;
-pub use inbound::{InboundSettings, TlsFile, TlsFiles};
+pub use inbound::InboundSettings;
 pub use listeners::ListenerSettings;
-pub use log::{LogFormat, LogSettings};
-pub use quota::{AuthFailureLimits, QuotaSettings};
+pub use log::LogSettings;
+pub use quota::QuotaSettings;
 pub use redis::RedisSettings;
 pub use secrets::SecretSettings;
 pub use upstream::UpstreamSettings;

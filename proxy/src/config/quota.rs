@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::{ConfigError, Setting, Source};
-use crate::quota::Quota;
+use crate::quota::{AuthFailureLimits, Quota};
 
 pub static AUTH_FAILURE_LIMIT: Setting = Setting {
     name: "TOKEN_PROXY_AUTH_FAILURE_LIMIT",
@@ -30,17 +30,6 @@ pub static UPSTREAM_QUEUE_TIMEOUT: Setting = Setting {
     default: Some("1s"),
     help: "how long a call over the upstream rate cap waits for a slot before 429",
 };
-
-/// Thresholds of failed-authentication throttling, counted over `window`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuthFailureLimits {
-    /// Per client_id and source address; 0 = off. Default 5.
-    pub per_source: u32,
-    /// Per client_id, from all sources; 0 = off. Default 50.
-    pub per_client: u32,
-    /// Default 60 s.
-    pub window: Duration,
-}
 
 /// What a caller may cost the token endpoint.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ mod cluster_flight;
 mod fault_proxy;
 mod freshness;
 mod inbound;
+mod layout;
 mod leaks;
 mod purge;
 mod raw_socket;
