@@ -14,6 +14,8 @@
 #   BENCH_REQUESTS [2000]     measured requests
 #   BENCH_KEYS [100]          distinct warm keys the requests cycle through
 #   BENCH_SKIP_BUILD [0]      1 = use the release binaries already built (CARGO_TARGET_DIR)
+#   BENCH_PROFILE [unset]     a path: the measured profile is copied there, for
+#                             `callgrind_annotate --inclusive=yes PATH`
 # Everything listens on 127.0.0.1 only and is stopped on exit; the run is bounded (5 minutes).
 set -euo pipefail
 export LC_ALL=C
@@ -83,6 +85,10 @@ callgrind_control -d "${SERVER_PID[proxy]}" >/dev/null
 sleep 1
 total=$(cat "$WORK"/callgrind.out* | awk '/^summary:/ { s += $2 } END { print s + 0 }')
 ((total > 0)) || die "callgrind recorded nothing"
+if [[ -n ${BENCH_PROFILE:-} ]]; then
+    cp "$(ls "$WORK"/callgrind.out.* | head -n 1)" "$BENCH_PROFILE"
+    log "profile in $BENCH_PROFILE"
+fi
 echo "| mode | requests | instructions | per request |"
 echo "| --- | ---: | ---: | ---: |"
 echo "| $MODE | $REQUESTS | $total | $((total / REQUESTS)) |"

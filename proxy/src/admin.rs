@@ -15,9 +15,10 @@ use sha2::{Digest, Sha256};
 use shared::canonical::Scope;
 
 use crate::metrics::BreakerState;
-use crate::purge::{MAX_CLIENT_ID_BYTES, PurgeError, PurgeTarget};
+use crate::purge::{Covers, MAX_CLIENT_ID_BYTES, PurgeError, PurgeTarget};
 use crate::response::{ErrorCode, oauth_json};
 use crate::state::AppState;
+use crate::upstreams::Upstreams;
 
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
@@ -38,14 +39,14 @@ async fn healthz() -> &'static str {
 /// Shutdown makes it unready, so the load balancer drains it first; so does a listener that
 /// cannot accept connections (out of file descriptors), while it cannot.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let (redis, breaker) = match state.service.store() {
+    let (redis, breaker) = match state.upstreams.store() {
         None => ("disabled", BreakerState::Closed),
         Some(store) => (if store.is_connected() { "up" } else { "down" }, store.breaker_state()),
     };
     let degraded = redis == "down" || breaker != BreakerState::Closed;
     let mode = if degraded { "degraded" } else { "normal" };
     // Until the purge epochs are read, Redis's entries are not used (see `crate::purge`).
-    let purges = if state.service.purges_synced() { "synced" } else { "pending" };
+    let purges = if state.upstreams.purges_synced() { "synced" } else { "pending" };
     let mut body = json!({ "ready": true, "redis": redis, "breaker": breaker.label(), "mode": mode, "purges": purges });
     let reason = if state.is_shutting_down() {
         Some("shutting down".to_owned())
@@ -87,10 +88,12 @@ fn admin_error(status: StatusCode, error: ErrorCode, description: &str) -> Respo
 /// A refused admin request: `(status, error, description)`.
 type Refusal = (StatusCode, ErrorCode, String);
 
-/// What to purge: `{"client_id": "..."}`, optionally with `"scope"`, or `{"all": true}`.
+/// What to purge: `{"client_id": "..."}`, optionally with `"scope"`, or `{"all": true}`; at
+/// every upstream, or at one with `"upstream": "NAME"` (alone: that upstream's every entry).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PurgeRequest {
+    upstream: Option<String>,
     client_id: Option<String>,
     scope: Option<String>,
     #[serde(default)]
@@ -98,24 +101,36 @@ struct PurgeRequest {
 }
 
 impl PurgeRequest {
-    fn target(self) -> Result<PurgeTarget, Refusal> {
+    fn target(mut self, upstreams: &Upstreams) -> Result<PurgeTarget, Refusal> {
+        let upstream = self.upstream.take();
+        if let Some(name) = &upstream {
+            if !upstreams.is_named(name) {
+                return Err((StatusCode::NOT_FOUND, ErrorCode::NotFound, "no upstream has that name".into()));
+            }
+        }
+        let all_of_upstream = upstream.is_some() && self.client_id.is_none() && self.scope.is_none();
+        let covers = if all_of_upstream { Ok(Covers::All) } else { self.covers() }?;
+        Ok(PurgeTarget { upstream, covers })
+    }
+
+    fn covers(self) -> Result<Covers, Refusal> {
         match self {
-            PurgeRequest { all: true, client_id: None, scope: None } => Ok(PurgeTarget::All),
+            PurgeRequest { all: true, client_id: None, scope: None, .. } => Ok(Covers::All),
             PurgeRequest { all: false, client_id: Some(id), .. } if id.len() > MAX_CLIENT_ID_BYTES => Err((
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidRequest,
                 format!("client_id is longer than {MAX_CLIENT_ID_BYTES} bytes"),
             )),
-            PurgeRequest { all: false, client_id: Some(id), scope } if !id.is_empty() => match scope {
-                None => Ok(PurgeTarget::Client(id)),
+            PurgeRequest { all: false, client_id: Some(id), scope, .. } if !id.is_empty() => match scope {
+                None => Ok(Covers::Client(id)),
                 Some(scope) => Scope::parse(Some(&scope))
-                    .map(|scope| PurgeTarget::ClientScope(id, scope))
+                    .map(|scope| Covers::ClientScope(id, scope))
                     .map_err(|e| (StatusCode::BAD_REQUEST, ErrorCode::InvalidScope, e.to_string())),
             },
             _ => Err((
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidRequest,
-                "give client_id (and optionally scope), or all".into(),
+                "give client_id (and optionally scope), all, or upstream".into(),
             )),
         }
     }
@@ -158,16 +173,17 @@ async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
             r#"expected {"client_id": "..."} or {"all": true}"#,
         );
     };
-    let target = match request.target() {
+    let target = match request.target(&state.upstreams) {
         Ok(target) => target,
         Err((status, error, description)) => return admin_error(status, error, &description),
     };
-    let what = match &target {
-        PurgeTarget::All => "all",
-        PurgeTarget::Client(_) => "client",
-        PurgeTarget::ClientScope(..) => "client_scope",
+    let what = match (&target.upstream, &target.covers) {
+        (None, Covers::All) => "all",
+        (Some(_), Covers::All) => "upstream",
+        (_, Covers::Client(_)) => "client",
+        (_, Covers::ClientScope(..)) => "client_scope",
     };
-    match state.service.purge(&target).await {
+    match state.upstreams.purge(&target).await {
         Ok(epoch) => (StatusCode::OK, Json(json!({ "purged": what, "epoch": epoch }))).into_response(),
         Err(error @ PurgeError::TooMany) => {
             tracing::warn!(%error, "purge refused");

@@ -6,6 +6,7 @@
 //! balancers stop routing here first; then the listeners stop accepting and in-flight requests
 //! finish.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,9 +23,11 @@ use crate::config::{Config, ConfigError};
 use crate::handler::client_router;
 use crate::listener::{self, AcceptFailures, Inbound};
 use crate::metrics::Metrics;
+use crate::purge::Epochs;
 use crate::state::AppState;
 use crate::store::Sealing;
 use crate::token_service::{self, TokenService};
+use crate::upstreams::Upstreams;
 
 /// How often histogram buffers are drained between scrapes.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -55,21 +58,38 @@ impl Application {
     async fn assemble(config: Config) -> Result<Application, StartError> {
         let metrics = Arc::new(Metrics::new());
         let (keys, previous_keys) = config.secrets.keys()?;
-        let freshness = config.cache.freshness();
-        let sealing = Sealing::new(&keys, &previous_keys, freshness);
+        let sealing = Sealing::new(&keys, &previous_keys);
         let store = config.redis.as_ref().map(|redis| redis.store(sealing, Arc::clone(&metrics))).transpose()?;
-        let upstream = config.upstream.client(Arc::clone(&metrics))?;
-        let service = TokenService::new(token_service::Parts {
-            upstream,
-            hasher: keys.hasher,
-            previous_hashers: previous_keys.into_iter().map(|k| k.hasher).collect(),
-            freshness,
-            flight: config.cache.flight(config.upstream.timeout),
-            l1: config.cache.l1(store.is_some()),
-            quota: config.quota.quota(config.upstream.timeout),
-            store,
-            metrics: Arc::clone(&metrics),
-        });
+        let previous_hashers: Vec<_> = previous_keys.into_iter().map(|k| k.hasher).collect();
+        // Shared by every upstream's service: the upstream is part of their keys.
+        let l1 = Arc::new(config.cache.l1(store.is_some()));
+        let epochs = Arc::new(Epochs::default());
+        let mut services = BTreeMap::new();
+        for (index, endpoint) in config.endpoints.iter().enumerate() {
+            let upstream = endpoint.upstream.client(Arc::clone(&metrics)).map_err(|e| endpoint.origins.locate(e))?;
+            let service = TokenService::new(token_service::Parts {
+                name: endpoint.name.clone(),
+                upstream,
+                store: store.clone(),
+                hasher: keys.hasher.clone(),
+                previous_hashers: previous_hashers.clone(),
+                freshness: endpoint.cache.freshness(),
+                flight: endpoint.cache.flight(endpoint.upstream.timeout),
+                l1: Arc::clone(&l1),
+                quota: endpoint.quota.quota(endpoint.upstream.timeout).at_upstream(endpoint.name.clone()),
+                metrics: Arc::clone(&metrics),
+                epochs: Arc::clone(&epochs),
+                follows_purges: index == 0,
+            });
+            services.insert(endpoint.name.clone(), service);
+        }
+        let upstreams = match services.remove(&None) {
+            Some(service) => Upstreams::single(service),
+            None => Upstreams::named(
+                services.into_iter().filter_map(|(name, service)| Some((name?, service))).collect(),
+                config.default_upstream.as_deref(),
+            ),
+        };
         let sources = Arc::new(config.inbound.sources());
         let accept_failures = Arc::new(AcceptFailures::default());
         let inbound = config.inbound.client_inbound(Arc::clone(&sources), Arc::clone(&accept_failures))?;
@@ -77,7 +97,7 @@ impl Application {
         config.inbound.warn_if_descriptors_short();
         let (client_listener, admin_listener) = config.listeners.bind().await?;
         let state = AppState {
-            service,
+            upstreams,
             metrics,
             limits: Arc::new(config.inbound.limits()),
             admin_token_digest: config.admin.token_digest(),
@@ -108,7 +128,7 @@ impl Application {
         tracing::info!(
             client = %client_listener.local_addr()?,
             admin = %admin_listener.local_addr()?,
-            redis = state.service.store().is_some(),
+            redis = state.upstreams.store().is_some(),
             "token-proxy listening"
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -163,7 +183,7 @@ impl Application {
             }
         };
         upkeep.abort();
-        if let Some(store) = state.service.store() {
+        if let Some(store) = state.upstreams.store() {
             store.quit().await;
         }
         result

@@ -1,13 +1,15 @@
-//! The client-facing HTTP surface: `POST /oauth2/token`, and OAuth-style JSON for everything
-//! else. The handler only turns HTTP into a [`TokenRequest`](crate::normalize::TokenRequest)
-//! (or a rejection), makes one call into the token service, and records the outcome.
+//! The client-facing HTTP surface: `POST /oauth2/token` (the default upstream) and
+//! `POST /NAME/oauth2/token` (a named one, see [`crate::upstreams`]), and OAuth-style JSON for
+//! everything else. The handler only turns HTTP into a
+//! [`TokenRequest`](crate::normalize::TokenRequest) (or a rejection), makes one call into the
+//! upstream's token service, and records the outcome.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http::StatusCode;
@@ -17,10 +19,15 @@ use crate::metrics::{Outcome, Throttle};
 use crate::normalize::{body_too_large, check_head, normalize};
 use crate::response::{CacheStatus, ErrorCode, ProxyError, Rejection, Reply};
 use crate::state::AppState;
+use crate::token_service::TokenService;
 
 /// The client listener's router.
 pub fn client_router(state: AppState) -> Router {
-    Router::new().route("/oauth2/token", post(token).fallback(method_not_allowed)).fallback(not_found).with_state(state)
+    Router::new()
+        .route("/oauth2/token", post(token).fallback(method_not_allowed))
+        .route("/{upstream}/oauth2/token", post(token_at).fallback(method_not_allowed))
+        .fallback(not_found)
+        .with_state(state)
 }
 
 /// Why a token request got no reply from the token service.
@@ -38,14 +45,41 @@ impl From<Rejection> for Refused {
     }
 }
 
+/// `POST /oauth2/token`: the default upstream.
 async fn token(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
+    let Some(service) = state.upstreams.default_service().cloned() else {
+        return unknown_upstream(&state, "no default upstream is configured; use /NAME/oauth2/token");
+    };
+    serve(state, &service, peer, request).await
+}
+
+/// `POST /NAME/oauth2/token`: the named upstream `NAME`.
+async fn token_at(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Response {
+    let Some(service) = state.upstreams.named_service(&name).cloned() else {
+        return unknown_upstream(&state, "no upstream has that name");
+    };
+    serve(state, &service, peer, request).await
+}
+
+/// 404 for a route to no upstream: nothing is read or forwarded.
+fn unknown_upstream(state: &AppState, description: &'static str) -> Response {
+    state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
+    ProxyError::Rejected(Rejection::new(StatusCode::NOT_FOUND, ErrorCode::InvalidRequest, description)).into_response()
+}
+
+async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, request: Request) -> Response {
     let started = Instant::now();
     let timeout = state.admission.request_timeout;
-    let (outcome, response) = match tokio::time::timeout(timeout, answer(&state, peer.ip(), request)).await {
+    let (outcome, response) = match tokio::time::timeout(timeout, answer(&state, service, peer.ip(), request)).await {
         Ok(Ok(reply)) => (outcome_of(&reply), reply.into_response()),
         Ok(Err(Refused::Rejected(rejection))) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
         Ok(Err(Refused::Overloaded)) => {
@@ -89,7 +123,7 @@ fn retry_shortly(rejection: Rejection) -> Response {
     response
 }
 
-async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Reply, Refused> {
+async fn answer(state: &AppState, service: &TokenService, peer: IpAddr, request: Request) -> Result<Reply, Refused> {
     let (parts, body) = request.into_parts();
     let source = state.sources.source(peer, &parts.headers);
     if !state.sources.allows(source) {
@@ -131,7 +165,7 @@ async fn answer(state: &AppState, peer: IpAddr, request: Request) -> Result<Repl
     };
     let request = normalize(parts.uri.query(), &parts.headers, &body, &state.limits)?;
     let Some(_slot) = state.admission.try_admit() else { return Err(Refused::Overloaded) };
-    Ok(state.service.handle(request, source).await)
+    Ok(service.handle(request, source).await)
 }
 
 fn outcome_of(reply: &Reply) -> Outcome {
@@ -164,7 +198,7 @@ async fn not_found(State(state): State<AppState>, _body: Body) -> Response {
     ProxyError::Rejected(Rejection::new(
         StatusCode::NOT_FOUND,
         ErrorCode::InvalidRequest,
-        "the token endpoint is /oauth2/token",
+        "the token endpoint is /oauth2/token (or /NAME/oauth2/token for a named upstream)",
     ))
     .into_response()
 }

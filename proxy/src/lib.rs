@@ -26,6 +26,7 @@
 //!   - [`breaker`]: stops paying Redis timeouts while Redis keeps failing.
 //!   - [`flight_message`]: what a leader announces to followers on other replicas.
 //!   - [`upstream`]: the token endpoint client.
+//! - [`upstreams`]: the named upstreams of a deployment and the route to each.
 //!   - [`quota`]: failed-authentication throttling and the upstream rate cap.
 //!   - [`entry`]: a cached token: freshness, refresh point, `expires_in` rewriting.
 //! - [`response`]: the one place where outcomes and errors become HTTP responses
@@ -66,6 +67,7 @@ pub mod store;
 pub mod telemetry;
 pub mod token_service;
 pub mod upstream;
+pub mod upstreams;
 
 /// Installs ring as the process-wide TLS provider (the one provider of the workspace).
 /// Idempotent: a provider installed earlier stays.

@@ -51,9 +51,17 @@ pub enum PurgeError {
     TooMany,
 }
 
-/// What to purge.
+/// What to purge, at every upstream or at one named upstream.
 #[derive(Debug, Clone)]
-pub enum PurgeTarget {
+pub struct PurgeTarget {
+    /// `None`: at every upstream.
+    pub upstream: Option<String>,
+    pub covers: Covers,
+}
+
+/// The tokens a purge covers (at its upstream or upstreams).
+#[derive(Debug, Clone)]
+pub enum Covers {
     All,
     Client(String),
     ClientScope(String, Scope),
@@ -62,10 +70,15 @@ pub enum PurgeTarget {
 impl PurgeTarget {
     /// The field of this target in [`EPOCHS_KEY`].
     pub fn field(&self, hasher: &KeyHasher) -> String {
-        match self {
-            PurgeTarget::All => ALL_FIELD.to_owned(),
-            PurgeTarget::Client(client_id) => hex::encode(hasher.client_tag(client_id)),
-            PurgeTarget::ClientScope(client_id, scope) => hex::encode(hasher.scope_tag(client_id, scope)),
+        match (&self.upstream, &self.covers) {
+            (None, Covers::All) => ALL_FIELD.to_owned(),
+            (None, Covers::Client(client_id)) => hex::encode(hasher.client_tag(client_id)),
+            (None, Covers::ClientScope(client_id, scope)) => hex::encode(hasher.scope_tag(client_id, scope)),
+            (Some(upstream), Covers::All) => hex::encode(hasher.upstream_tag(upstream)),
+            (Some(upstream), Covers::Client(client_id)) => hex::encode(hasher.client_tag_at(upstream, client_id)),
+            (Some(upstream), Covers::ClientScope(client_id, scope)) => {
+                hex::encode(hasher.scope_tag_at(upstream, client_id, scope))
+            }
         }
     }
 }
@@ -88,19 +101,29 @@ pub struct Epochs {
 }
 
 impl Epochs {
-    /// The epochs that apply to `request`.
-    pub fn for_request(&self, hasher: &KeyHasher, request: &CanonicalRequest) -> PurgeEpochs {
+    /// The epochs that apply to `request` sent to `upstream` (its name; `None` for the one
+    /// upstream of a deployment without names). A purge at every upstream and one at this
+    /// upstream both move the key: each part is the later of the two epochs, which works
+    /// because epochs only grow, on one clock for all fields (see [`Epochs::bump_local`]).
+    pub fn for_request(&self, hasher: &KeyHasher, upstream: Option<&str>, request: &CanonicalRequest) -> PurgeEpochs {
         let all = self.all.load(Ordering::Acquire);
         if !self.any_tagged.load(Ordering::Acquire) {
             return PurgeEpochs { all, ..PurgeEpochs::default() };
         }
         let tagged = self.tagged.read().unwrap_or_else(|p| p.into_inner());
         let epoch = |tag: Tag| tagged.get(&tag).copied().unwrap_or(0);
-        PurgeEpochs {
+        let (client_id, scope) = (&request.client_id, &request.scope);
+        let mut epochs = PurgeEpochs {
             all,
-            client: epoch(hasher.client_tag(&request.client_id)),
-            scope: epoch(hasher.scope_tag(&request.client_id, &request.scope)),
+            client: epoch(hasher.client_tag(client_id)),
+            scope: epoch(hasher.scope_tag(client_id, scope)),
+        };
+        if let Some(upstream) = upstream {
+            epochs.all = epochs.all.max(epoch(hasher.upstream_tag(upstream)));
+            epochs.client = epochs.client.max(epoch(hasher.client_tag_at(upstream, client_id)));
+            epochs.scope = epochs.scope.max(epoch(hasher.scope_tag_at(upstream, client_id, scope)));
         }
+        epochs
     }
 
     /// The epochs as fields of [`EPOCHS_KEY`], to compare with Redis's.
@@ -144,17 +167,20 @@ impl Epochs {
         self.all.store(all, Ordering::Release);
     }
 
-    /// Bumps one epoch here only (a replica without Redis). Returns the new epoch.
+    /// Bumps one epoch here only (a replica without Redis). Returns the new epoch: one more
+    /// than any epoch held, so that epochs of different fields compare as Redis's clock-based
+    /// ones do (see [`Epochs::for_request`]).
     pub fn bump_local(&self, field: &str) -> u64 {
+        let mut tagged = self.tagged.write().unwrap_or_else(|p| p.into_inner());
+        let new = tagged.values().copied().chain([self.all.load(Ordering::Acquire)]).max().unwrap_or(0) + 1;
         if field == ALL_FIELD {
-            return self.all.fetch_add(1, Ordering::AcqRel) + 1;
+            self.all.store(new, Ordering::Release);
+            return new;
         }
         let Some(tag) = hex::decode(field).ok().and_then(|b| Tag::try_from(b).ok()) else { return 0 };
-        let mut tagged = self.tagged.write().unwrap_or_else(|p| p.into_inner());
-        let epoch = tagged.entry(tag).or_default();
-        *epoch += 1;
+        tagged.insert(tag, new);
         self.any_tagged.store(true, Ordering::Release);
-        *epoch
+        new
     }
 }
 
@@ -210,34 +236,70 @@ mod tests {
         }
     }
 
+    fn everywhere(covers: Covers) -> PurgeTarget {
+        PurgeTarget { upstream: None, covers }
+    }
+
+    fn at(upstream: &str, covers: Covers) -> PurgeTarget {
+        PurgeTarget { upstream: Some(upstream.to_owned()), covers }
+    }
+
+    #[test]
+    fn a_purge_at_one_upstream_moves_only_that_upstreams_keys() {
+        let keys = Keys::derive(&[1; 32]).unwrap();
+        let epochs = Epochs::default();
+        let h = &keys.hasher;
+        let (orders, partners) = (Some("orders"), Some("partners"));
+        epochs.bump_local(&at("orders", Covers::Client("a".into())).field(h));
+        assert_eq!(epochs.for_request(h, orders, &request("a", None)).client, 1);
+        assert_eq!(epochs.for_request(h, partners, &request("a", None)), PurgeEpochs::default());
+        assert_eq!(epochs.for_request(h, orders, &request("b", None)), PurgeEpochs::default());
+
+        // A purge of the client everywhere after it moves both, and past the first purge.
+        let everywhere_epoch = epochs.bump_local(&everywhere(Covers::Client("a".into())).field(h));
+        assert_eq!(epochs.for_request(h, orders, &request("a", None)).client, everywhere_epoch);
+        assert_eq!(epochs.for_request(h, partners, &request("a", None)).client, everywhere_epoch);
+        // Then the whole of one upstream, later than everything before.
+        let upstream_epoch = epochs.bump_local(&at("partners", Covers::All).field(h));
+        assert!(upstream_epoch > everywhere_epoch);
+        assert_eq!(epochs.for_request(h, partners, &request("z", Some("x"))).all, upstream_epoch);
+        assert_eq!(epochs.for_request(h, orders, &request("z", Some("x"))).all, 0);
+        // Scope at one upstream.
+        let scope = Scope::parse(Some("x")).unwrap();
+        let scope_epoch = epochs.bump_local(&at("orders", Covers::ClientScope("c".into(), scope)).field(h));
+        assert_eq!(epochs.for_request(h, orders, &request("c", Some("x"))).scope, scope_epoch);
+        assert_eq!(epochs.for_request(h, orders, &request("c", None)).scope, 0);
+        assert_eq!(epochs.for_request(h, partners, &request("c", Some("x"))).scope, 0);
+    }
+
     #[test]
     fn a_client_purge_applies_to_that_client_only() {
         let keys = Keys::derive(&[1; 32]).unwrap();
         let epochs = Epochs::default();
-        let field = PurgeTarget::Client("a".into()).field(&keys.hasher);
+        let field = everywhere(Covers::Client("a".into())).field(&keys.hasher);
         assert_eq!(epochs.bump_local(&field), 1);
-        assert_eq!(epochs.for_request(&keys.hasher, &request("a", None)).client, 1);
-        assert_eq!(epochs.for_request(&keys.hasher, &request("b", None)), PurgeEpochs::default());
+        assert_eq!(epochs.for_request(&keys.hasher, None, &request("a", None)).client, 1);
+        assert_eq!(epochs.for_request(&keys.hasher, None, &request("b", None)), PurgeEpochs::default());
     }
 
     #[test]
     fn a_scope_purge_applies_to_that_scope_only() {
         let keys = Keys::derive(&[1; 32]).unwrap();
         let epochs = Epochs::default();
-        let field = PurgeTarget::ClientScope("a".into(), Scope::parse(Some("x")).unwrap()).field(&keys.hasher);
+        let field = everywhere(Covers::ClientScope("a".into(), Scope::parse(Some("x")).unwrap())).field(&keys.hasher);
         epochs.bump_local(&field);
-        assert_eq!(epochs.for_request(&keys.hasher, &request("a", Some("x"))).scope, 1);
-        assert_eq!(epochs.for_request(&keys.hasher, &request("a", Some("x y"))), PurgeEpochs::default());
-        assert_eq!(epochs.for_request(&keys.hasher, &request("a", None)), PurgeEpochs::default());
+        assert_eq!(epochs.for_request(&keys.hasher, None, &request("a", Some("x"))).scope, 1);
+        assert_eq!(epochs.for_request(&keys.hasher, None, &request("a", Some("x y"))), PurgeEpochs::default());
+        assert_eq!(epochs.for_request(&keys.hasher, None, &request("a", None)), PurgeEpochs::default());
     }
 
     #[test]
     fn replace_loads_epochs_from_redis_fields() {
         let keys = Keys::derive(&[1; 32]).unwrap();
         let epochs = Epochs::default();
-        let field = PurgeTarget::Client("a".into()).field(&keys.hasher);
+        let field = everywhere(Covers::Client("a".into())).field(&keys.hasher);
         epochs.replace(HashMap::from([(ALL_FIELD.to_owned(), 3), (field, 2), ("junk".to_owned(), 9)]));
-        let got = epochs.for_request(&keys.hasher, &request("a", None));
+        let got = epochs.for_request(&keys.hasher, None, &request("a", None));
         assert_eq!((got.all, got.client, got.scope), (3, 2, 0));
     }
 }

@@ -45,6 +45,9 @@ const BUSY_POLL: Duration = Duration::from_millis(20);
 #[derive(Debug)]
 pub struct Quota {
     settings: QuotaSettings,
+    /// The named upstream these guards are for (`None`: the one upstream of a deployment
+    /// without names): each upstream has its own counters and rate cap.
+    upstream: Option<String>,
     local_auth: Mutex<LocalCounters>,
     local_rate: Mutex<RateWindow>,
 }
@@ -104,7 +107,17 @@ struct RateWindow {
 
 impl Quota {
     pub fn new(settings: QuotaSettings) -> Quota {
-        Quota { settings, local_auth: Mutex::default(), local_rate: Mutex::new(RateWindow { started: None, count: 0 }) }
+        Quota {
+            settings,
+            upstream: None,
+            local_auth: Mutex::default(),
+            local_rate: Mutex::new(RateWindow { started: None, count: 0 }),
+        }
+    }
+
+    /// The same guards for the named upstream `name`.
+    pub fn at_upstream(self, name: Option<String>) -> Quota {
+        Quota { upstream: name, ..self }
     }
 
     /// Admits one upstream call for credentials nobody has proven yet: counted as in flight,
@@ -122,7 +135,7 @@ impl Quota {
         if limits == [0, 0] {
             return Ok(Attempt { counters: Counted::Nothing });
         }
-        let (client, per_source) = hasher.throttle_tags(client_id, &address_bytes(source));
+        let (client, per_source) = hasher.throttle_tags_at(self.upstream.as_deref(), client_id, &address_bytes(source));
         let give_up_at = Instant::now() + self.settings.busy_wait;
         loop {
             let (verdict, counters) = match store {
@@ -191,7 +204,7 @@ impl Quota {
         let give_up_at = Instant::now() + self.settings.queue_timeout;
         loop {
             let remote = match store {
-                Some(store) => store.rate_slot(self.settings.rate_per_second).await.ok(),
+                Some(store) => store.rate_slot(self.upstream.as_deref(), self.settings.rate_per_second).await.ok(),
                 None => None,
             };
             let wait = match remote {

@@ -9,12 +9,13 @@ use crate::listener::AcceptFailures;
 use crate::metrics::Metrics;
 use crate::normalize::RequestLimits;
 use crate::source::SourcePolicy;
-use crate::token_service::TokenService;
+use crate::upstreams::Upstreams;
 
 /// Shared by every handler of both listeners.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub service: TokenService,
+    /// The token endpoints served, and their routes.
+    pub upstreams: Upstreams,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<RequestLimits>,
     /// SHA-256 of the admin token; `None` = admin API off. Only the digest is kept, and

@@ -73,6 +73,9 @@ enum Read {
 /// The parts the service is built from.
 #[derive(Debug)]
 pub struct Parts {
+    /// The upstream's name in a deployment with several (`None`: the one upstream, named by
+    /// `TOKEN_PROXY_UPSTREAM_URL` alone).
+    pub name: Option<String>,
     pub upstream: Upstream,
     /// Redis, which seals and opens the entries it holds (see [`crate::store::Sealing`]).
     pub store: Option<RedisStore>,
@@ -83,9 +86,14 @@ pub struct Parts {
     pub previous_hashers: Vec<KeyHasher>,
     pub freshness: Freshness,
     pub flight: FlightSettings,
-    pub l1: L1,
+    /// Shared by the services of every upstream: its keys name the upstream.
+    pub l1: Arc<L1>,
     pub quota: Quota,
     pub metrics: Arc<Metrics>,
+    /// The purge epochs, shared by the services of every upstream.
+    pub epochs: Arc<Epochs>,
+    /// Whether this service keeps `epochs` in step with Redis (one service per replica does).
+    pub follows_purges: bool,
 }
 
 /// Answers token requests. Cheap to clone.
@@ -97,11 +105,13 @@ pub struct TokenService {
 #[derive(Debug)]
 struct Inner {
     parts: Parts,
-    /// The upstream URL as part of every cache key: entries never cross token endpoints.
+    /// The upstream as part of every cache key: entries never cross token endpoints. Its URL
+    /// for the one upstream of a deployment without names (the keys of earlier releases), its
+    /// name otherwise.
     upstream_id: String,
     l1_hasher: L1Hasher,
     /// Purge epochs, part of every key.
-    epochs: Epochs,
+    epochs: Arc<Epochs>,
     /// Redis reads under way: identical concurrent requests share one.
     reads: SharedReads<Read>,
     local_flights: Arc<Flights<Fetched>>,
@@ -138,19 +148,25 @@ struct EntryKeys {
 
 impl TokenService {
     pub fn new(parts: Parts) -> TokenService {
-        let upstream_id = parts.upstream.url().as_str().to_owned();
-        let cluster =
-            parts.store.clone().map(|store| ClusterFlights::new(store, parts.flight, Arc::clone(&parts.metrics)));
+        let upstream_id = match &parts.name {
+            None => parts.upstream.url().as_str().to_owned(),
+            Some(name) => format!("upstream:{name}"),
+        };
+        let epochs = Arc::clone(&parts.epochs);
+        let cluster = parts
+            .store
+            .clone()
+            .map(|store| ClusterFlights::new(store, parts.flight, parts.freshness, Arc::clone(&parts.metrics)));
         let inner = Arc::new(Inner {
             cluster,
             parts,
             upstream_id,
             l1_hasher: L1Hasher::default(),
-            epochs: Epochs::default(),
+            epochs,
             reads: SharedReads::default(),
             local_flights: Arc::default(),
         });
-        if inner.parts.store.is_some() {
+        if inner.parts.store.is_some() && inner.parts.follows_purges {
             tokio::spawn(follow_purges(Arc::downgrade(&inner)));
         }
         TokenService { inner }
@@ -201,7 +217,7 @@ impl TokenService {
         let inner = &self.inner;
         let freshness = &inner.parts.freshness;
         let hasher = &inner.parts.hasher;
-        let epochs = inner.epochs.for_request(hasher, &request);
+        let epochs = inner.epochs.for_request(hasher, inner.parts.name.as_deref(), &request);
         let l1 = inner.l1_hasher.key(&inner.upstream_id, &request, epochs);
         let now = Instant::now();
         let found = inner.parts.l1.get(&l1, now);
@@ -374,7 +390,7 @@ impl Inner {
             rotated = std::iter::once(keys.cache).chain(previous).collect();
             &rotated
         };
-        match store.read_entry(names, secret).await {
+        match store.read_entry(names, secret, &self.parts.freshness).await {
             Ok(Some(token)) if token.is_fresh(Instant::now(), &self.parts.freshness) => {
                 self.remember_locally(keys.l1, &token);
                 Read::Hit(token)

@@ -545,9 +545,9 @@ fn every_token_proxy_variable_is_a_real_setting_and_the_replicas_accept_their_co
         "the upstream comes from the host's TOKEN_PROXY_UPSTREAM_URL: {raw}"
     );
     let idp_env = environment_of(service(&doc, "mock-idp"));
-    let (host, port) = host_port(config.upstream.url.as_str());
+    let (host, port) = host_port(config.endpoints[0].upstream.url.as_str());
     assert_eq!((host.as_str(), port), ("mock-idp", port_of(&idp_env["MOCK_IDP_LISTEN"])));
-    assert_eq!(config.upstream.url.path(), "/oauth2/token");
+    assert_eq!(config.endpoints[0].upstream.url.path(), "/oauth2/token");
 }
 
 #[test]

@@ -24,6 +24,11 @@ const LABEL_PURGE_CLIENT: &[u8] = b"token-proxy/v1/purge-client";
 const LABEL_PURGE_SCOPE: &[u8] = b"token-proxy/v1/purge-scope";
 const LABEL_THROTTLE_CLIENT: &[u8] = b"token-proxy/v1/throttle-client";
 const LABEL_THROTTLE_SOURCE: &[u8] = b"token-proxy/v1/throttle-source";
+const LABEL_PURGE_UPSTREAM: &[u8] = b"token-proxy/v1/purge-upstream";
+const LABEL_PURGE_CLIENT_AT: &[u8] = b"token-proxy/v1/purge-client-at-upstream";
+const LABEL_PURGE_SCOPE_AT: &[u8] = b"token-proxy/v1/purge-scope-at-upstream";
+const LABEL_THROTTLE_CLIENT_AT: &[u8] = b"token-proxy/v1/throttle-client-at-upstream";
+const LABEL_THROTTLE_SOURCE_AT: &[u8] = b"token-proxy/v1/throttle-source-at-upstream";
 
 /// Names a client (or a client and a scope, or a client and a source address) in Redis
 /// without revealing it.
@@ -114,6 +119,32 @@ impl KeyHasher {
         let scope = scope.to_param();
         let marker: &[u8] = if scope.is_some() { b"set" } else { b"omitted" };
         self.tag(LABEL_PURGE_SCOPE, &[client_id.as_bytes(), marker, scope.as_deref().unwrap_or("").as_bytes()])
+    }
+
+    /// The purge tag of every entry of one named upstream.
+    pub fn upstream_tag(&self, upstream: &str) -> Tag {
+        self.tag(LABEL_PURGE_UPSTREAM, &[upstream.as_bytes()])
+    }
+
+    /// The purge tag of a client at one named upstream only.
+    pub fn client_tag_at(&self, upstream: &str, client_id: &str) -> Tag {
+        self.tag(LABEL_PURGE_CLIENT_AT, &[upstream.as_bytes(), client_id.as_bytes()])
+    }
+
+    /// The purge tag of a client's entries for one scope at one named upstream only.
+    pub fn scope_tag_at(&self, upstream: &str, client_id: &str, scope: &Scope) -> Tag {
+        let scope = scope.to_param();
+        let marker: &[u8] = if scope.is_some() { b"set" } else { b"omitted" };
+        let scope = scope.as_deref().unwrap_or("").as_bytes();
+        self.tag(LABEL_PURGE_SCOPE_AT, &[upstream.as_bytes(), client_id.as_bytes(), marker, scope])
+    }
+
+    /// [`KeyHasher::throttle_tags`] of a client at one named upstream (`None`: the one upstream
+    /// of a deployment without names), so that each upstream counts its own failures.
+    pub fn throttle_tags_at(&self, upstream: Option<&str>, client_id: &str, source: &[u8]) -> (Tag, Tag) {
+        let Some(upstream) = upstream else { return self.throttle_tags(client_id, source) };
+        let (at, client) = (upstream.as_bytes(), client_id.as_bytes());
+        (self.tag(LABEL_THROTTLE_CLIENT_AT, &[at, client]), self.tag(LABEL_THROTTLE_SOURCE_AT, &[at, client, source]))
     }
 }
 
@@ -227,6 +258,27 @@ mod tests {
         assert_ne!(client, h.client_tag("a"), "throttle and purge names are unrelated");
         assert_ne!(source, h.throttle_tags("a", &[127, 0, 0, 2]).1);
         assert_eq!(client, h.throttle_tags("a", &[127, 0, 0, 2]).0);
+    }
+
+    #[test]
+    fn tags_at_an_upstream_are_that_upstreams_alone() {
+        let keys = Keys::derive(ROOT).unwrap();
+        let h = &keys.hasher;
+        let scope = Scope::parse(Some("x")).unwrap();
+        assert_ne!(h.upstream_tag("orders"), h.upstream_tag("partners"));
+        assert_ne!(h.client_tag_at("orders", "a"), h.client_tag_at("partners", "a"));
+        assert_ne!(h.client_tag_at("orders", "a"), h.client_tag("a"), "a client everywhere is another purge");
+        assert_ne!(h.scope_tag_at("orders", "a", &scope), h.scope_tag_at("partners", "a", &scope));
+        assert_ne!(h.scope_tag_at("orders", "a", &scope), h.scope_tag("a", &scope));
+        // Lengths are part of the input: moving bytes between the upstream and the client differs.
+        assert_ne!(h.client_tag_at("ab", "c"), h.client_tag_at("a", "bc"));
+        let source = [127, 0, 0, 1];
+        assert_eq!(h.throttle_tags_at(None, "a", &source), h.throttle_tags("a", &source));
+        let (orders, partners) =
+            (h.throttle_tags_at(Some("orders"), "a", &source), h.throttle_tags_at(Some("partners"), "a", &source));
+        assert_ne!(orders.0, partners.0);
+        assert_ne!(orders.1, partners.1);
+        assert_ne!(orders.0, h.throttle_tags("a", &source).0);
     }
 
     #[test]

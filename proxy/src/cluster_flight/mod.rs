@@ -24,7 +24,7 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use shared::keys::CacheKey;
 
-use crate::entry::CachedToken;
+use crate::entry::{CachedToken, Freshness};
 use crate::metrics::Metrics;
 use crate::outcome::{Fetched, Outcome, Source};
 use crate::redis_clock::RedisClock;
@@ -99,15 +99,22 @@ pub struct ClusterFlights {
     store: RedisStore,
     waiters: Arc<Waiters>,
     settings: FlightSettings,
+    /// The freshness rules of the upstream these flights are for.
+    freshness: Freshness,
     metrics: Arc<Metrics>,
 }
 
 impl ClusterFlights {
     /// Starts routing the announcements the store receives to this replica's followers.
-    pub fn new(store: RedisStore, settings: FlightSettings, metrics: Arc<Metrics>) -> ClusterFlights {
+    pub fn new(
+        store: RedisStore,
+        settings: FlightSettings,
+        freshness: Freshness,
+        metrics: Arc<Metrics>,
+    ) -> ClusterFlights {
         let waiters = Arc::new(Waiters::default());
         tokio::spawn(waiters::route(store.messages(), Arc::downgrade(&waiters)));
-        ClusterFlights { store, waiters, settings, metrics }
+        ClusterFlights { store, waiters, settings, freshness, metrics }
     }
 
     pub fn settings(&self) -> FlightSettings {
@@ -210,14 +217,14 @@ impl<'a> ClusterFlight<'a> {
         if unusable {
             store.usable(Found::Unusable);
         }
-        let sealing = store.sealing();
-        let stale = |value| sealing.open_servable(&self.key, self.secret, value);
+        let (sealing, freshness) = (store.sealing(), &self.flights.freshness);
+        let stale = |value| sealing.open_servable(&self.key, self.secret, value, freshness);
         Ok(match lookup {
-            Lookup::Fresh(value) => Locked::Fresh(sealing.open_entry(0, &self.key, self.secret, &value)),
+            Lookup::Fresh(value) => Locked::Fresh(sealing.open_entry(0, &self.key, self.secret, &value, freshness)),
             Lookup::Acquired { stale: value, clock } => Locked::Write {
                 stale: stale(value),
                 permit: WritePermit {
-                    store: store.clone(),
+                    flights: self.flights,
                     key: self.key,
                     secret: self.secret,
                     owner: self.owner.clone(),
@@ -264,7 +271,7 @@ impl<'a> ClusterFlight<'a> {
         let sealing = self.flights.store.sealing();
         let deadline = Instant::now() + wait;
         while let Some(message) = self.waiter.next(deadline.saturating_duration_since(Instant::now())).await {
-            match sealing.open_announcement(&self.key, self.secret, &message, &clock) {
+            match sealing.open_announcement(&self.key, self.secret, &message, &clock, &self.flights.freshness) {
                 Announcement::Foreign | Announcement::Expired => continue,
                 Announcement::Malformed => return None,
                 Announcement::Outcome(outcome) => return Some(outcome),
@@ -278,7 +285,7 @@ impl<'a> ClusterFlight<'a> {
 /// without completing, it releases the lock (best effort: else it expires after its TTL).
 #[derive(Debug)]
 pub struct WritePermit<'a> {
-    store: RedisStore,
+    flights: &'a ClusterFlights,
     key: CacheKey,
     secret: &'a [u8],
     owner: LockOwner,
@@ -293,10 +300,11 @@ impl WritePermit<'_> {
     /// one or a peer's), releases the lock and announces the outcome, in one step.
     pub async fn complete(mut self, fetched: &Fetched) {
         self.completed = true;
-        let sealing = self.store.sealing();
+        let (store, freshness) = (&self.flights.store, &self.flights.freshness);
+        let sealing = store.sealing();
         let entry = match (fetched.source, &fetched.outcome) {
             (Source::Upstream | Source::Cache, Outcome::Token(token)) => {
-                sealing.seal_entry(&self.key, self.secret, token, &self.clock)
+                sealing.seal_entry(&self.key, self.secret, token, &self.clock, freshness)
             }
             _ => None,
         };
@@ -313,7 +321,7 @@ impl WritePermit<'_> {
             Bytes::from(announcement).into(),
         ];
         let keys = vec![RedisStore::entry_key(&self.key), RedisStore::lock_key(&self.key)];
-        if let Ok(0) = self.store.eval::<i64>(&COMPLETE, keys, args).await {
+        if let Ok(0) = store.eval::<i64>(&COMPLETE, keys, args).await {
             tracing::info!(key = ?self.key, "the lock expired before the flight ended; another flight may have run");
         }
     }
@@ -325,7 +333,7 @@ impl Drop for WritePermit<'_> {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (store, key, owner) = (self.store.clone(), self.key, self.owner.clone());
+        let (store, key, owner) = (self.flights.store.clone(), self.key, self.owner.clone());
         runtime.spawn(async move {
             let released = store.eval::<i64>(&RELEASE, vec![RedisStore::lock_key(&key)], vec![owner.0.into()]).await;
             tracing::debug!(?key, ?released, "a flight ended without completing; its lock released");

@@ -1,5 +1,7 @@
 //! The optional TOML file (`TOKEN_PROXY_CONFIG`, `--config`): the same settings, each named as
-//! its variable without `TOKEN_PROXY_` in lower case (`upstream_url = "https://..."`).
+//! its variable without `TOKEN_PROXY_` in lower case (`upstream_url = "https://..."`), and the
+//! named upstreams: one `[upstreams.NAME]` table each, holding the settings that belong to a
+//! token endpoint ([`UPSTREAM_KEYS`]), and `default_upstream`.
 //!
 //! Values are turned back into the text a variable would hold and parsed by the same code, so
 //! the file cannot accept what the environment refuses. Errors name the file and the key and
@@ -8,15 +10,38 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::{ConfigError, SETTINGS, Setting};
+use super::{ConfigError, SETTINGS, Setting, cache, quota, upstream};
+use crate::upstreams;
 
-/// Keys the next issue gives meaning to (several upstreams); refused until then.
-const LATER_KEYS: &[&str] = &["upstreams", "default_upstream"];
+/// The keys of an `[upstreams.NAME]` table: the settings that belong to one token endpoint,
+/// each overriding its global value for that upstream.
+pub const UPSTREAM_KEYS: &[(&str, &Setting)] = &[
+    ("url", &upstream::UPSTREAM_URL),
+    ("connect_timeout", &upstream::UPSTREAM_CONNECT_TIMEOUT),
+    ("timeout", &upstream::UPSTREAM_TIMEOUT),
+    ("headers_file", &upstream::UPSTREAM_HEADERS_FILE),
+    ("rate_limit", &quota::UPSTREAM_RATE_LIMIT),
+    ("queue_timeout", &quota::UPSTREAM_QUEUE_TIMEOUT),
+    ("expiry_margin", &cache::EXPIRY_MARGIN),
+    ("min_token_ttl", &cache::MIN_TOKEN_TTL),
+    ("max_token_lifetime", &cache::MAX_TOKEN_LIFETIME),
+    ("refresh_at", &cache::REFRESH_AT),
+];
 
-/// A parsed file: raw values by variable name.
+/// Keys of an upstream table that a later version gives meaning to; refused until then, so
+/// that no one believes a budget is enforced.
+const LATER_UPSTREAM_KEYS: &[&str] = &["client_call_budget", "client_call_budget_window", "hosts"];
+
+/// A parsed file (or one `[upstreams.NAME]` table of it): raw values by variable name.
 pub struct ConfigFile {
+    /// The file's path; `PATH: upstreams.NAME` for a table.
     path: String,
     values: HashMap<&'static str, String>,
+    /// For a table: the key each variable has there (see [`UPSTREAM_KEYS`]).
+    table_keys: Option<HashMap<&'static str, &'static str>>,
+    /// The `[upstreams.NAME]` tables, in name order.
+    upstreams: Vec<(String, ConfigFile)>,
+    default_upstream: Option<String>,
 }
 
 // Not derived: the values may be secrets.
@@ -44,13 +69,93 @@ impl ConfigFile {
             ConfigError { variable: path.to_owned(), message: format!("not valid TOML at line {line}: {message}") }
         })?;
         let mut values = HashMap::new();
+        let (mut upstreams, mut default_upstream) = (Vec::new(), None);
         for (key, value) in table {
-            if LATER_KEYS.contains(&key.as_str()) {
-                return Err(at(&key, "several upstreams come in a later version; set upstream_url".to_owned()));
+            match (key.as_str(), value) {
+                ("upstreams", toml::Value::Table(tables)) => {
+                    for (name, table) in tables {
+                        let here = format!("upstreams.{name}");
+                        if !upstreams::is_valid_name(&name) {
+                            let message = format!(
+                                "an upstream name has letters, digits, - and _ only, at most {} bytes",
+                                upstreams::MAX_NAME_LEN
+                            );
+                            return Err(at(&here, message));
+                        }
+                        let toml::Value::Table(table) = table else {
+                            return Err(at(&here, "expected a table ([upstreams.NAME])".to_owned()));
+                        };
+                        upstreams.push((name, ConfigFile::upstream_table(path, &here, table)?));
+                    }
+                    if upstreams.is_empty() {
+                        return Err(at("upstreams", "names no upstream".to_owned()));
+                    }
+                }
+                ("upstreams", _) => return Err(at("upstreams", "expected tables ([upstreams.NAME])".to_owned())),
+                ("default_upstream", toml::Value::String(name)) => default_upstream = Some(name),
+                ("default_upstream", _) => return Err(at("default_upstream", "expected a string".to_owned())),
+                (_, value) => {
+                    let Some(setting) = SETTINGS.iter().find(|s| s.file_key() == key) else {
+                        let message = "unknown setting (the keys are the variables' names, see --help)";
+                        return Err(at(&key, message.to_owned()));
+                    };
+                    values.insert(setting.name, raw_value(value, &|m| at(&key, m))?);
+                }
             }
-            let Some(setting) = SETTINGS.iter().find(|s| s.file_key() == key) else {
-                return Err(at(&key, "unknown setting (the keys are the variables' names, see --help)".to_owned()));
+        }
+        if let Some(name) = &default_upstream {
+            if !upstreams.iter().any(|(n, _)| n == name) {
+                let names: Vec<&str> = upstreams.iter().map(|(n, _)| n.as_str()).collect();
+                let message = if names.is_empty() {
+                    "names an upstream, but there is no [upstreams.NAME] table".to_owned()
+                } else {
+                    format!("names no upstream (the upstreams are {})", names.join(", "))
+                };
+                return Err(at("default_upstream", message));
+            }
+        }
+        upstreams.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(ConfigFile { path: path.to_owned(), values, table_keys: None, upstreams, default_upstream })
+    }
+
+    /// One `[upstreams.NAME]` table (`here` is `upstreams.NAME`), as a layer over the rest.
+    fn upstream_table(path: &str, here: &str, table: toml::Table) -> Result<ConfigFile, ConfigError> {
+        let at = |key: &str, message: String| ConfigError { variable: format!("{path}: {here}.{key}"), message };
+        let mut values = HashMap::new();
+        let mut table_keys = HashMap::new();
+        for (key, value) in table {
+            if LATER_UPSTREAM_KEYS.contains(&key.as_str()) {
+                return Err(at(&key, "not supported yet (a later version enforces it)".to_owned()));
+            }
+            let Some((name, setting)) = UPSTREAM_KEYS.iter().find(|(name, _)| *name == key) else {
+                let known: Vec<&str> = UPSTREAM_KEYS.iter().map(|(name, _)| *name).collect();
+                return Err(at(&key, format!("unknown upstream setting (known: {})", known.join(", "))));
             };
+            values.insert(setting.name, raw_value(value, &|m| at(&key, m))?);
+            table_keys.insert(setting.name, *name);
+        }
+        if !values.contains_key(upstream::UPSTREAM_URL.name) {
+            return Err(at("url", "is required".to_owned()));
+        }
+        let path = format!("{path}: {here}");
+        Ok(ConfigFile { path, values, table_keys: Some(table_keys), upstreams: Vec::new(), default_upstream: None })
+    }
+
+    /// The `[upstreams.NAME]` tables, in name order; empty without any.
+    pub fn upstreams(&self) -> &[(String, ConfigFile)] {
+        &self.upstreams
+    }
+
+    /// The upstream `/oauth2/token` reaches, if the file names one (it exists: checked).
+    pub fn default_upstream(&self) -> Option<&str> {
+        self.default_upstream.as_deref()
+    }
+}
+
+/// A TOML value as the text its variable would hold; `error` builds the error for this key.
+fn raw_value(value: toml::Value, error: &dyn Fn(String) -> ConfigError) -> Result<String, ConfigError> {
+    {
+        {
             let raw = match value {
                 toml::Value::String(s) => s,
                 toml::Value::Integer(i) => i.to_string(),
@@ -61,24 +166,29 @@ impl ConfigFile {
                     .into_iter()
                     .map(|item| match item {
                         toml::Value::String(s) => Ok(s),
-                        _ => Err(at(&key, "expected a list of strings".to_owned())),
+                        _ => Err(error("expected a list of strings".to_owned())),
                     })
                     .collect::<Result<Vec<_>, _>>()?
                     .join(","),
-                _ => return Err(at(&key, "expected a string, number, boolean or list of strings".to_owned())),
+                _ => return Err(error("expected a string, number, boolean or list of strings".to_owned())),
             };
-            values.insert(setting.name, raw);
+            Ok(raw)
         }
-        Ok(ConfigFile { path: path.to_owned(), values })
     }
+}
 
+impl ConfigFile {
     /// The raw value of a setting, if the file sets it.
     pub fn value(&self, setting: &Setting) -> Option<&str> {
         self.values.get(setting.name).map(String::as_str)
     }
 
-    /// Where a value of the file came from, for error messages: `PATH: key`.
+    /// Where a value of the file came from, for error messages: `PATH: key`, or
+    /// `PATH: upstreams.NAME.key` for a table's.
     pub fn origin(&self, setting: &Setting) -> String {
-        format!("{}: {}", self.path, setting.file_key())
+        match self.table_keys.as_ref().and_then(|keys| keys.get(setting.name)) {
+            Some(key) => format!("{}.{key}", self.path),
+            None => format!("{}: {}", self.path, setting.file_key()),
+        }
     }
 }

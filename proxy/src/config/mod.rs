@@ -136,7 +136,11 @@ pub static SETTINGS: &[&Setting] = &[
 #[derive(Debug)]
 pub struct Config {
     pub listeners: ListenerSettings,
-    pub upstream: UpstreamSettings,
+    /// The token endpoints: one without a name (`TOKEN_PROXY_UPSTREAM_URL`), or the file's
+    /// `[upstreams.NAME]` tables in name order.
+    pub endpoints: Vec<Endpoint>,
+    /// The named upstream `/oauth2/token` reaches (the file's `default_upstream`).
+    pub default_upstream: Option<String>,
     /// `None` runs one replica alone on its in-process cache.
     pub redis: Option<RedisSettings>,
     pub secrets: SecretSettings,
@@ -147,6 +151,19 @@ pub struct Config {
     pub log: LogSettings,
     /// Where each value the file gave came from, to name it in errors found while building.
     origins: Origins,
+}
+
+/// One token endpoint: its upstream client, and the settings of the cache and of the quota
+/// as they apply to it (its table's values over the global ones).
+#[derive(Debug)]
+pub struct Endpoint {
+    /// `None`: the one upstream of a deployment without names.
+    pub name: Option<String>,
+    pub upstream: UpstreamSettings,
+    pub cache: CacheSettings,
+    pub quota: QuotaSettings,
+    /// Where its table's values came from, to name them in errors found while building.
+    pub origins: Origins,
 }
 
 /// The settings whose values came from the file, each with its `PATH: key`.
@@ -188,6 +205,9 @@ pub enum Command {
 pub(crate) struct Source<'a> {
     lookup: &'a dyn Fn(&str) -> Option<String>,
     file: Option<&'a ConfigFile>,
+    /// One `[upstreams.NAME]` table, above everything else: an upstream's own value beats the
+    /// global one, wherever that came from.
+    table: Option<&'a ConfigFile>,
 }
 
 impl Source<'_> {
@@ -196,7 +216,10 @@ impl Source<'_> {
     }
 
     fn get(&self, setting: &Setting) -> Option<String> {
-        self.overridden(setting)
+        self.table
+            .and_then(|table| table.value(setting))
+            .map(str::to_owned)
+            .or_else(|| self.overridden(setting))
             .or_else(|| self.file.and_then(|file| file.value(setting)).map(str::to_owned))
             .or_else(|| setting.default.map(str::to_owned))
     }
@@ -220,6 +243,9 @@ impl Source<'_> {
     /// An error naming where the setting's value came from: the file's key when the file gave
     /// it, else the variable.
     fn error(&self, setting: &Setting, message: impl Into<String>) -> ConfigError {
+        if let Some(table) = self.table.filter(|table| table.value(setting).is_some()) {
+            return ConfigError { variable: table.origin(setting), message: message.into() };
+        }
         match self.file {
             Some(file) if self.overridden(setting).is_none() && file.value(setting).is_some() => {
                 ConfigError { variable: file.origin(setting), message: message.into() }
@@ -252,11 +278,23 @@ impl Config {
             Some(path) => Some(ConfigFile::read(&path, &CONFIG)?),
             None => None,
         };
-        Config::from_source(&Source { lookup: &lookup, file: file.as_ref() })
+        Config::from_source(&Source { lookup: &lookup, file: file.as_ref(), table: None })
     }
 
     fn from_source(source: &Source) -> Result<Config, ConfigError> {
-        let upstream = UpstreamSettings::parse(source)?;
+        let tables = source.file.map(ConfigFile::upstreams).unwrap_or_default();
+        if !tables.is_empty() && source.overridden(&upstream::UPSTREAM_URL).is_some() {
+            return Err(upstream::UPSTREAM_URL.error(
+                "cannot be combined with the file's [upstreams.NAME] tables (give each upstream its url there)",
+            ));
+        }
+        if !tables.is_empty() && source.file.is_some_and(|file| file.value(&upstream::UPSTREAM_URL).is_some()) {
+            let file = source.file.expect("checked");
+            return Err(ConfigError {
+                variable: file.origin(&upstream::UPSTREAM_URL),
+                message: "cannot be combined with [upstreams.NAME] tables (give each upstream its url there)".into(),
+            });
+        }
         let redis = RedisSettings::parse(source)?;
         let secrets = SecretSettings::parse(source)?;
         if redis.is_some() && secrets.current.is_none() {
@@ -276,15 +314,48 @@ impl Config {
         }
         let quota = QuotaSettings::parse(source)?;
         let inbound = InboundSettings::parse(source)?;
-        if inbound.request_timeout <= upstream.timeout {
-            return Err(source.error(
-                &inbound::REQUEST_TIMEOUT,
-                format!(
-                    "must be longer than {} (a request may wait for one upstream call)",
-                    upstream::UPSTREAM_TIMEOUT.name
-                ),
-            ));
+        let endpoints = if tables.is_empty() {
+            let upstream = UpstreamSettings::parse(source)?;
+            vec![Endpoint {
+                name: None,
+                upstream,
+                cache: cache.clone(),
+                quota: quota.clone(),
+                origins: Origins::default(),
+            }]
+        } else {
+            let mut endpoints = Vec::with_capacity(tables.len());
+            for (name, table) in tables {
+                let source = Source { table: Some(table), ..*source };
+                endpoints.push(Endpoint {
+                    name: Some(name.clone()),
+                    upstream: UpstreamSettings::parse(&source)?,
+                    cache: CacheSettings::parse(&source)?,
+                    quota: QuotaSettings::parse(&source)?,
+                    origins: Origins(
+                        SETTINGS
+                            .iter()
+                            .filter(|s| table.value(s).is_some())
+                            .map(|s| (s.name, table.origin(s)))
+                            .collect(),
+                    ),
+                });
+            }
+            endpoints
+        };
+        for endpoint in &endpoints {
+            if inbound.request_timeout <= endpoint.upstream.timeout {
+                let limit = match &endpoint.name {
+                    None => upstream::UPSTREAM_TIMEOUT.name.to_owned(),
+                    Some(name) => format!("{} and the timeout of upstream {name}", upstream::UPSTREAM_TIMEOUT.name),
+                };
+                return Err(source.error(
+                    &inbound::REQUEST_TIMEOUT,
+                    format!("must be longer than {limit} (a request may wait for one upstream call)"),
+                ));
+            }
         }
+        let default_upstream = source.file.and_then(ConfigFile::default_upstream).map(str::to_owned);
         let origins = Origins(
             SETTINGS
                 .iter()
@@ -292,7 +363,19 @@ impl Config {
                 .filter_map(|s| source.file.filter(|file| file.value(s).is_some()).map(|file| (s.name, file.origin(s))))
                 .collect(),
         );
-        Ok(Config { listeners, upstream, redis, secrets, cache, quota, inbound, admin, log, origins })
+        Ok(Config {
+            listeners,
+            endpoints,
+            default_upstream,
+            redis,
+            secrets,
+            cache,
+            quota,
+            inbound,
+            admin,
+            log,
+            origins,
+        })
     }
 
     /// A configuration for tests and embedding: loopback on port 0, no Redis, defaults otherwise.
@@ -315,7 +398,9 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         let build = || {
             self.secrets.keys()?;
-            self.upstream.client(Arc::new(Metrics::new()))?;
+            for endpoint in &self.endpoints {
+                endpoint.upstream.client(Arc::new(Metrics::new())).map_err(|e| endpoint.origins.locate(e))?;
+            }
             self.inbound.client_inbound(Arc::new(self.inbound.sources()), Arc::new(AcceptFailures::default()))?;
             Ok(())
         };
@@ -632,14 +717,14 @@ mod tests {
         .unwrap();
         assert_eq!(config.listeners.client, "127.0.0.1:1".parse().unwrap(), "the environment wins");
         assert_eq!(config.listeners.admin, "127.0.0.1:9091".parse().unwrap());
-        assert_eq!(config.upstream.url.as_str(), "http://127.0.0.1:9000/oauth2/token");
+        assert_eq!(config.endpoints[0].upstream.url.as_str(), "http://127.0.0.1:9000/oauth2/token");
         assert_eq!(config.redis.as_ref().unwrap().url.expose_secret(), "redis://:file-password@127.0.0.1:6380");
         assert_eq!(config.secret_bytes().unwrap(), b"0123456789abcdef0123456789abcdef");
         assert_eq!((config.cache.refresh_at, config.cache.l1_capacity), (0.5, 7));
         assert!(config.inbound.allow_query_params);
         assert_eq!(config.listeners.drain_delay, Duration::ZERO);
         assert_eq!(config.inbound.allowed_networks.len(), 2);
-        assert_eq!(config.upstream.timeout, Duration::from_secs(10), "defaults fill in the rest");
+        assert_eq!(config.endpoints[0].upstream.timeout, Duration::from_secs(10), "defaults fill in the rest");
     }
 
     #[test]
@@ -665,7 +750,7 @@ mod tests {
             ("redis_timeout = true", "redis_timeout"),
             ("allowed_networks = [1, 2]", "allowed_networks"),
             ("max_token_lifetime = \"30s\"", "max_token_lifetime"),
-            ("[upstreams.cognito]\nurl = \"https://x/oauth2/token\"", "upstreams"),
+            ("upstreams = \"cognito\"", "upstreams"),
             ("default_upstream = \"cognito\"", "default_upstream"),
             ("listen = { address = \"x\" }", "listen"),
         ];
@@ -675,7 +760,8 @@ mod tests {
             assert_eq!(err.variable, format!("{}: {key}", file.path()), "{text}: {err}");
             assert!(!err.to_string().contains('\n'), "{err}");
         }
-        let later = ConfigFile::parse("f.toml", "[upstreams.a]\nurl = \"https://x/\"").unwrap_err();
+        let later =
+            ConfigFile::parse("f.toml", "[upstreams.a]\nurl = \"https://x/\"\nclient_call_budget = 5").unwrap_err();
         assert!(later.message.contains("later version"), "{later}");
         let missing = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_CONFIG", "/nonexistent/tp.toml")]));
         assert_eq!(missing.unwrap_err().variable, "TOKEN_PROXY_CONFIG");
@@ -705,6 +791,7 @@ mod tests {
                     let source = Source {
                         lookup: &|name: &str| (name == UPSTREAM.0).then(|| UPSTREAM.1.to_owned()),
                         file: Some(&file),
+                        table: None,
                     };
                     Config::from_source(&source)
                 })
@@ -715,6 +802,72 @@ mod tests {
         }
         let file = ConfigFile::parse("f.toml", "admin_token = \"a-long-enough-hunter2\"").unwrap();
         assert!(!format!("{file:?}").contains("hunter2"));
+    }
+
+    /// The configuration a file gives, with `vars` over it.
+    fn from_file(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let file = ConfigFile::parse("f.toml", text)?;
+        let lookup = lookup(vars);
+        Config::from_source(&Source { lookup: &lookup, file: Some(&file), table: None })
+    }
+
+    const TWO_UPSTREAMS: &str = r#"
+upstream_timeout = "8s"
+default_upstream = "orders-prod"
+
+[upstreams.orders-prod]
+url = "https://orders.auth.eu-west-1.amazoncognito.com/oauth2/token"
+expiry_margin = "2m"
+
+[upstreams.partners]
+url = "https://login.example.com/oauth2/v2.0/token"
+timeout = "3s"
+rate_limit = 20
+"#;
+
+    #[test]
+    fn upstream_tables_override_the_global_settings_for_their_upstream_only() {
+        let config = from_file(TWO_UPSTREAMS, &[("TOKEN_PROXY_EXPIRY_MARGIN", "30s")]).unwrap();
+        assert_eq!(config.default_upstream.as_deref(), Some("orders-prod"));
+        let [orders, partners] = &config.endpoints[..] else { panic!("two endpoints") };
+        assert_eq!(orders.name.as_deref(), Some("orders-prod"));
+        assert_eq!(orders.upstream.url.host_str(), Some("orders.auth.eu-west-1.amazoncognito.com"));
+        // The table beats the environment, which beats the global file value.
+        assert_eq!(orders.cache.expiry_margin, Duration::from_secs(120));
+        assert_eq!(partners.cache.expiry_margin, Duration::from_secs(30));
+        assert_eq!(
+            (orders.upstream.timeout, partners.upstream.timeout),
+            (Duration::from_secs(8), Duration::from_secs(3))
+        );
+        assert_eq!(partners.quota.upstream_rate_limit, 20);
+        assert_eq!(orders.quota.upstream_rate_limit, config.quota.upstream_rate_limit);
+    }
+
+    #[test]
+    fn an_inconsistent_upstream_table_stops_start_up_naming_its_key() {
+        let table = "[upstreams.a]\nurl = \"http://127.0.0.1:1/oauth2/token\"\n";
+        let cases: Vec<(String, &str)> = vec![
+            (format!("default_upstream = \"b\"\n{table}"), "f.toml: default_upstream"),
+            ("default_upstream = \"b\"\n".to_owned(), "f.toml: default_upstream"),
+            ("[upstreams.a]\ntimeout = \"1s\"\n".to_owned(), "f.toml: upstreams.a.url"),
+            (format!("{table}timeout = \"soon\"\n"), "f.toml: upstreams.a.timeout"),
+            (format!("{table}url_typo = 1\n"), "f.toml: upstreams.a.url_typo"),
+            (format!("{table}client_call_budget = 500\n"), "f.toml: upstreams.a.client_call_budget"),
+            ("[upstreams.\"a b\"]\nurl = \"http://x/oauth2/token\"\n".to_owned(), "f.toml: upstreams.a b"),
+            (format!("upstream_url = \"http://x/oauth2/token\"\n{table}"), "f.toml: upstream_url"),
+            ("upstreams = 1\n".to_owned(), "f.toml: upstreams"),
+        ];
+        for (text, named) in cases {
+            let error = from_file(&text, &[]).unwrap_err();
+            assert_eq!(error.variable, named, "{text}: {error}");
+        }
+        // The environment's single upstream cannot be mixed with the file's tables either.
+        let error = from_file(table, &[UPSTREAM]).unwrap_err();
+        assert_eq!(error.variable, "TOKEN_PROXY_UPSTREAM_URL", "{error}");
+        // A request must outlast every upstream's own timeout.
+        let error = from_file(&format!("{table}timeout = \"40s\"\n"), &[]).unwrap_err();
+        assert_eq!(error.variable, "TOKEN_PROXY_REQUEST_TIMEOUT", "{error}");
+        assert!(error.message.contains("upstream a"), "{error}");
     }
 
     #[test]

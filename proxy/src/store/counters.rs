@@ -66,7 +66,7 @@ if redis.call('HINCRBY', KEYS[1], 'n', 1) <= tonumber(ARGV[1]) then return 0 end
 return math.max(1000 - math.floor(tonumber(now[2]) / 1000), 1)
 ";
 
-/// The hash that counts this second's upstream calls.
+/// The hash that counts this second's upstream calls (`tp:rate:NAME` for a named upstream).
 const RATE_KEY: &str = "tp:rate";
 
 /// What the failed-authentication counters say about one more attempt.
@@ -139,11 +139,16 @@ impl RedisStore {
         self.guarded(async { Ok(AUTH_SETTLE.evalsha_with_reload(&self.client, counters.names(), args).await?) }).await
     }
 
-    /// Takes a slot of the cluster-wide upstream rate cap: see [`RATE_SLOT_LUA`]. `Some(wait)` =
-    /// none left before the next window, `wait` from now.
-    pub async fn rate_slot(&self, per_second: u32) -> Result<Option<Duration>, StoreError> {
+    /// Takes a slot of the cluster-wide rate cap of `upstream` (its name; `None` for the one
+    /// upstream of a deployment without names): see [`RATE_SLOT_LUA`]. `Some(wait)` = none
+    /// left before the next window, `wait` from now.
+    pub async fn rate_slot(&self, upstream: Option<&str>, per_second: u32) -> Result<Option<Duration>, StoreError> {
+        let key = match upstream {
+            None => RATE_KEY.to_owned(),
+            Some(name) => format!("{RATE_KEY}:{name}"),
+        };
         let wait: i64 = self
-            .guarded(async { Ok(RATE_SLOT.evalsha_with_reload(&self.client, vec![RATE_KEY], per_second).await?) })
+            .guarded(async { Ok(RATE_SLOT.evalsha_with_reload(&self.client, vec![key], per_second).await?) })
             .await?;
         Ok((wait > 0).then(|| Duration::from_millis(wait.unsigned_abs())))
     }

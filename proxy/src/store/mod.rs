@@ -28,7 +28,7 @@ use shared::keys::CacheKey;
 use tokio::sync::{Notify, broadcast};
 
 use crate::breaker::Breaker;
-use crate::entry::CachedToken;
+use crate::entry::{CachedToken, Freshness};
 use crate::metrics::{BreakerState, Metrics};
 use crate::read_pipeline::{MAX_VALUE, ReadError, ReadPipeline, Target};
 use crate::redis_clock::RedisTime;
@@ -242,10 +242,15 @@ impl RedisStore {
     /// The token of the first entry found for a request, or `None`: `names[i]` is its cache
     /// key under the `i`-th secret (the current one first, see [`Sealing`]). An entry that does
     /// not open is a miss: older secrets are looked at only where newer ones have no entry.
-    pub async fn read_entry(&self, names: &[CacheKey], secret: &[u8]) -> Result<Option<Arc<CachedToken>>, StoreError> {
+    pub async fn read_entry(
+        &self,
+        names: &[CacheKey],
+        secret: &[u8],
+        freshness: &Freshness,
+    ) -> Result<Option<Arc<CachedToken>>, StoreError> {
         for (generation, key) in names.iter().enumerate().take(self.sealing.generations()) {
             if let Some(value) = self.read_value(key).await? {
-                return Ok(self.sealing.open_entry(generation, key, secret, &value));
+                return Ok(self.sealing.open_entry(generation, key, secret, &value, freshness));
             }
         }
         Ok(None)

@@ -21,7 +21,6 @@ pub struct Sealing {
     /// The current secret's sealer first (the only one that seals), then the previous ones'
     /// (`TOKEN_PROXY_PREVIOUS_SECRETS`): a rotation costs no upstream calls.
     sealers: Vec<Sealer>,
-    freshness: Freshness,
 }
 
 /// Which root secret named and sealed an entry: 0 is the current one, `i` the `i`-th previous.
@@ -40,9 +39,9 @@ pub enum Announcement {
 }
 
 impl Sealing {
-    pub fn new(current: &Keys, previous: &[Keys], freshness: Freshness) -> Sealing {
+    pub fn new(current: &Keys, previous: &[Keys]) -> Sealing {
         let sealers = std::iter::once(current).chain(previous).map(|keys| keys.sealer.clone()).collect();
-        Sealing { sealers, freshness }
+        Sealing { sealers }
     }
 
     /// How many secrets' entries are read: the current one and the previous ones.
@@ -58,6 +57,7 @@ impl Sealing {
         key: &CacheKey,
         secret: &[u8],
         value: &StoredValue,
+        freshness: &Freshness,
     ) -> Option<Arc<CachedToken>> {
         let plaintext = match self.sealers.get(generation)?.open(key, secret, &value.sealed) {
             Ok(plaintext) => plaintext,
@@ -70,12 +70,18 @@ impl Sealing {
             tracing::warn!(?key, "cache entry of an earlier layout treated as a miss");
             return None;
         };
-        CachedToken::from_stored(token, remaining, Instant::now(), &self.freshness).map(Arc::new)
+        CachedToken::from_stored(token, remaining, Instant::now(), freshness).map(Arc::new)
     }
 
     /// A stale entry from a lookup, if it opens and may still be served.
-    pub fn open_servable(&self, key: &CacheKey, secret: &[u8], value: Option<StoredValue>) -> Option<Arc<CachedToken>> {
-        self.open_entry(0, key, secret, &value?).filter(|t| t.is_servable(Instant::now(), &self.freshness))
+    pub fn open_servable(
+        &self,
+        key: &CacheKey,
+        secret: &[u8],
+        value: Option<StoredValue>,
+        freshness: &Freshness,
+    ) -> Option<Arc<CachedToken>> {
+        self.open_entry(0, key, secret, &value?, freshness).filter(|t| t.is_servable(Instant::now(), freshness))
     }
 
     /// `token` sealed as an entry with its TTL, placed on Redis's clock through `clock`; `None`
@@ -86,9 +92,10 @@ impl Sealing {
         secret: &[u8],
         token: &CachedToken,
         clock: &RedisClock,
+        freshness: &Freshness,
     ) -> Option<(Vec<u8>, Duration)> {
         let now = Instant::now();
-        let ttl = token.keep_for(now, &self.freshness)?;
+        let ttl = token.keep_for(now, freshness)?;
         let expires = clock.at(now + token.remaining(now));
         Some((self.current().seal(key, secret, &redis_clock::encode_entry(expires, &token.to_stored())), ttl))
     }
@@ -100,12 +107,19 @@ impl Sealing {
     }
 
     /// Opens an announcement; `clock` is from the follower's last lookup.
-    pub fn open_announcement(&self, key: &CacheKey, secret: &[u8], sealed: &[u8], clock: &RedisClock) -> Announcement {
+    pub fn open_announcement(
+        &self,
+        key: &CacheKey,
+        secret: &[u8],
+        sealed: &[u8],
+        clock: &RedisClock,
+        freshness: &Freshness,
+    ) -> Announcement {
         let Ok(plain) = self.current().open(key, secret, sealed) else { return Announcement::Foreign };
         let now = Instant::now();
-        match flight_message::decode(&plain, now, clock, &self.freshness) {
+        match flight_message::decode(&plain, now, clock, freshness) {
             None => Announcement::Malformed,
-            Some(Outcome::Token(token)) if !token.is_servable(now, &self.freshness) => Announcement::Expired,
+            Some(Outcome::Token(token)) if !token.is_servable(now, freshness) => Announcement::Expired,
             Some(outcome) => Announcement::Outcome(outcome),
         }
     }

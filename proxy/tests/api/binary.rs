@@ -130,7 +130,7 @@ async fn a_bad_key_or_value_in_the_file_exits_2_with_one_line_naming_the_file_an
         ("listen = \"nowhere\"", "listen"),
         ("no_such_setting = 1", "no_such_setting"),
         ("upstream_timeout = \"soon\"", "upstream_timeout"),
-        ("[upstreams.cognito]\nurl = \"https://x/oauth2/token\"", "upstreams"),
+        ("[upstreams.\"bad name\"]\nurl = \"https://x/oauth2/token\"", "upstreams"),
         // Found while building (the file is read), not while parsing: named the same way.
         ("tls_cert_file = \"/nonexistent/cert.pem\"\ntls_key_file = \"/nonexistent/key.pem\"", "tls_cert_file"),
     ];

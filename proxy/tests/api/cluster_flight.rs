@@ -31,7 +31,7 @@ async fn flights(redis: &RedisServer) -> ClusterFlights {
     })
     .await;
     let settings = FlightSettings { lock_ttl: LOCK_TTL, upstream_timeout: Duration::from_secs(10) };
-    ClusterFlights::new(store, settings, Arc::new(Metrics::new()))
+    ClusterFlights::new(store, settings, STORE_FRESHNESS, Arc::new(Metrics::new()))
 }
 
 fn token() -> Arc<CachedToken> {

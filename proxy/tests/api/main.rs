@@ -24,3 +24,4 @@ mod sealing;
 mod slow_clients;
 mod strictness;
 mod upstream_errors;
+mod upstreams;

@@ -25,10 +25,16 @@ pub fn client(id: &str, secret: &str) -> ClientConfig {
 
 /// A mock-idp for these clients, whose secrets and every token it issues become canaries.
 pub async fn spawn_idp(clients: Vec<ClientConfig>) -> RunningMockIdp {
+    spawn_pool(clients, &mock_idp::Config::for_tests(Vec::new()).issuer).await
+}
+
+/// [`spawn_idp`] as one user pool among several: its tokens carry `issuer` as their `iss`.
+pub async fn spawn_pool(clients: Vec<ClientConfig>, issuer: &str) -> RunningMockIdp {
     for client in &clients {
         register_secret(&client.client_id, &client.client_secret);
     }
-    let config = mock_idp::Config { record_tokens: true, ..mock_idp::Config::for_tests(clients) };
+    let config =
+        mock_idp::Config { record_tokens: true, issuer: issuer.to_owned(), ..mock_idp::Config::for_tests(clients) };
     let idp = mock_idp::spawn(config).await.expect("mock-idp starts");
     // Before anyone knows its address, so before it has issued anything.
     registry().idps.push((idp.idp.clone(), 0));
@@ -42,8 +48,15 @@ fn is_secret_setting(name: &str) -> bool {
 
 /// Builds a proxy config: loopback port 0, the given upstream, no drain delay, then the overrides.
 pub fn proxy_config(upstream: &str, overrides: &[(&str, &str)]) -> Config {
+    let mut all = vec![("TOKEN_PROXY_UPSTREAM_URL", upstream)];
+    all.extend_from_slice(overrides);
+    config_with(&all)
+}
+
+/// Builds a proxy config: loopback port 0, no drain delay, then `overrides` (which name the
+/// upstream, or a configuration file with `[upstreams.NAME]` tables).
+pub fn config_with(overrides: &[(&str, &str)]) -> Config {
     let mut vars: HashMap<String, String> = HashMap::from([
-        ("TOKEN_PROXY_UPSTREAM_URL".into(), upstream.to_owned()),
         ("TOKEN_PROXY_LISTEN".into(), "127.0.0.1:0".into()),
         ("TOKEN_PROXY_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
         // Stopping a test replica need not wait for a load balancer: binary.rs tests the delay.
@@ -80,13 +93,13 @@ impl TestProxy {
         // With Redis, a replica uses it once it has read the purge epochs (at start): wait
         // for that, so tests see the cluster behaviour from the first request (bounded: Redis
         // may be down on purpose).
-        let service = app.state().service.clone();
+        let upstreams = app.state().upstreams.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
         }));
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !service.purges_synced() && Instant::now() < deadline {
+        while !upstreams.purges_synced() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         TestProxy { addr, admin, stop: Some(stop), task, registry, checked: false }

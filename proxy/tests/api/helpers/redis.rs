@@ -24,7 +24,7 @@ pub struct RedisServer {
     extra_args: Vec<String>,
 }
 
-/// The freshness rules of a store used directly (not through a proxy).
+/// The freshness rules of flights run directly (not through a proxy).
 pub const STORE_FRESHNESS: token_proxy::entry::Freshness = token_proxy::entry::Freshness {
     expiry_margin: Duration::from_secs(60),
     min_token_ttl: Duration::from_secs(30),
@@ -38,7 +38,7 @@ pub fn connect_store(
     settings: token_proxy::store::StoreSettings,
     keys: &shared::keys::Keys,
 ) -> token_proxy::store::RedisStore {
-    let sealing = token_proxy::store::Sealing::new(keys, &[], STORE_FRESHNESS);
+    let sealing = token_proxy::store::Sealing::new(keys, &[]);
     let metrics = std::sync::Arc::new(token_proxy::metrics::Metrics::new());
     token_proxy::store::RedisStore::connect(url, settings, sealing, metrics).expect("a valid Redis URL")
 }

@@ -1,0 +1,175 @@
+//! Several token endpoints behind one deployment: `[upstreams.NAME]` tables in the configuration
+//! file, two mock-idp user pools, three replicas on one real Redis.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use mock_idp::RunningMockIdp;
+
+use crate::helpers::{ROOT_SECRET, RedisServer, TestProxy, burst, client, config_with, http, post_basic, spawn_pool};
+
+const SECRET: &str = "the-same-secret-at-both-pools";
+const ORDERS_ISSUER: &str = "https://cognito-idp.test/orders-pool";
+const PARTNERS_ISSUER: &str = "https://login.test/partners";
+const ADMIN_TOKEN: &str = "upstreams-admin-token-0123456789";
+
+/// Two pools that both know `shared-client` with the same secret, and the replicas in front.
+struct TwoPools {
+    orders: RunningMockIdp,
+    partners: RunningMockIdp,
+    replicas: Vec<TestProxy>,
+    _redis: RedisServer,
+    file: std::path::PathBuf,
+}
+
+impl TwoPools {
+    async fn start(replicas: usize) -> TwoPools {
+        let redis = RedisServer::start().await;
+        let orders = spawn_pool(vec![client("shared-client", SECRET)], ORDERS_ISSUER).await;
+        let partners = spawn_pool(vec![client("shared-client", SECRET)], PARTNERS_ISSUER).await;
+        let dir = std::env::temp_dir().join(format!("tp-upstreams-{}-{}", std::process::id(), redis.port));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token-proxy.toml");
+        let text = format!(
+            "default_upstream = \"orders\"\n\n[upstreams.orders]\nurl = \"{}\"\n\n[upstreams.partners]\nurl = \"{}\"\ntimeout = \"5s\"\n",
+            orders.token_url(),
+            partners.token_url()
+        );
+        std::fs::write(&file, text).unwrap();
+        let redis_url = redis.url();
+        let overrides = [
+            ("TOKEN_PROXY_CONFIG", file.to_str().unwrap()),
+            ("TOKEN_PROXY_REDIS_URL", redis_url.as_str()),
+            ("TOKEN_PROXY_SECRET", ROOT_SECRET),
+            ("TOKEN_PROXY_ADMIN_TOKEN", ADMIN_TOKEN),
+        ];
+        let mut spawned = Vec::new();
+        for _ in 0..replicas {
+            spawned.push(TestProxy::spawn(config_with(&overrides)).await);
+        }
+        TwoPools { orders, partners, replicas: spawned, _redis: redis, file }
+    }
+
+    /// `/NAME/oauth2/token` on every replica.
+    fn urls(&self, name: &str) -> Vec<String> {
+        self.replicas.iter().map(|r| format!("http://{}/{name}/oauth2/token", r.addr)).collect()
+    }
+}
+
+impl Drop for TwoPools {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.file.parent().unwrap());
+    }
+}
+
+/// The `iss` claim of a JWT access token: which pool issued it.
+fn issuer(token: &str) -> String {
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url");
+    let claims: serde_json::Value = serde_json::from_slice(&json).expect("JSON claims");
+    claims["iss"].as_str().expect("an iss claim").to_owned()
+}
+
+#[tokio::test]
+async fn the_same_credentials_at_two_pools_are_two_entries_that_never_cross() {
+    let pools = TwoPools::start(3).await;
+    let (orders_urls, partners_urls) = (pools.urls("orders"), pools.urls("partners"));
+    for round in 0..5 {
+        let (orders, partners) = tokio::join!(
+            burst(&orders_urls, 30, "shared-client", SECRET, &[]),
+            burst(&partners_urls, 30, "shared-client", SECRET, &[]),
+        );
+        for reply in &orders {
+            assert_eq!(reply.status, 200, "{}", reply.raw);
+            assert_eq!(issuer(reply.access_token()), ORDERS_ISSUER, "round {round}");
+        }
+        for reply in &partners {
+            assert_eq!(reply.status, 200, "{}", reply.raw);
+            assert_eq!(issuer(reply.access_token()), PARTNERS_ISSUER, "round {round}");
+        }
+    }
+    assert_eq!(pools.orders.idp.issued_total(), 1, "one token at the orders pool for 150 requests");
+    assert_eq!(pools.partners.idp.issued_total(), 1, "one token at the partners pool for 150 requests");
+
+    // `/oauth2/token` is the default upstream, orders: the same entry, a HIT on every replica.
+    let via_name = post_basic(&orders_urls[0], "shared-client", SECRET, None).await;
+    for replica in &pools.replicas {
+        let via_default = post_basic(&replica.token_url(), "shared-client", SECRET, None).await;
+        assert_eq!(via_default.access_token(), via_name.access_token());
+        assert_eq!(via_default.x_cache(), "HIT");
+    }
+    assert_eq!(pools.orders.idp.issued_total(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_upstream_is_a_404_and_calls_no_pool() {
+    let pools = TwoPools::start(1).await;
+    let reply = post_basic(&pools.urls("nowhere")[0], "shared-client", SECRET, None).await;
+    assert_eq!(reply.status, 404, "{}", reply.raw);
+    assert_eq!(reply.error(), "invalid_request");
+    assert!(reply.headers["content-type"].to_str().unwrap().starts_with("application/json"));
+    let get = http().get(&pools.urls("orders")[0]).send().await.unwrap();
+    assert_eq!(get.status(), 405);
+    assert_eq!(pools.orders.idp.requests_total() + pools.partners.idp.requests_total(), 0);
+}
+
+#[tokio::test]
+async fn a_cold_burst_at_one_pool_costs_one_call_there_and_none_at_the_other() {
+    let pools = TwoPools::start(3).await;
+    let replies = burst(&pools.urls("partners"), 1_000, "shared-client", SECRET, &[]).await;
+    assert!(replies.iter().all(|r| r.status == 200), "every request answered");
+    let first = replies[0].access_token();
+    assert!(replies.iter().all(|r| r.access_token() == first), "one token for all");
+    assert_eq!(pools.partners.idp.requests_total(), 1, "exactly one call at the partners pool");
+    assert_eq!(pools.orders.idp.requests_total(), 0, "none at the other");
+}
+
+#[tokio::test]
+async fn a_purge_of_one_upstream_leaves_the_other_upstreams_entries() {
+    let pools = TwoPools::start(2).await;
+    let (orders_url, partners_url) = (&pools.urls("orders")[0], &pools.urls("partners")[0]);
+    let orders_token = post_basic(orders_url, "shared-client", SECRET, None).await.access_token().to_owned();
+    let partners_token = post_basic(partners_url, "shared-client", SECRET, None).await.access_token().to_owned();
+
+    for (body, what) in [
+        (r#"{"upstream": "orders"}"#, "upstream"),
+        (r#"{"upstream": "orders", "client_id": "shared-client"}"#, "client"),
+    ] {
+        let (status, answer) = pools.replicas[0].purge(Some(ADMIN_TOKEN), body).await;
+        assert_eq!((status, answer["purged"].as_str()), (200, Some(what)), "{answer}");
+        let issued_before = pools.orders.idp.issued_total();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for url in pools.urls("orders") {
+            let reply = post_basic(&url, "shared-client", SECRET, None).await;
+            assert_ne!(reply.access_token(), orders_token, "{body}: the purged token is not served ({url})");
+        }
+        assert_eq!(pools.orders.idp.issued_total(), issued_before + 1, "{body}: one new token for both replicas");
+        for url in pools.urls("partners") {
+            let reply = post_basic(&url, "shared-client", SECRET, None).await;
+            assert_eq!(reply.access_token(), partners_token, "{body}: the other upstream keeps its entry");
+        }
+    }
+    assert_eq!(pools.partners.idp.issued_total(), 1);
+    let (status, _) = pools.replicas[0].purge(Some(ADMIN_TOKEN), r#"{"upstream": "nowhere"}"#).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn failed_authentications_are_throttled_per_upstream() {
+    let pools = TwoPools::start(1).await;
+    let (orders_url, partners_url) = (&pools.urls("orders")[0], &pools.urls("partners")[0]);
+    // The default: 5 failures per client and source, then 429 for the rest of the window.
+    // Like Cognito, the pools answer a wrong secret with 400 invalid_client.
+    for _ in 0..5 {
+        assert_eq!(post_basic(orders_url, "shared-client", "a-wrong-secret", None).await.error(), "invalid_client");
+    }
+    let throttled = post_basic(orders_url, "shared-client", "a-wrong-secret", None).await;
+    assert_eq!(throttled.status, 429, "{}", throttled.raw);
+    assert_eq!(pools.orders.idp.requests_total(), 5, "the throttled attempt never reached the pool");
+    // The same client at the other upstream has failed nowhere yet: its attempts still go out.
+    let at_partners = post_basic(partners_url, "shared-client", "a-wrong-secret", None).await;
+    assert_eq!(at_partners.error(), "invalid_client", "{}", at_partners.raw);
+    assert_eq!(pools.partners.idp.requests_total(), 1);
+    // And the right secret at the partners pool is unaffected.
+    assert_eq!(post_basic(partners_url, "shared-client", SECRET, None).await.status, 200);
+}
