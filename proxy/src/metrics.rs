@@ -103,16 +103,19 @@ pub enum Throttle {
     BodyTimeout,
     /// A source behind a trusted proxy had its cap of unfinished requests (429).
     PerSource,
+    /// A client spent its upstream call budget (429).
+    ClientBudget,
 }
 
 impl Throttle {
-    const ALL: [Throttle; 6] = [
+    const ALL: [Throttle; 7] = [
         Throttle::AuthFailures,
         Throttle::RateCap,
         Throttle::Overload,
         Throttle::Timeout,
         Throttle::BodyTimeout,
         Throttle::PerSource,
+        Throttle::ClientBudget,
     ];
 
     fn label(self) -> &'static str {
@@ -123,6 +126,7 @@ impl Throttle {
             Throttle::Timeout => "timeout",
             Throttle::BodyTimeout => "body_timeout",
             Throttle::PerSource => "per_source",
+            Throttle::ClientBudget => "client_budget",
         }
     }
 }
@@ -217,7 +221,7 @@ pub struct Metrics {
     notification_misses: Counter,
     refreshes: Counter,
     upstream_held_back: Counter,
-    throttled: [Counter; 6],
+    throttled: [Counter; 7],
     auth_failures: Counter,
     accept_errors: [Counter; 2],
 }

@@ -31,8 +31,11 @@ pub struct Refused {
 pub const THROTTLED: &str = "too many failed authentications for this client; retry later";
 /// Why the upstream rate cap refused a call.
 pub const RATE_CAPPED: &str = "the token endpoint's rate cap is reached; retry later";
-/// Every reason a call may be refused for (an announcement names one by its place here).
-pub const REFUSAL_REASONS: [&str; 2] = [THROTTLED, RATE_CAPPED];
+/// Why the client's call budget refused a call.
+pub const BUDGET_SPENT: &str = "this client's upstream call budget is spent; retry later";
+/// Every reason a call may be refused for (an announcement names one by its place here: new
+/// reasons go at the end).
+pub const REFUSAL_REASONS: [&str; 3] = [THROTTLED, RATE_CAPPED, BUDGET_SPENT];
 
 /// What a fetch (or an announcement) carries.
 #[derive(Debug, Clone)]

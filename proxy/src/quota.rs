@@ -18,18 +18,18 @@
 //! Both count in Redis, so the limits hold for the cluster. While Redis is unavailable each
 //! replica counts on its own: the limits then hold per replica.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use shared::keys::KeyHasher;
+use shared::keys::{KeyHasher, Tag};
 
 use crate::entry::unit_random;
 use crate::error_code::ErrorCode;
 use crate::metrics::{Metrics, Throttle};
-use crate::outcome::{RATE_CAPPED, Refused, THROTTLED};
+use crate::outcome::{BUDGET_SPENT, RATE_CAPPED, Refused, THROTTLED};
 use crate::store::{AuthCounters, RedisStore, Verdict};
 
 /// Most (client, source) and client counters one replica tracks on its own. Beyond it, new
@@ -50,7 +50,13 @@ pub struct Quota {
     upstream: Option<String>,
     local_auth: Mutex<LocalCounters>,
     local_rate: Mutex<RateWindow>,
+    /// The calls of each client's budget while Redis is down: their instants, oldest first.
+    local_budgets: Mutex<HashMap<Tag, VecDeque<Instant>>>,
 }
+
+/// Clients whose budgets a replica tracks alone (while Redis is down) before it forgets those
+/// with no call in the window.
+const MAX_LOCAL_BUDGETS: usize = 10_000;
 
 /// Thresholds of failed-authentication throttling, counted over `window`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +77,9 @@ pub struct QuotaSettings {
     pub busy_wait: Duration,
     pub rate_per_second: u32,
     pub queue_timeout: Duration,
+    /// Upstream calls per client per `budget_window`; 0 = no budget.
+    pub budget: u32,
+    pub budget_window: Duration,
 }
 
 /// An authentication attempt that was counted, to be settled once its outcome is known.
@@ -112,6 +121,7 @@ impl Quota {
             upstream: None,
             local_auth: Mutex::default(),
             local_rate: Mutex::new(RateWindow { started: None, count: 0 }),
+            local_budgets: Mutex::default(),
         }
     }
 
@@ -219,6 +229,58 @@ impl Quota {
             }
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Takes one upstream call of `client_id`'s budget at this upstream, over a sliding window:
+    /// counted cluster-wide in Redis, per replica while Redis is down. Spent: refused, retry
+    /// when the oldest call leaves the window. Only calls that go upstream are counted.
+    pub async fn budget_call(
+        &self,
+        store: Option<&RedisStore>,
+        hasher: &KeyHasher,
+        client_id: &str,
+        metrics: &Metrics,
+    ) -> Result<(), Refused> {
+        let (budget, window) = (self.settings.budget, self.settings.budget_window);
+        if budget == 0 {
+            return Ok(());
+        }
+        let tag = hasher.budget_tag(self.upstream.as_deref(), client_id);
+        let remote = match store {
+            Some(store) => store.budget_call(tag, budget, window).await.ok(),
+            None => None,
+        };
+        let wait = match remote {
+            Some(wait) => wait,
+            None => self.local_budget_call(tag, Instant::now()),
+        };
+        match wait {
+            None => Ok(()),
+            Some(wait) => {
+                metrics.throttled(Throttle::ClientBudget);
+                tracing::info!(client_id, ?wait, "client call budget spent; refusing the upstream call");
+                Err(Refused { reason: BUDGET_SPENT, retry_after: wait })
+            }
+        }
+    }
+
+    /// [`Quota::budget_call`] on this replica alone: `Some(wait)` when spent.
+    fn local_budget_call(&self, tag: Tag, now: Instant) -> Option<Duration> {
+        let window = self.settings.budget_window;
+        let mut budgets = self.local_budgets.lock().unwrap_or_else(|p| p.into_inner());
+        if budgets.len() >= MAX_LOCAL_BUDGETS {
+            budgets.retain(|_, calls| calls.back().is_some_and(|last| now.saturating_duration_since(*last) < window));
+        }
+        let calls = budgets.entry(tag).or_default();
+        while calls.front().is_some_and(|first| now.saturating_duration_since(*first) >= window) {
+            calls.pop_front();
+        }
+        if calls.len() < usize::try_from(self.settings.budget).unwrap_or(usize::MAX) {
+            calls.push_back(now);
+            return None;
+        }
+        let frees_at = *calls.front().expect("a spent budget has calls") + window;
+        Some(frees_at.saturating_duration_since(now).max(Duration::from_millis(1)))
     }
 
     fn throttled(&self, client_id: &str, wait: Duration, metrics: &Metrics) -> Refused {
@@ -388,6 +450,8 @@ mod tests {
             busy_wait: Duration::ZERO,
             rate_per_second: 3,
             queue_timeout: Duration::ZERO,
+            budget: 0,
+            budget_window: Duration::from_secs(3600),
         });
         let start = Instant::now();
         for _ in 0..3 {
@@ -396,6 +460,27 @@ mod tests {
         let wait = quota.local_rate_slot(start + Duration::from_millis(400)).unwrap();
         assert_eq!(wait, Duration::from_millis(600));
         assert_eq!(quota.local_rate_slot(start + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn the_local_budget_is_a_sliding_window_per_client() {
+        let quota = Quota::new(QuotaSettings {
+            auth: AuthFailureLimits { per_source: 0, per_client: 0, window: WINDOW },
+            busy_wait: Duration::ZERO,
+            rate_per_second: 0,
+            queue_timeout: Duration::ZERO,
+            budget: 2,
+            budget_window: Duration::from_secs(60),
+        });
+        let (a, b) = ([1; 16], [2; 16]);
+        let start = Instant::now();
+        assert_eq!(quota.local_budget_call(a, start), None);
+        assert_eq!(quota.local_budget_call(a, start + Duration::from_secs(10)), None);
+        // Spent: free again when the first call leaves the window, 60 s after it.
+        assert_eq!(quota.local_budget_call(a, start + Duration::from_secs(20)), Some(Duration::from_secs(40)));
+        assert_eq!(quota.local_budget_call(b, start + Duration::from_secs(20)), None, "another client's own budget");
+        assert_eq!(quota.local_budget_call(a, start + Duration::from_secs(60)), None, "sliding, not a calendar window");
+        assert_eq!(quota.local_budget_call(a, start + Duration::from_secs(61)), Some(Duration::from_secs(9)));
     }
 
     #[test]

@@ -307,7 +307,7 @@ impl TokenService {
                 },
                 None => None,
             };
-            let called = inner.exchange(request.form_body, request.authorization).await;
+            let called = inner.exchange(request.client_id.as_deref(), request.form_body, request.authorization).await;
             if let Some(attempt) = attempt {
                 let failed = matches!(&called, Ok(Ok(r)) if quota::is_failed_authentication(r.status, &r.body));
                 quota.settle(store, attempt, failed, metrics).await;
@@ -459,19 +459,25 @@ impl Inner {
         }
         let sent_at = Instant::now();
         let (form_body, authorization) = upstream_request(request);
-        match self.exchange(form_body, authorization).await {
+        match self.exchange(Some(&request.client_id), form_body, authorization).await {
             Ok(result) => self.outcome_of(result, sent_at),
             Err(refused) => Outcome::Refused(refused),
         }
     }
 
-    /// Calls the upstream within the rate cap; a call refused there never reaches it.
+    /// Calls the upstream within the client's call budget and the rate cap; a call refused
+    /// there never reaches it.
     async fn exchange(
         &self,
+        client_id: Option<&str>,
         form_body: String,
         authorization: Option<HeaderValue>,
     ) -> Result<Result<UpstreamResponse, UpstreamError>, Refused> {
-        self.parts.quota.upstream_slot(self.parts.store.as_ref(), &self.parts.metrics).await?;
+        let (quota, store, metrics) = (&self.parts.quota, self.parts.store.as_ref(), &self.parts.metrics);
+        if let Some(client_id) = client_id {
+            quota.budget_call(store, &self.parts.hasher, client_id, metrics).await?;
+        }
+        quota.upstream_slot(store, metrics).await?;
         Ok(self.parts.upstream.exchange(form_body, authorization).await)
     }
 

@@ -29,6 +29,7 @@ const LABEL_PURGE_CLIENT_AT: &[u8] = b"token-proxy/v1/purge-client-at-upstream";
 const LABEL_PURGE_SCOPE_AT: &[u8] = b"token-proxy/v1/purge-scope-at-upstream";
 const LABEL_THROTTLE_CLIENT_AT: &[u8] = b"token-proxy/v1/throttle-client-at-upstream";
 const LABEL_THROTTLE_SOURCE_AT: &[u8] = b"token-proxy/v1/throttle-source-at-upstream";
+const LABEL_BUDGET: &[u8] = b"token-proxy/v1/client-call-budget";
 
 /// Names a client (or a client and a scope, or a client and a source address) in Redis
 /// without revealing it.
@@ -137,6 +138,14 @@ impl KeyHasher {
         let marker: &[u8] = if scope.is_some() { b"set" } else { b"omitted" };
         let scope = scope.as_deref().unwrap_or("").as_bytes();
         self.tag(LABEL_PURGE_SCOPE_AT, &[upstream.as_bytes(), client_id.as_bytes(), marker, scope])
+    }
+
+    /// The name of a client's call budget at an upstream (`None`: the one upstream of a
+    /// deployment without names).
+    pub fn budget_tag(&self, upstream: Option<&str>, client_id: &str) -> Tag {
+        let upstream = upstream.map_or(&b""[..], str::as_bytes);
+        let marker: &[u8] = if upstream.is_empty() { b"one" } else { b"named" };
+        self.tag(LABEL_BUDGET, &[marker, upstream, client_id.as_bytes()])
     }
 
     /// [`KeyHasher::throttle_tags`] of a client at one named upstream (`None`: the one upstream

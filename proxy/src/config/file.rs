@@ -26,11 +26,13 @@ pub const UPSTREAM_KEYS: &[(&str, &Setting)] = &[
     ("min_token_ttl", &cache::MIN_TOKEN_TTL),
     ("max_token_lifetime", &cache::MAX_TOKEN_LIFETIME),
     ("refresh_at", &cache::REFRESH_AT),
+    ("client_call_budget", &quota::CLIENT_CALL_BUDGET),
+    ("client_call_budget_window", &quota::CLIENT_CALL_BUDGET_WINDOW),
 ];
 
 /// Keys of an upstream table that a later version gives meaning to; refused until then, so
-/// that no one believes a budget is enforced.
-const LATER_UPSTREAM_KEYS: &[&str] = &["client_call_budget", "client_call_budget_window", "hosts"];
+/// that no one believes they are in force.
+const LATER_UPSTREAM_KEYS: &[&str] = &["hosts"];
 
 /// A parsed file (or one `[upstreams.NAME]` table of it): raw values by variable name.
 pub struct ConfigFile {

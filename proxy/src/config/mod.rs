@@ -116,6 +116,8 @@ pub static SETTINGS: &[&Setting] = &[
     &quota::AUTH_FAILURE_WINDOW,
     &quota::UPSTREAM_RATE_LIMIT,
     &quota::UPSTREAM_QUEUE_TIMEOUT,
+    &quota::CLIENT_CALL_BUDGET,
+    &quota::CLIENT_CALL_BUDGET_WINDOW,
     &inbound::MAX_CONCURRENT_REQUESTS,
     &inbound::REQUEST_TIMEOUT,
     &inbound::HEADER_READ_TIMEOUT,
@@ -760,8 +762,7 @@ mod tests {
             assert_eq!(err.variable, format!("{}: {key}", file.path()), "{text}: {err}");
             assert!(!err.to_string().contains('\n'), "{err}");
         }
-        let later =
-            ConfigFile::parse("f.toml", "[upstreams.a]\nurl = \"https://x/\"\nclient_call_budget = 5").unwrap_err();
+        let later = ConfigFile::parse("f.toml", "[upstreams.a]\nurl = \"https://x/\"\nhosts = [\"x\"]").unwrap_err();
         assert!(later.message.contains("later version"), "{later}");
         let missing = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_CONFIG", "/nonexistent/tp.toml")]));
         assert_eq!(missing.unwrap_err().variable, "TOKEN_PROXY_CONFIG");
@@ -852,7 +853,9 @@ rate_limit = 20
             ("[upstreams.a]\ntimeout = \"1s\"\n".to_owned(), "f.toml: upstreams.a.url"),
             (format!("{table}timeout = \"soon\"\n"), "f.toml: upstreams.a.timeout"),
             (format!("{table}url_typo = 1\n"), "f.toml: upstreams.a.url_typo"),
-            (format!("{table}client_call_budget = 500\n"), "f.toml: upstreams.a.client_call_budget"),
+            (format!("{table}hosts = [\"a.example\"]\n"), "f.toml: upstreams.a.hosts"),
+            (format!("{table}client_call_budget = -1\n"), "f.toml: upstreams.a.client_call_budget"),
+            (format!("{table}client_call_budget_window = \"0s\"\n"), "f.toml: upstreams.a.client_call_budget_window"),
             ("[upstreams.\"a b\"]\nurl = \"http://x/oauth2/token\"\n".to_owned(), "f.toml: upstreams.a b"),
             (format!("upstream_url = \"http://x/oauth2/token\"\n{table}"), "f.toml: upstream_url"),
             ("upstreams = 1\n".to_owned(), "f.toml: upstreams"),

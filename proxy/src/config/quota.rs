@@ -1,4 +1,5 @@
-//! Quotas: failed-authentication throttling and the cluster-wide upstream rate cap.
+//! Quotas: failed-authentication throttling, the cluster-wide upstream rate cap and the
+//! per-client call budgets.
 
 use std::time::Duration;
 
@@ -31,6 +32,17 @@ pub static UPSTREAM_QUEUE_TIMEOUT: Setting = Setting {
     help: "how long a call over the upstream rate cap waits for a slot before 429",
 };
 
+pub static CLIENT_CALL_BUDGET: Setting = Setting {
+    name: "TOKEN_PROXY_CLIENT_CALL_BUDGET",
+    default: Some("0"),
+    help: "upstream calls per client_id (all its scopes) per budget window, for the whole cluster (per replica when Redis is down); 0 = no budget",
+};
+pub static CLIENT_CALL_BUDGET_WINDOW: Setting = Setting {
+    name: "TOKEN_PROXY_CLIENT_CALL_BUDGET_WINDOW",
+    default: Some("1h"),
+    help: "the sliding window of the client call budget",
+};
+
 /// What a caller may cost the token endpoint.
 #[derive(Debug, Clone)]
 pub struct QuotaSettings {
@@ -40,6 +52,9 @@ pub struct QuotaSettings {
     pub upstream_rate_limit: u32,
     /// How long a call over the rate cap waits for a slot. Default 1 s.
     pub upstream_queue_timeout: Duration,
+    /// Upstream calls per client per window; 0 = no budget.
+    pub client_call_budget: u32,
+    pub client_call_budget_window: Duration,
 }
 
 impl QuotaSettings {
@@ -56,6 +71,13 @@ impl QuotaSettings {
             auth_failures,
             upstream_rate_limit: source.parse(&UPSTREAM_RATE_LIMIT, "a whole number")?,
             upstream_queue_timeout: source.duration(&UPSTREAM_QUEUE_TIMEOUT)?,
+            client_call_budget: source.parse(&CLIENT_CALL_BUDGET, "a whole number")?,
+            client_call_budget_window: match source.duration(&CLIENT_CALL_BUDGET_WINDOW)? {
+                window if window < Duration::from_secs(1) => {
+                    return Err(source.error(&CLIENT_CALL_BUDGET_WINDOW, "must be at least 1s"));
+                }
+                window => window,
+            },
         })
     }
 
@@ -67,6 +89,8 @@ impl QuotaSettings {
             busy_wait,
             rate_per_second: self.upstream_rate_limit,
             queue_timeout: self.upstream_queue_timeout,
+            budget: self.client_call_budget,
+            budget_window: self.client_call_budget_window,
         })
     }
 }

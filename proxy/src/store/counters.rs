@@ -1,5 +1,5 @@
 //! The quota's counters in Redis (see [`crate::quota`]): failed-authentication attempts per
-//! client and source, and the cluster-wide upstream rate cap.
+//! client and source, the cluster-wide upstream rate cap, and the per-client call budgets.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -66,6 +66,25 @@ if redis.call('HINCRBY', KEYS[1], 'n', 1) <= tonumber(ARGV[1]) then return 0 end
 return math.max(1000 - math.floor(tonumber(now[2]) / 1000), 1)
 ";
 
+/// Takes one call of a client's budget: a sliding window of Redis's own clock, as a sorted set
+/// of the calls made (score: ms), so it holds at most `budget` members. KEYS: the set.
+/// ARGV: budget, window (ms), a member unique to this call. Returns 0 when the call was
+/// counted, else the ms until the oldest call leaves the window.
+const BUDGET_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+if redis.call('TYPE', KEYS[1]).ok ~= 'zset' then redis.call('DEL', KEYS[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(tonumber(oldest[2]) + window - now, 1)
+";
+
 /// The hash that counts this second's upstream calls (`tp:rate:NAME` for a named upstream).
 const RATE_KEY: &str = "tp:rate";
 
@@ -105,6 +124,7 @@ impl AuthCounters {
 static AUTH_ATTEMPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(AUTH_ATTEMPT_LUA));
 static AUTH_SETTLE: LazyLock<Script> = LazyLock::new(|| Script::from_lua(AUTH_SETTLE_LUA));
 static RATE_SLOT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(RATE_SLOT_LUA));
+static BUDGET: LazyLock<Script> = LazyLock::new(|| Script::from_lua(BUDGET_LUA));
 
 impl RedisStore {
     /// Admits an authentication attempt against `counters`: see [`AUTH_ATTEMPT_LUA`].
@@ -150,6 +170,18 @@ impl RedisStore {
         let wait: i64 = self
             .guarded(async { Ok(RATE_SLOT.evalsha_with_reload(&self.client, vec![key], per_second).await?) })
             .await?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait.unsigned_abs())))
+    }
+
+    /// Takes one call of the budget named `tag` (see [`BUDGET_LUA`]): `Some(wait)` = spent,
+    /// a call frees up `wait` from now.
+    pub async fn budget_call(&self, tag: Tag, budget: u32, window: Duration) -> Result<Option<Duration>, StoreError> {
+        let mut member = [0u8; 8];
+        getrandom::fill(&mut member).expect("the OS random source is available");
+        let key = format!("tp:budget:{{{}}}", hex::encode(tag));
+        let args: Vec<Value> = vec![budget.into(), millis(window).into(), hex::encode(member).into()];
+        let wait: i64 =
+            self.guarded(async { Ok(BUDGET.evalsha_with_reload(&self.client, vec![key], args).await?) }).await?;
         Ok((wait > 0).then(|| Duration::from_millis(wait.unsigned_abs())))
     }
 }

@@ -9,6 +9,7 @@ use mock_idp::RunningMockIdp;
 use crate::helpers::{ROOT_SECRET, RedisServer, TestProxy, burst, client, config_with, http, post_basic, spawn_pool};
 
 const SECRET: &str = "the-same-secret-at-both-pools";
+const OTHER_SECRET: &str = "another-clients-secret-at-both-pools";
 const ORDERS_ISSUER: &str = "https://cognito-idp.test/orders-pool";
 const PARTNERS_ISSUER: &str = "https://login.test/partners";
 const ADMIN_TOKEN: &str = "upstreams-admin-token-0123456789";
@@ -24,14 +25,20 @@ struct TwoPools {
 
 impl TwoPools {
     async fn start(replicas: usize) -> TwoPools {
+        TwoPools::start_with(replicas, "").await
+    }
+
+    /// With `partners_settings` in the partners pool's table.
+    async fn start_with(replicas: usize, partners_settings: &str) -> TwoPools {
         let redis = RedisServer::start().await;
-        let orders = spawn_pool(vec![client("shared-client", SECRET)], ORDERS_ISSUER).await;
-        let partners = spawn_pool(vec![client("shared-client", SECRET)], PARTNERS_ISSUER).await;
+        let clients = || vec![client("shared-client", SECRET), client("other-client", OTHER_SECRET)];
+        let orders = spawn_pool(clients(), ORDERS_ISSUER).await;
+        let partners = spawn_pool(clients(), PARTNERS_ISSUER).await;
         let dir = std::env::temp_dir().join(format!("tp-upstreams-{}-{}", std::process::id(), redis.port));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token-proxy.toml");
         let text = format!(
-            "default_upstream = \"orders\"\n\n[upstreams.orders]\nurl = \"{}\"\n\n[upstreams.partners]\nurl = \"{}\"\ntimeout = \"5s\"\n",
+            "default_upstream = \"orders\"\n\n[upstreams.orders]\nurl = \"{}\"\n\n[upstreams.partners]\nurl = \"{}\"\ntimeout = \"5s\"\n{partners_settings}",
             orders.token_url(),
             partners.token_url()
         );
@@ -172,4 +179,44 @@ async fn failed_authentications_are_throttled_per_upstream() {
     assert_eq!(pools.partners.idp.requests_total(), 1);
     // And the right secret at the partners pool is unaffected.
     assert_eq!(post_basic(partners_url, "shared-client", SECRET, None).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_spent_client_budget_refuses_upstream_calls_while_cached_tokens_keep_being_served() {
+    let budget = "client_call_budget = 2\nclient_call_budget_window = \"3s\"\n";
+    let pools = TwoPools::start_with(2, budget).await;
+    let partners = pools.urls("partners");
+    // Two calls, on two replicas: the budget is the cluster's, not a replica's.
+    let read = post_basic(&partners[0], "shared-client", SECRET, Some("api/read")).await;
+    let write = post_basic(&partners[1], "shared-client", SECRET, Some("api/write")).await;
+    assert_eq!((read.status, write.status), (200, 200), "{} {}", read.raw, write.raw);
+
+    // A third key of the same client would be a third call: refused, nothing sent upstream.
+    let refused = post_basic(&partners[0], "shared-client", SECRET, None).await;
+    assert_eq!(refused.status, 429, "{}", refused.raw);
+    assert_eq!(refused.error(), "temporarily_unavailable");
+    assert!(refused.raw.contains("budget"), "{}", refused.raw);
+    assert_eq!(refused.x_cache(), "", "no cache status: nothing was looked up upstream");
+    let retry_after: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=3).contains(&retry_after), "retry after {retry_after} s");
+    assert_eq!(pools.partners.idp.requests_total(), 2);
+
+    // Its cached tokens are still served, on every replica; other clients and the other
+    // upstream have budgets of their own (the orders pool has none).
+    for url in &partners {
+        let hit = post_basic(url, "shared-client", SECRET, Some("api/read")).await;
+        assert_eq!((hit.status, hit.access_token()), (200, read.access_token()));
+    }
+    assert_eq!(post_basic(&partners[0], "other-client", OTHER_SECRET, None).await.status, 200);
+    for scope in [None, Some("api/read"), Some("api/write")] {
+        assert_eq!(post_basic(&pools.urls("orders")[0], "shared-client", SECRET, scope).await.status, 200);
+    }
+    let metric = pools.replicas[0].metric("token_proxy_throttled_total{reason=\"client_budget\"}").await;
+    assert_eq!(metric, 1.0);
+
+    // The window slides: once the first call is older than the window, a call goes through.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let after = post_basic(&partners[0], "shared-client", SECRET, None).await;
+    assert_eq!(after.status, 200, "{}", after.raw);
+    assert_eq!(pools.partners.idp.requests_total(), 4, "two, then the other client, then this one");
 }
