@@ -443,16 +443,21 @@ mod tests {
         assert_eq!(counters.0.len(), 1, "no per-source counter is kept when its limit is off");
     }
 
-    #[test]
-    fn the_local_rate_window_allows_n_per_second() {
-        let quota = Quota::new(QuotaSettings {
+    /// No throttle, no rate cap, no budget.
+    fn unthrottled() -> QuotaSettings {
+        QuotaSettings {
             auth: AuthFailureLimits { per_source: 0, per_client: 0, window: WINDOW },
             busy_wait: Duration::ZERO,
-            rate_per_second: 3,
+            rate_per_second: 0,
             queue_timeout: Duration::ZERO,
             budget: 0,
             budget_window: Duration::from_secs(3600),
-        });
+        }
+    }
+
+    #[test]
+    fn the_local_rate_window_allows_n_per_second() {
+        let quota = Quota::new(QuotaSettings { rate_per_second: 3, ..unthrottled() });
         let start = Instant::now();
         for _ in 0..3 {
             assert_eq!(quota.local_rate_slot(start), None);
@@ -464,14 +469,7 @@ mod tests {
 
     #[test]
     fn the_local_budget_is_a_sliding_window_per_client() {
-        let quota = Quota::new(QuotaSettings {
-            auth: AuthFailureLimits { per_source: 0, per_client: 0, window: WINDOW },
-            busy_wait: Duration::ZERO,
-            rate_per_second: 0,
-            queue_timeout: Duration::ZERO,
-            budget: 2,
-            budget_window: Duration::from_secs(60),
-        });
+        let quota = Quota::new(QuotaSettings { budget: 2, budget_window: Duration::from_secs(60), ..unthrottled() });
         let (a, b) = ([1; 16], [2; 16]);
         let start = Instant::now();
         assert_eq!(quota.local_budget_call(a, start), None);
