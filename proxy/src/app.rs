@@ -66,7 +66,11 @@ impl Application {
         let epochs = Arc::new(Epochs::default());
         let mut services = BTreeMap::new();
         for (index, endpoint) in config.endpoints.iter().enumerate() {
-            let upstream = endpoint.upstream.client(Arc::clone(&metrics)).map_err(|e| endpoint.origins.locate(e))?;
+            let scoped = match &endpoint.name {
+                Some(name) => Arc::new(metrics.for_upstream(name)),
+                None => Arc::clone(&metrics),
+            };
+            let upstream = endpoint.upstream.client(Arc::clone(&scoped)).map_err(|e| endpoint.origins.locate(e))?;
             let service = TokenService::new(token_service::Parts {
                 name: endpoint.name.clone(),
                 upstream,
@@ -77,7 +81,7 @@ impl Application {
                 flight: endpoint.cache.flight(endpoint.upstream.timeout),
                 l1: Arc::clone(&l1),
                 quota: endpoint.quota.quota(endpoint.upstream.timeout).at_upstream(endpoint.name.clone()),
-                metrics: Arc::clone(&metrics),
+                metrics: scoped,
                 epochs: Arc::clone(&epochs),
                 follows_purges: index == 0,
             });

@@ -78,12 +78,14 @@ fn unknown_upstream(state: &AppState, description: &'static str) -> Response {
 
 async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, request: Request) -> Response {
     let started = Instant::now();
+    // Counted per upstream when the deployment names them.
+    let metrics = service.metrics();
     let timeout = state.admission.request_timeout;
     let (outcome, response) = match tokio::time::timeout(timeout, answer(&state, service, peer.ip(), request)).await {
         Ok(Ok(reply)) => (outcome_of(&reply), reply.into_response()),
         Ok(Err(Refused::Rejected(rejection))) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
         Ok(Err(Refused::Overloaded)) => {
-            state.metrics.throttled(Throttle::Overload);
+            metrics.throttled(Throttle::Overload);
             let rejection = Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::TemporarilyUnavailable,
@@ -92,7 +94,7 @@ async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, reques
             (Outcome::Rejected, retry_shortly(rejection))
         }
         Ok(Err(Refused::SourceBusy)) => {
-            state.metrics.throttled(Throttle::PerSource);
+            metrics.throttled(Throttle::PerSource);
             // Its body was not read: where the next request starts is unknown.
             let rejection = Rejection {
                 close: true,
@@ -105,7 +107,7 @@ async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, reques
             (Outcome::Rejected, retry_shortly(rejection))
         }
         Err(_) => {
-            state.metrics.throttled(Throttle::Timeout);
+            metrics.throttled(Throttle::Timeout);
             let rejection = Rejection {
                 close: true,
                 ..Rejection::new(StatusCode::REQUEST_TIMEOUT, ErrorCode::InvalidRequest, "the request took too long")
@@ -113,7 +115,7 @@ async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, reques
             (Outcome::Rejected, ProxyError::Rejected(rejection).into_response())
         }
     };
-    state.metrics.request(outcome, started.elapsed());
+    metrics.request(outcome, started.elapsed());
     response
 }
 
@@ -150,7 +152,7 @@ async fn answer(state: &AppState, service: &TokenService, peer: IpAddr, request:
         Ok(Ok(body)) => body,
         Ok(Err(_)) => return Err(body_too_large().into()),
         Err(_) => {
-            state.metrics.throttled(Throttle::BodyTimeout);
+            service.metrics().throttled(Throttle::BodyTimeout);
             // The rest of the body may still come: where the next request starts is unknown.
             return Err(Rejection {
                 close: true,

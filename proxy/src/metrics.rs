@@ -5,6 +5,7 @@
 //! registered once up front: recording is an atomic add, with no name lookup per request.
 //! Labels are fixed enums; nothing derived from a request ever becomes a label.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -201,15 +202,28 @@ impl Refusal {
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// The handles of one replica's metrics.
+/// The handles of one replica's metrics. The families that describe requests and upstream calls
+/// are per upstream when a deployment names its upstreams (`for_upstream`: the same families
+/// with an `upstream` label); the rest are the replica's.
 pub struct Metrics {
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
+    shared: Arc<Shared>,
+    scoped: Scoped,
+}
+
+/// The families one upstream's requests and calls are counted in.
+struct Scoped {
     requests: [Counter; 7],
     request_duration: [Histogram; 7],
     upstream_requests: [Counter; 5],
     upstream_duration: Histogram,
     upstream_calls_avoided: Counter,
+    throttled: [Counter; 7],
+}
+
+/// The replica's registry and the families that are not per upstream.
+struct Shared {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
     redis_errors: Counter,
     /// Entries that were there but unusable (wrong type, oversized): misses, not Redis faults.
     redis_bad_entries: Counter,
@@ -221,7 +235,6 @@ pub struct Metrics {
     notification_misses: Counter,
     refreshes: Counter,
     upstream_held_back: Counter,
-    throttled: [Counter; 7],
     auth_failures: Counter,
     accept_errors: [Counter; 2],
 }
@@ -245,18 +258,10 @@ impl Metrics {
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
+        let scoped = Scoped::register(&recorder, None);
         let counter =
             |name: &'static str, labels: Vec<Label>| recorder.register_counter(&Key::from_parts(name, labels), &META);
-        let histogram =
-            |name: &'static str, labels: Vec<Label>| recorder.register_histogram(&Key::from_parts(name, labels), &META);
-        let outcome = |o: Outcome| vec![Label::new("outcome", o.label())];
-        Metrics {
-            requests: Outcome::ALL.map(|o| counter("token_proxy_requests_total", outcome(o))),
-            request_duration: Outcome::ALL.map(|o| histogram("token_proxy_request_duration_seconds", outcome(o))),
-            upstream_requests: UpstreamClass::ALL
-                .map(|c| counter("token_proxy_upstream_requests_total", vec![Label::new("status_class", c.label())])),
-            upstream_duration: histogram("token_proxy_upstream_request_duration_seconds", vec![]),
-            upstream_calls_avoided: counter("token_proxy_upstream_calls_avoided_total", vec![]),
+        let shared = Shared {
             redis_errors: counter("token_proxy_redis_errors_total", vec![]),
             redis_bad_entries: counter("token_proxy_redis_bad_entries_total", vec![]),
             redis_breaker_open: recorder.register_gauge(&Key::from_name("token_proxy_redis_breaker_open"), &META),
@@ -268,103 +273,109 @@ impl Metrics {
             notification_misses: counter("token_proxy_notification_misses_total", vec![]),
             refreshes: counter("token_proxy_refreshes_total", vec![]),
             upstream_held_back: counter("token_proxy_upstream_held_back_total", vec![]),
-            throttled: Throttle::ALL
-                .map(|t| counter("token_proxy_throttled_total", vec![Label::new("reason", t.label())])),
             auth_failures: counter("token_proxy_auth_failures_total", vec![]),
             accept_errors: ListenerKind::ALL
                 .map(|l| counter("token_proxy_accept_errors_total", vec![Label::new("listener", l.label())])),
             handle,
             recorder,
-        }
+        };
+        Metrics { shared: Arc::new(shared), scoped }
+    }
+
+    /// The same registry, counting requests, upstream calls and refusals with the label
+    /// `upstream="NAME"` (a configured name: the label's values are bounded).
+    pub fn for_upstream(&self, name: &str) -> Metrics {
+        let scoped = Scoped::register(&self.shared.recorder, Some(name));
+        Metrics { shared: Arc::clone(&self.shared), scoped }
     }
 
     /// One finished client request.
     pub fn request(&self, outcome: Outcome, elapsed: Duration) {
         let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.requests[i].increment(1);
-        self.request_duration[i].record(elapsed.as_secs_f64());
+        self.scoped.requests[i].increment(1);
+        self.scoped.request_duration[i].record(elapsed.as_secs_f64());
         if matches!(outcome, Outcome::Hit | Outcome::Coalesced | Outcome::Stale) {
-            self.upstream_calls_avoided.increment(1);
+            self.scoped.upstream_calls_avoided.increment(1);
         }
     }
 
     /// One finished upstream call.
     pub fn upstream_request(&self, class: UpstreamClass, elapsed: Duration) {
         let i = UpstreamClass::ALL.iter().position(|c| *c == class).unwrap_or(0);
-        self.upstream_requests[i].increment(1);
-        self.upstream_duration.record(elapsed.as_secs_f64());
+        self.scoped.upstream_requests[i].increment(1);
+        self.scoped.upstream_duration.record(elapsed.as_secs_f64());
     }
 
     pub fn redis_error(&self) {
-        self.redis_errors.increment(1);
+        self.shared.redis_errors.increment(1);
     }
 
     pub fn redis_bad_entry(&self) {
-        self.redis_bad_entries.increment(1);
+        self.shared.redis_bad_entries.increment(1);
     }
 
     /// The Redis circuit breaker changed state; the gauge is 1 unless it is closed.
     pub fn breaker_transition(&self, to: BreakerState) {
         let i = BREAKER_STATES.iter().position(|s| *s == to).unwrap_or(0);
-        self.breaker_transitions[i].increment(1);
-        self.redis_breaker_open.set(if to == BreakerState::Closed { 0.0 } else { 1.0 });
+        self.shared.breaker_transitions[i].increment(1);
+        self.shared.redis_breaker_open.set(if to == BreakerState::Closed { 0.0 } else { 1.0 });
     }
 
     /// A request on this replica waited for an identical one in flight here.
     pub fn coalesced_waiter(&self) {
-        self.coalesced_waiters.increment(1);
+        self.shared.coalesced_waiters.increment(1);
     }
 
     /// This replica took the cluster-wide lock for a key and will call the upstream.
     pub fn lock_acquired(&self) {
-        self.lock_acquisitions.increment(1);
+        self.shared.lock_acquisitions.increment(1);
     }
 
     /// The lock was taken after its holder let it expire without a word.
     pub fn lock_takeover(&self) {
-        self.lock_takeovers.increment(1);
+        self.shared.lock_takeovers.increment(1);
     }
 
     /// A follower learned the outcome from its periodic check, not from the notification.
     pub fn notification_miss(&self) {
-        self.notification_misses.increment(1);
+        self.shared.notification_misses.increment(1);
     }
 
     /// A background refresh (refresh-ahead) called the upstream.
     pub fn refresh(&self) {
-        self.refreshes.increment(1);
+        self.shared.refreshes.increment(1);
     }
 
     /// An upstream call was not made because the upstream asked to wait (429 + Retry-After).
     pub fn upstream_held_back(&self) {
-        self.upstream_held_back.increment(1);
+        self.shared.upstream_held_back.increment(1);
     }
 
     /// The proxy refused a request or an upstream call itself.
     pub fn throttled(&self, reason: Throttle) {
         // `ALL` lists the variants in declaration order: the discriminant is the index.
-        self.throttled[reason as usize].increment(1);
+        self.scoped.throttled[reason as usize].increment(1);
     }
 
     /// The upstream answered `invalid_client` to credentials nobody had proven.
     pub fn auth_failure(&self) {
-        self.auth_failures.increment(1);
+        self.shared.auth_failures.increment(1);
     }
 
     /// Drains histogram buffers; call periodically so they do not grow between scrapes.
     pub fn upkeep(&self) {
-        self.handle.run_upkeep();
+        self.shared.handle.run_upkeep();
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        self.handle.run_upkeep();
-        self.handle.render()
+        self.shared.handle.run_upkeep();
+        self.shared.handle.render()
     }
 
     /// The recorder, for registering further metrics.
     pub fn recorder(&self) -> &PrometheusRecorder {
-        &self.recorder
+        &self.shared.recorder
     }
 
     /// A listener dropped a connection before serving it:
@@ -373,13 +384,42 @@ impl Metrics {
     pub fn connection_refused(&self, listener: ListenerKind, reason: Refusal) {
         let labels = vec![Label::new("listener", listener.label()), Label::new("reason", reason.label())];
         let key = Key::from_parts("token_proxy_connections_refused_total", labels);
-        self.recorder.register_counter(&key, &META).increment(1);
+        self.shared.recorder.register_counter(&key, &META).increment(1);
     }
 
     /// A listener's `accept` failed (e.g. no file descriptor left):
     /// `token_proxy_accept_errors_total{listener}`.
     pub fn accept_error(&self, listener: ListenerKind) {
-        self.accept_errors[listener as usize].increment(1);
+        self.shared.accept_errors[listener as usize].increment(1);
+    }
+}
+
+impl Scoped {
+    /// The per-request families, with `upstream="NAME"` for a named upstream.
+    fn register(recorder: &PrometheusRecorder, upstream: Option<&str>) -> Scoped {
+        let with = |mut labels: Vec<Label>| {
+            if let Some(name) = upstream {
+                labels.push(Label::new("upstream", name.to_owned()));
+            }
+            labels
+        };
+        let counter = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_counter(&Key::from_parts(name, with(labels)), &META)
+        };
+        let histogram = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_histogram(&Key::from_parts(name, with(labels)), &META)
+        };
+        let outcome = |o: Outcome| vec![Label::new("outcome", o.label())];
+        Scoped {
+            requests: Outcome::ALL.map(|o| counter("token_proxy_requests_total", outcome(o))),
+            request_duration: Outcome::ALL.map(|o| histogram("token_proxy_request_duration_seconds", outcome(o))),
+            upstream_requests: UpstreamClass::ALL
+                .map(|c| counter("token_proxy_upstream_requests_total", vec![Label::new("status_class", c.label())])),
+            upstream_duration: histogram("token_proxy_upstream_request_duration_seconds", vec![]),
+            upstream_calls_avoided: counter("token_proxy_upstream_calls_avoided_total", vec![]),
+            throttled: Throttle::ALL
+                .map(|t| counter("token_proxy_throttled_total", vec![Label::new("reason", t.label())])),
+        }
     }
 }
 
@@ -436,6 +476,28 @@ mod tests {
         for (n, reason) in Throttle::ALL.into_iter().enumerate() {
             let line = format!("token_proxy_throttled_total{{reason=\"{}\"}} {}", reason.label(), n + 1);
             assert!(text.contains(&line), "{line} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_named_upstream_counts_under_its_own_label_in_the_same_registry() {
+        let metrics = Metrics::new();
+        let orders = metrics.for_upstream("orders");
+        orders.request(Outcome::Hit, Duration::from_micros(300));
+        orders.upstream_request(UpstreamClass::of(StatusCode::OK), Duration::from_millis(25));
+        orders.throttled(Throttle::ClientBudget);
+        orders.redis_error();
+        let text = metrics.render();
+        for line in [
+            "token_proxy_requests_total{outcome=\"hit\",upstream=\"orders\"} 1",
+            "token_proxy_requests_total{outcome=\"hit\"} 0",
+            "token_proxy_upstream_requests_total{status_class=\"2xx\",upstream=\"orders\"} 1",
+            "token_proxy_upstream_calls_avoided_total{upstream=\"orders\"} 1",
+            "token_proxy_throttled_total{reason=\"client_budget\",upstream=\"orders\"} 1",
+            // Not per upstream: one series for the replica.
+            "token_proxy_redis_errors_total 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
     }
 

@@ -191,6 +191,11 @@ impl TokenService {
         self.inner.parts.store.is_none() || self.inner.epochs.is_synced()
     }
 
+    /// Where this upstream's requests and calls are counted.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.parts.metrics
+    }
+
     /// The Redis store, if one is configured.
     pub fn store(&self) -> Option<&RedisStore> {
         self.inner.parts.store.as_ref()

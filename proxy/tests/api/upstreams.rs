@@ -96,6 +96,18 @@ async fn the_same_credentials_at_two_pools_are_two_entries_that_never_cross() {
         }
     }
     assert_eq!(pools.orders.idp.issued_total(), 1, "one token at the orders pool for 150 requests");
+    // Requests and upstream calls are counted per upstream (configured names: bounded labels).
+    let mut partners_requests = 0.0;
+    let mut partners_calls = 0.0;
+    for replica in &pools.replicas {
+        for outcome in ["hit", "miss", "coalesced"] {
+            let series = format!("token_proxy_requests_total{{outcome=\"{outcome}\",upstream=\"partners\"}}");
+            partners_requests += replica.metric(&series).await;
+        }
+        partners_calls +=
+            replica.metric("token_proxy_upstream_requests_total{status_class=\"2xx\",upstream=\"partners\"}").await;
+    }
+    assert_eq!((partners_requests, partners_calls), (150.0, 1.0));
     assert_eq!(pools.partners.idp.issued_total(), 1, "one token at the partners pool for 150 requests");
 
     // `/oauth2/token` is the default upstream, orders: the same entry, a HIT on every replica.
@@ -211,8 +223,10 @@ async fn a_spent_client_budget_refuses_upstream_calls_while_cached_tokens_keep_b
     for scope in [None, Some("api/read"), Some("api/write")] {
         assert_eq!(post_basic(&pools.urls("orders")[0], "shared-client", SECRET, scope).await.status, 200);
     }
-    let metric = pools.replicas[0].metric("token_proxy_throttled_total{reason=\"client_budget\"}").await;
-    assert_eq!(metric, 1.0);
+    let metric = "token_proxy_throttled_total{reason=\"client_budget\",upstream=\"partners\"}";
+    assert_eq!(pools.replicas[0].metric(metric).await, 1.0, "counted for its upstream");
+    let metric = "token_proxy_throttled_total{reason=\"client_budget\",upstream=\"orders\"}";
+    assert_eq!(pools.replicas[0].metric(metric).await, 0.0);
 
     // The window slides: once the first call is older than the window, a call goes through.
     tokio::time::sleep(Duration::from_secs(retry_after)).await;
