@@ -64,6 +64,9 @@ impl Application {
         // Shared by every upstream's service: the upstream is part of their keys.
         let l1 = Arc::new(config.cache.l1(store.is_some()));
         let epochs = Arc::new(Epochs::default());
+        // One retention for the shared epochs: the longest any upstream caches a token.
+        let purge_retention =
+            config.endpoints.iter().map(|e| e.cache.freshness().max_lifetime).max().unwrap_or_default();
         let mut services = BTreeMap::new();
         for (index, endpoint) in config.endpoints.iter().enumerate() {
             let scoped = match &endpoint.name {
@@ -83,6 +86,7 @@ impl Application {
                 quota: endpoint.quota.quota(endpoint.upstream.timeout).at_upstream(endpoint.name.clone()),
                 metrics: scoped,
                 epochs: Arc::clone(&epochs),
+                purge_retention,
                 follows_purges: index == 0,
             });
             services.insert(endpoint.name.clone(), service);

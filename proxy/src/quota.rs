@@ -54,6 +54,22 @@ pub struct Quota {
     local_budgets: Mutex<HashMap<Tag, VecDeque<Instant>>>,
 }
 
+/// One call counted against a client's budget, to give back if it was not the client's.
+#[derive(Debug)]
+pub struct BudgetCall {
+    tag: Tag,
+    charged: Charged,
+}
+
+/// Where a budget call was counted.
+#[derive(Debug)]
+enum Charged {
+    /// In Redis's sorted set, under this member.
+    Redis(String),
+    /// On this replica, at this instant.
+    Local(Instant),
+}
+
 /// Clients whose budgets a replica tracks alone (while Redis is down) before it forgets those
 /// with no call in the window.
 const MAX_LOCAL_BUDGETS: usize = 10_000;
@@ -233,33 +249,61 @@ impl Quota {
 
     /// Takes one upstream call of `client_id`'s budget at this upstream, over a sliding window:
     /// counted cluster-wide in Redis, per replica while Redis is down. Spent: refused, retry
-    /// when the oldest call leaves the window. Only calls that go upstream are counted.
+    /// when the oldest call leaves the window. Only calls that go upstream are counted: take
+    /// it just before the call, and [`Quota::budget_refund`] it if the upstream refused the
+    /// credentials. `None`: no budget.
     pub async fn budget_call(
         &self,
         store: Option<&RedisStore>,
         hasher: &KeyHasher,
         client_id: &str,
         metrics: &Metrics,
-    ) -> Result<(), Refused> {
+    ) -> Result<Option<BudgetCall>, Refused> {
         let (budget, window) = (self.settings.budget, self.settings.budget_window);
         if budget == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let tag = hasher.budget_tag(self.upstream.as_deref(), client_id);
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).expect("the OS random source is available");
+        let id = hex::encode(id);
         let remote = match store {
-            Some(store) => store.budget_call(tag, budget, window).await.ok(),
+            Some(store) => store.budget_call(tag, &id, budget, window).await.ok(),
             None => None,
         };
-        let wait = match remote {
-            Some(wait) => wait,
-            None => self.local_budget_call(tag, Instant::now()),
+        let (wait, call) = match remote {
+            Some(wait) => (wait, BudgetCall { tag, charged: Charged::Redis(id) }),
+            None => {
+                let now = Instant::now();
+                (self.local_budget_call(tag, now), BudgetCall { tag, charged: Charged::Local(now) })
+            }
         };
         match wait {
-            None => Ok(()),
+            None => Ok(Some(call)),
             Some(wait) => {
                 metrics.throttled(Throttle::ClientBudget);
                 tracing::info!(client_id, ?wait, "client call budget spent; refusing the upstream call");
                 Err(Refused { reason: BUDGET_SPENT, retry_after: wait })
+            }
+        }
+    }
+
+    /// Gives back a call taken by [`Quota::budget_call`]: the upstream refused the credentials,
+    /// so it was not the client's call (else anyone knowing a client_id could spend its budget
+    /// with wrong secrets).
+    pub async fn budget_refund(&self, store: Option<&RedisStore>, call: BudgetCall) {
+        match (call.charged, store) {
+            (Charged::Redis(id), Some(store)) => {
+                let _ = store.budget_refund(call.tag, &id).await;
+            }
+            (Charged::Redis(_), None) => {}
+            (Charged::Local(at), _) => {
+                let mut budgets = self.local_budgets.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(calls) = budgets.get_mut(&call.tag) {
+                    if let Some(i) = calls.iter().position(|c| *c == at) {
+                        calls.remove(i);
+                    }
+                }
             }
         }
     }

@@ -92,6 +92,10 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     /// The purge epochs, shared by the services of every upstream.
     pub epochs: Arc<Epochs>,
+    /// How long a purge epoch must be kept: the longest any upstream's tokens are cached
+    /// (`TOKEN_PROXY_MAX_TOKEN_LIFETIME`, or an upstream's longer one), after which the entries
+    /// it hid have expired (see [`crate::purge`]).
+    pub purge_retention: Duration,
     /// Whether this service keeps `epochs` in step with Redis (one service per replica does).
     pub follows_purges: bool,
 }
@@ -356,10 +360,8 @@ async fn follow_purges(inner: std::sync::Weak<Inner>) {
 }
 
 impl Inner {
-    /// How long a client's purge epoch must be kept: entries keyed under the epoch before it
-    /// live at most this long (see [`crate::purge`]).
     fn purge_retention(&self) -> Duration {
-        self.parts.freshness.max_lifetime
+        self.parts.purge_retention
     }
 
     /// Starts one background refresh of `key`, single-flighted on this replica and, through
@@ -470,8 +472,9 @@ impl Inner {
         }
     }
 
-    /// Calls the upstream within the client's call budget and the rate cap; a call refused
-    /// there never reaches it.
+    /// Calls the upstream within the rate cap and the client's call budget; a call refused
+    /// there never reaches it. A call whose credentials the upstream refused is given back to
+    /// the budget: it was not the client's.
     async fn exchange(
         &self,
         client_id: Option<&str>,
@@ -479,11 +482,19 @@ impl Inner {
         authorization: Option<HeaderValue>,
     ) -> Result<Result<UpstreamResponse, UpstreamError>, Refused> {
         let (quota, store, metrics) = (&self.parts.quota, self.parts.store.as_ref(), &self.parts.metrics);
-        if let Some(client_id) = client_id {
-            quota.budget_call(store, &self.parts.hasher, client_id, metrics).await?;
-        }
+        // The rate slot first: a budget call is worth a window, a rate slot one second.
         quota.upstream_slot(store, metrics).await?;
-        Ok(self.parts.upstream.exchange(form_body, authorization).await)
+        let budget_call = match client_id {
+            Some(client_id) => quota.budget_call(store, &self.parts.hasher, client_id, metrics).await?,
+            None => None,
+        };
+        let result = self.parts.upstream.exchange(form_body, authorization).await;
+        if let (Some(call), Ok(response)) = (budget_call, &result) {
+            if quota::is_failed_authentication(response.status, &response.body) {
+                quota.budget_refund(store, call).await;
+            }
+        }
+        Ok(result)
     }
 
     fn outcome_of(&self, result: Result<UpstreamResponse, UpstreamError>, sent_at: Instant) -> Outcome {

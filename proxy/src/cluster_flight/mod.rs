@@ -174,7 +174,6 @@ pub async fn fly<F: Future<Output = Outcome>>(
 }
 
 /// One replica's flight for one key. A follower waits on it for the holder's announcement.
-#[derive(Debug)]
 pub struct ClusterFlight<'a> {
     flights: &'a ClusterFlights,
     key: CacheKey,
@@ -283,7 +282,6 @@ impl<'a> ClusterFlight<'a> {
 
 /// The key's lock, held by this flight. Consumed by [`WritePermit::complete`]; dropped
 /// without completing, it releases the lock (best effort: else it expires after its TTL).
-#[derive(Debug)]
 pub struct WritePermit<'a> {
     flights: &'a ClusterFlights,
     key: CacheKey,
@@ -293,6 +291,22 @@ pub struct WritePermit<'a> {
     /// in time (see [`crate::redis_clock`]).
     clock: RedisClock,
     completed: bool,
+}
+
+// Not derived: both hold the client's secret.
+impl std::fmt::Debug for ClusterFlight<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterFlight").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for WritePermit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WritePermit")
+            .field("key", &self.key)
+            .field("completed", &self.completed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WritePermit<'_> {

@@ -422,16 +422,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn upstream_failed_without_a_servable_token_passes_the_failure_on() {
         let own = token(100);
+        // 50 s left: not fresh, so the flight calls the upstream with the lock.
+        advance(Duration::from_secs(50)).await;
         let mut plan = new_plan(MISS, Some(&own));
-        let _ = next(&mut plan, Seen::Acquired { permit: PERMIT, stale: None });
-        // Within 30 s of its expiry the token may no longer be served, even as stale.
-        advance(Duration::from_secs(71)).await;
+        assert!(matches!(next(&mut plan, Seen::Acquired { permit: PERMIT, stale: None }), Step::Call(Some(_))));
+        // The call takes 21 s: 29 s left, under the 30 s minimum, so not even stale is served.
+        advance(Duration::from_secs(21)).await;
         let step = next(&mut plan, Seen::Called(failed()));
         let Step::Serve(served) = step else { panic!("{step:?}") };
         assert_eq!((served.fetched.source, served.keep_locally), (Source::Upstream, false));
         assert!(matches!(served.fetched.outcome, Outcome::Failed(_)));
         let mut without = new_plan(MISS, None);
-        let _ = next(&mut without, Seen::Acquired { permit: PERMIT, stale: None });
+        assert!(matches!(next(&mut without, Seen::Acquired { permit: PERMIT, stale: None }), Step::Call(Some(_))));
         assert!(
             matches!(next(&mut without, Seen::Called(failed())), Step::Serve(s) if s.fetched.source == Source::Upstream)
         );
@@ -441,13 +443,14 @@ mod tests {
     async fn an_announced_failure_is_replaced_by_the_followers_stale_token() {
         let mut plan = new_plan(MISS, None);
         let redis_stale = token(100);
-        let _ = next(&mut plan, Seen::Held { lock_ttl: SETTINGS.lock_ttl, stale: Some(redis_stale.clone()) });
+        let held = Seen::Held { lock_ttl: SETTINGS.lock_ttl, stale: Some(redis_stale.clone()) };
+        assert!(matches!(next(&mut plan, held), Step::Follow(_)));
         let (source, token, _) = served(next(&mut plan, Seen::Announced(Some(failed()))));
         assert_eq!(source, Source::Stale);
         assert!(same(token, &redis_stale));
         // Without one, the leader's failure is the answer.
         let mut plan = new_plan(MISS, None);
-        let _ = next(&mut plan, Seen::Held { lock_ttl: SETTINGS.lock_ttl, stale: None });
+        assert!(matches!(next(&mut plan, Seen::Held { lock_ttl: SETTINGS.lock_ttl, stale: None }), Step::Follow(_)));
         let step = next(&mut plan, Seen::Announced(Some(failed())));
         assert!(
             matches!(step, Step::Serve(s) if s.fetched.source == Source::Peer && matches!(s.fetched.outcome, Outcome::Failed(_)))

@@ -125,6 +125,10 @@ static AUTH_ATTEMPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(AUTH_A
 static AUTH_SETTLE: LazyLock<Script> = LazyLock::new(|| Script::from_lua(AUTH_SETTLE_LUA));
 static RATE_SLOT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(RATE_SLOT_LUA));
 static BUDGET: LazyLock<Script> = LazyLock::new(|| Script::from_lua(BUDGET_LUA));
+/// Gives a call back to a budget: the upstream refused the credentials, so the call was not the
+/// client's (anyone who knows a client_id could otherwise spend its budget with wrong secrets).
+static BUDGET_REFUND: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua("return redis.call('ZREM', KEYS[1], ARGV[1])"));
 
 impl RedisStore {
     /// Admits an authentication attempt against `counters`: see [`AUTH_ATTEMPT_LUA`].
@@ -173,15 +177,32 @@ impl RedisStore {
         Ok((wait > 0).then(|| Duration::from_millis(wait.unsigned_abs())))
     }
 
-    /// Takes one call of the budget named `tag` (see [`BUDGET_LUA`]): `Some(wait)` = spent,
-    /// a call frees up `wait` from now.
-    pub async fn budget_call(&self, tag: Tag, budget: u32, window: Duration) -> Result<Option<Duration>, StoreError> {
-        let mut member = [0u8; 8];
-        getrandom::fill(&mut member).expect("the OS random source is available");
-        let key = format!("tp:budget:{{{}}}", hex::encode(tag));
-        let args: Vec<Value> = vec![budget.into(), millis(window).into(), hex::encode(member).into()];
+    /// Takes one call of the budget named `tag` (see [`BUDGET_LUA`]), recorded as `call` (unique
+    /// to it): `Some(wait)` = spent, a call frees up `wait` from now.
+    pub async fn budget_call(
+        &self,
+        tag: Tag,
+        call: &str,
+        budget: u32,
+        window: Duration,
+    ) -> Result<Option<Duration>, StoreError> {
+        let key = budget_key(tag);
+        let args: Vec<Value> = vec![budget.into(), millis(window).into(), call.into()];
         let wait: i64 =
             self.guarded(async { Ok(BUDGET.evalsha_with_reload(&self.client, vec![key], args).await?) }).await?;
         Ok((wait > 0).then(|| Duration::from_millis(wait.unsigned_abs())))
     }
+
+    /// Gives the call `call` back to the budget named `tag` (see [`BUDGET_REFUND`]).
+    pub async fn budget_refund(&self, tag: Tag, call: &str) -> Result<(), StoreError> {
+        let (keys, args) = (vec![budget_key(tag)], vec![Value::from(call)]);
+        let _: i64 =
+            self.guarded(async { Ok(BUDGET_REFUND.evalsha_with_reload(&self.client, keys, args).await?) }).await?;
+        Ok(())
+    }
+}
+
+/// A client's budget at an upstream: `tp:budget:{hex tag}` (the tag is a keyed hash).
+fn budget_key(tag: Tag) -> String {
+    format!("tp:budget:{{{}}}", hex::encode(tag))
 }

@@ -44,8 +44,10 @@ end
 
 /// Bumps one purge epoch and announces it. KEYS: epochs hash. ARGV: field, channel, retention
 /// (µs), the most tagged fields. A new tagged field first drops the fields older than the
-/// retention (or unusable); past the bound it is refused. Returns the new epoch, or -1 when
-/// refused.
+/// retention (or unusable); past the bound it is refused. The new epoch is above every epoch in
+/// the hash, not only this field's: a key's epoch is the latest of the fields that cover it
+/// (`purge::Epochs::for_request`), so a purge must move it even after a failover to a server
+/// whose clock is behind. Returns the new epoch, or -1 when refused.
 const PURGE_LUA: &str = r"
 local field = ARGV[1]
 if field ~= 'all' and redis.call('HEXISTS', KEYS[1], field) == 0 then
@@ -59,7 +61,12 @@ if field ~= 'all' and redis.call('HEXISTS', KEYS[1], field) == 0 then
   end
   if kept >= tonumber(ARGV[4]) then return -1 end
 end
-local new = math.max(epoch(field) + 1, now)
+local top = 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] ~= 'v' then top = math.max(top, sane(all[i + 1]) or 0) end
+end
+local new = math.max(epoch(field) + 1, now, top + 1)
 redis.call('HSET', KEYS[1], field, int(new))
 changed(now)
 redis.call('PUBLISH', ARGV[2], field)

@@ -11,6 +11,8 @@ use token_proxy::metrics::Metrics;
 use token_proxy::outcome::{Fetched, Outcome, Source};
 use token_proxy::store::StoreSettings;
 
+use fred::prelude::*;
+
 use crate::helpers::{RedisServer, STORE_FRESHNESS, connect_store, eventually};
 
 /// Long enough that nothing in these tests can be the lock's expiry.
@@ -104,4 +106,38 @@ async fn a_stale_token_served_by_the_leader_is_announced_but_never_stored() {
         matches!(later.lock(FRESH_TTL).await, Ok(Locked::Write { stale: None, .. })),
         "no entry was stored, and the lock was released"
     );
+}
+
+/// A leader slower than its lock: the lock expired and another flight took it. Neither the late
+/// leader's completion nor its dropped permit may free the new holder's lock.
+#[tokio::test]
+async fn a_late_leader_never_frees_its_successors_lock() {
+    let redis = RedisServer::start().await;
+    let flights = flights(&redis).await;
+    let client = redis.client().await;
+    for (n, completes) in [(4u8, true), (5, false)] {
+        let key = CacheKey::from_bytes([n; 32]);
+        let (late, _follower) = leader_and_follower(&flights, key).await;
+        // The lock expires under the late leader (deleted here rather than waited for).
+        let lock = format!("{}:lock", token_proxy::store::RedisStore::entry_key(&key));
+        let _: i64 = client.del(&lock).await.unwrap();
+        let mut successor = flights.begin(key, SECRET);
+        let Ok(Locked::Write { permit: successors, .. }) = successor.lock(FRESH_TTL).await else {
+            panic!("the successor takes the lock")
+        };
+        if completes {
+            late.complete(&Fetched::new(Source::Upstream, Outcome::Token(token()))).await;
+        } else {
+            drop(late);
+            // The release runs in a task of its own: give it time to run.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut third = flights.begin(key, SECRET);
+        let looked = third.lock(None).await;
+        assert!(
+            matches!(looked, Ok(Locked::Read { .. })),
+            "the successor still holds the lock (completes: {completes})"
+        );
+        drop(successors);
+    }
 }

@@ -336,3 +336,41 @@ async fn a_replica_started_after_a_partial_loss_gets_the_written_back_generation
         }
     }
 }
+
+/// A key's epoch is the latest of the fields that cover it (a client everywhere, the client at
+/// one upstream, ...): a new purge must land above every epoch in the hash, or after a failover
+/// to a server whose clock is behind it would not move the key (found in review).
+#[tokio::test]
+async fn a_purge_lands_above_every_epoch_in_the_hash() {
+    use token_proxy::store::StoreSettings;
+    let redis = RedisServer::start().await;
+    let settings = StoreSettings {
+        command_timeout: Duration::from_secs(1),
+        breaker_threshold: 5,
+        breaker_cooldown: Duration::from_secs(1),
+        pipelined_reads: true,
+    };
+    let store = crate::helpers::connect_store(&redis.url(), settings, &shared::keys::Keys::random());
+    let day = Duration::from_secs(24 * 3600);
+    let mut first = store.purge("aa", day, 10).await;
+    for _ in 0..50 {
+        if first.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first = store.purge("aa", day, 10).await;
+    }
+    let first = first.expect("Redis answers").expect("room");
+    // An epoch from a clock an hour ahead, as a server before a failover would have written.
+    let ahead = first + 3_600_000_000;
+    let _: i64 = redis
+        .client()
+        .await
+        .custom(fred::cmd!("HSET"), vec!["tp:purge".to_owned(), "bb".to_owned(), ahead.to_string()])
+        .await
+        .unwrap();
+    for field in ["cc", "aa", "all"] {
+        let epoch = store.purge(field, day, 10).await.unwrap().expect("room");
+        assert!(epoch > ahead, "{field}: {epoch} is not above {ahead}");
+    }
+}

@@ -6,7 +6,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use mock_idp::RunningMockIdp;
 
-use crate::helpers::{ROOT_SECRET, RedisServer, TestProxy, burst, client, config_with, http, post_basic, spawn_pool};
+use crate::helpers::{
+    ROOT_SECRET, RedisServer, TestProxy, burst, client, config_with, eventually, http, post_basic, spawn_pool,
+};
 
 const SECRET: &str = "the-same-secret-at-both-pools";
 const OTHER_SECRET: &str = "another-clients-secret-at-both-pools";
@@ -157,10 +159,14 @@ async fn a_purge_of_one_upstream_leaves_the_other_upstreams_entries() {
         let (status, answer) = pools.replicas[0].purge(Some(ADMIN_TOKEN), body).await;
         assert_eq!((status, answer["purged"].as_str()), (200, Some(what)), "{answer}");
         let issued_before = pools.orders.idp.issued_total();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The purging replica applies it at once, the others on its announcement.
         for url in pools.urls("orders") {
-            let reply = post_basic(&url, "shared-client", SECRET, None).await;
-            assert_ne!(reply.access_token(), orders_token, "{body}: the purged token is not served ({url})");
+            eventually(
+                Duration::from_secs(3),
+                &format!("{body}: the purged token no longer served at {url}"),
+                async || post_basic(&url, "shared-client", SECRET, None).await.access_token() != orders_token,
+            )
+            .await;
         }
         assert_eq!(pools.orders.idp.issued_total(), issued_before + 1, "{body}: one new token for both replicas");
         for url in pools.urls("partners") {
@@ -233,4 +239,21 @@ async fn a_spent_client_budget_refuses_upstream_calls_while_cached_tokens_keep_b
     let after = post_basic(&partners[0], "shared-client", SECRET, None).await;
     assert_eq!(after.status, 200, "{}", after.raw);
     assert_eq!(pools.partners.idp.requests_total(), 4, "two, then the other client, then this one");
+}
+
+/// Anyone who knows a client_id can send wrong secrets: those calls are the upstream refusing
+/// the credentials, not the client's calls, and must not spend its budget (found in review).
+#[tokio::test]
+async fn wrong_secrets_do_not_spend_a_clients_budget() {
+    let pools = TwoPools::start_with(1, "client_call_budget = 2\n").await;
+    let partners = &pools.urls("partners")[0];
+    for _ in 0..4 {
+        let guess = post_basic(partners, "shared-client", "a-guessed-secret", None).await;
+        assert_eq!(guess.error(), "invalid_client", "{}", guess.raw);
+    }
+    for scope in [Some("api/read"), Some("api/write")] {
+        let reply = post_basic(partners, "shared-client", SECRET, scope).await;
+        assert_eq!(reply.status, 200, "the budget is still whole: {}", reply.raw);
+    }
+    assert_eq!(post_basic(partners, "shared-client", SECRET, None).await.status, 429, "and then spent");
 }
