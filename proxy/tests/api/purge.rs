@@ -188,27 +188,10 @@ async fn purge_state_is_bounded() {
 /// retention (the longest a token lives) make room first, and purging everything always works.
 #[tokio::test]
 async fn client_purges_are_bounded_in_number_and_age() {
-    use token_proxy::store::StoreSettings;
     let redis = RedisServer::start().await;
-    let settings = StoreSettings {
-        command_timeout: Duration::from_secs(1),
-        breaker_threshold: 5,
-        breaker_cooldown: Duration::from_secs(1),
-        pipelined_reads: true,
-    };
-    let store = crate::helpers::connect_store(&redis.url(), settings, &shared::keys::Keys::random());
+    let store = direct_store(&redis).await;
     let day = Duration::from_secs(24 * 3600);
-    let purge = async |field: &str, retention| {
-        let mut result = store.purge(field, retention, 3).await;
-        for _ in 0..50 {
-            if result.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            result = store.purge(field, retention, 3).await;
-        }
-        result.expect("Redis answers")
-    };
+    let purge = async |field: &str, retention| store.purge(field, retention, 3).await.expect("Redis answers");
     let first = purge("aa", day).await.expect("room for 3");
     assert!(purge("bb", day).await.is_some() && purge("cc", day).await.is_some());
     assert_eq!(purge("dd", day).await, None, "a fourth client is refused");
@@ -342,25 +325,10 @@ async fn a_replica_started_after_a_partial_loss_gets_the_written_back_generation
 /// to a server whose clock is behind it would not move the key (found in review).
 #[tokio::test]
 async fn a_purge_lands_above_every_epoch_in_the_hash() {
-    use token_proxy::store::StoreSettings;
     let redis = RedisServer::start().await;
-    let settings = StoreSettings {
-        command_timeout: Duration::from_secs(1),
-        breaker_threshold: 5,
-        breaker_cooldown: Duration::from_secs(1),
-        pipelined_reads: true,
-    };
-    let store = crate::helpers::connect_store(&redis.url(), settings, &shared::keys::Keys::random());
+    let store = direct_store(&redis).await;
     let day = Duration::from_secs(24 * 3600);
-    let mut first = store.purge("aa", day, 10).await;
-    for _ in 0..50 {
-        if first.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        first = store.purge("aa", day, 10).await;
-    }
-    let first = first.expect("Redis answers").expect("room");
+    let first = store.purge("aa", day, 10).await.expect("Redis answers").expect("room");
     // An epoch from a clock an hour ahead, as a server before a failover would have written.
     let ahead = first + 3_600_000_000;
     let _: i64 = redis
@@ -373,4 +341,20 @@ async fn a_purge_lands_above_every_epoch_in_the_hash() {
         let epoch = store.purge(field, day, 10).await.unwrap().expect("room");
         assert!(epoch > ahead, "{field}: {epoch} is not above {ahead}");
     }
+}
+
+/// A store on `redis`, used directly, once it answers.
+async fn direct_store(redis: &RedisServer) -> token_proxy::store::RedisStore {
+    let settings = token_proxy::store::StoreSettings {
+        command_timeout: Duration::from_secs(1),
+        breaker_threshold: 5,
+        breaker_cooldown: Duration::from_secs(1),
+        pipelined_reads: true,
+    };
+    let store = crate::helpers::connect_store(&redis.url(), settings, &shared::keys::Keys::random());
+    crate::helpers::eventually(Duration::from_secs(5), "the store connected", async || {
+        store.purge_state(None).await.is_ok()
+    })
+    .await;
+    store
 }
