@@ -13,7 +13,7 @@
 // = off), image (default: built from the repository's Dockerfile at deploy time),
 // architecture (arm64 | x86_64), originVerifyRotation (steady | accept-next | send-next).
 import * as path from 'path';
-import { App, Stack, Validations, StackProps, aws_ecs as ecs } from 'aws-cdk-lib';
+import { App, Stack, StackProps, Validations, aws_ecr_assets as ecrAssets, aws_ecs as ecs } from 'aws-cdk-lib';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { Construct } from 'constructs';
 import { TokenProxyCluster } from '../lib';
@@ -35,8 +35,9 @@ export class TokenProxyExampleStack extends Stack {
         ? ecs.ContainerImage.fromRegistry(image)
         : ecs.ContainerImage.fromAsset(path.join(__dirname, '..', '..', '..', '..'), {
             // the repository root (from dist/bin); what the Dockerfile needs, not node_modules
-            exclude: ['deploy/cdk/node_modules', 'deploy/cdk/cdk.out', 'deploy/cdk/dist', 'deploy/.venv', 'target', '.git'],
-            platform: arch === 'x86_64' ? undefined : undefined,
+            exclude: ['deploy/cdk/node_modules', 'deploy/cdk/cdk.out', 'deploy/cdk/dist', 'deploy/.venv', 'deploy/kubernetes/.render-*', 'target', '.git', 'loadtest/out'],
+            // the tasks' architecture (docker buildx builds the other one under emulation)
+            platform: arch === 'x86_64' ? ecrAssets.Platform.LINUX_AMD64 : ecrAssets.Platform.LINUX_ARM64,
           }),
       upstreamUrl: ctx('upstreamUrl', 'https://example.auth.eu-west-1.amazoncognito.com/oauth2/token'),
       cpuArchitecture: arch === 'x86_64' ? ecs.CpuArchitecture.X86_64 : ecs.CpuArchitecture.ARM64,
