@@ -8,6 +8,7 @@
 Prints one line per failed property and exits 1 if there is any. Needs PyYAML.
 """
 import copy
+import os
 import re
 import sys
 
@@ -16,6 +17,13 @@ import yaml
 SECRET_LIKE = re.compile(r"SECRET|TOKEN$|PASSWORD|HEADERS$")
 DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
 DEFAULTS = {"TOKEN_PROXY_DRAIN_DELAY": "5s", "TOKEN_PROXY_UPSTREAM_TIMEOUT": "10s"}
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
+
+
+def documented_settings():
+    """The TOKEN_PROXY_* variables of the README's configuration table."""
+    with open(README) as f:
+        return set(re.findall(r"^\| `(TOKEN_PROXY_[A-Z0-9_]+)` \|", f.read(), re.M))
 
 
 def seconds(text):
@@ -116,6 +124,9 @@ def check(docs, overlay):
     for env in c.get("env", []):
         if "value" in env:
             config[env["name"]] = env["value"]
+    settings = documented_settings()
+    for key in config:
+        need(key in settings or key in DEFAULTS, f"{key} is not a token-proxy setting (README, Configuration)")
     for key, value in config.items():
         need(not (SECRET_LIKE.search(key) and not key.endswith("_FILE")),
              f"{key} is set in plain configuration; it belongs in the Secret (use {key}_FILE)")
@@ -265,6 +276,7 @@ MUTATIONS = {
     "no Redis egress": lambda d: _netpol(d).update(egress=_netpol(d)["egress"][:2]),
     "ingress only": lambda d: _netpol(d).update(policyTypes=["Ingress"]),
     "maxUnavailable 1": lambda d: _deployment(d)["spec"]["strategy"]["rollingUpdate"].update(maxUnavailable=1),
+    "a misspelt setting": lambda d: _config(d).update(TOKEN_PROXY_DRAIN_DELAYS="5s"),
     "namespace not restricted": lambda d: next(x for x in d if x["kind"] == "Namespace")["metadata"]["labels"].pop("pod-security.kubernetes.io/enforce"),
 }
 

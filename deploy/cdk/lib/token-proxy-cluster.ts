@@ -104,6 +104,11 @@ export interface TokenProxyClusterProps {
    * groups only (ElastiCache Serverless's default user, no password).
    */
   readonly redisIamAuth?: boolean;
+  /**
+   * Earlier root secrets during a rotation (README, Deploy on AWS with CDK): a Secrets Manager
+   * secret holding them (base64, comma-separated), handed over as TOKEN_PROXY_PREVIOUS_SECRETS.
+   */
+  readonly previousSecrets?: secretsmanager.ISecret;
   /** The WAF origin-verify pattern on a Cognito user pool. Default: off. */
   readonly originVerify?: OriginVerifyProps;
   /** Who may call the load balancer. Default: the VPC's CIDR block. */
@@ -283,7 +288,7 @@ export class TokenProxyCluster extends Construct {
         // Serverless caches always use TLS (in transit) and encrypt at rest.
         engine: 'valkey',
         majorEngineVersion: '8',
-        serverlessCacheName: `${Stack.of(this).stackName}-${id}`.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40),
+        serverlessCacheName: `${Stack.of(this).stackName}-${id}`.toLowerCase().replace(/[^a-z0-9-]+/g, '-').slice(0, 40).replace(/-+$/, ''),
         description: 'token-proxy shared cache (sealed token responses, locks, announcements)',
         subnetIds: this.vpc.selectSubnets(subnets).subnetIds,
         securityGroupIds: [this.cacheSecurityGroup.securityGroupId],
@@ -315,6 +320,9 @@ export class TokenProxyCluster extends Construct {
       TOKEN_PROXY_SECRET: ecs.Secret.fromSecretsManager(this.rootSecret),
       TOKEN_PROXY_ADMIN_TOKEN: ecs.Secret.fromSecretsManager(this.adminTokenSecret),
     };
+    if (props.previousSecrets) {
+      secrets.TOKEN_PROXY_PREVIOUS_SECRETS = ecs.Secret.fromSecretsManager(props.previousSecrets);
+    }
 
     // ---- WAF origin verify -----------------------------------------------------------------
     let originVerifyMarker: string | undefined;

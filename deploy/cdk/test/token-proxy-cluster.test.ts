@@ -1,4 +1,6 @@
-import { App, Duration, Stack, Validations, aws_ec2 as ec2, aws_ecs as ecs } from 'aws-cdk-lib';
+import * as fs from 'fs';
+import * as path from 'path';
+import { App, Duration, Stack, Validations, aws_ec2 as ec2, aws_ecs as ecs, aws_secretsmanager as secretsmanager } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { TokenProxyCluster, TokenProxyClusterProps, checkRedisUrl } from '../lib';
@@ -145,6 +147,21 @@ describe('TokenProxyCluster', () => {
       GenerateSecretString: { PasswordLength: 44, ExcludePunctuation: true, IncludeSpace: false },
     });
     expect(() => synth({ environment: { TOKEN_PROXY_ADMIN_TOKEN: 'x'.repeat(20) } })).toThrow(/looks secret/);
+    expect(() => synth({ environment: { TOKEN_PROXY_PREVIOUS_SECRETS: 'x'.repeat(44) } })).toThrow(/looks secret/);
+  });
+
+  test('previous root secrets during a rotation come from Secrets Manager too', () => {
+    const app = new App();
+    const stack = new Stack(app, 'Rotation');
+    const previous = new secretsmanager.Secret(stack, 'Previous');
+    new TokenProxyCluster(stack, 'TokenProxy', {
+      image: ecs.ContainerImage.fromRegistry('example/token-proxy:test'),
+      upstreamUrl: UPSTREAM,
+      previousSecrets: previous,
+    });
+    const c = proxyContainer(Template.fromStack(stack));
+    expect(c.Secrets).toContainEqual({ Name: 'TOKEN_PROXY_PREVIOUS_SECRETS', ValueFrom: { Ref: stack.getLogicalId(previous.node.defaultChild as any) } });
+    expect(Object.keys(env(c))).not.toContain('TOKEN_PROXY_PREVIOUS_SECRETS');
   });
 
   test('the upstream headers secret is derived from the origin-verify secret, not a literal', () => {
@@ -255,6 +272,22 @@ describe('TokenProxyCluster', () => {
     }
     const c = proxyContainer(template);
     expect(c.LogConfiguration.LogDriver).toBe('awslogs');
+  });
+
+  test('every TOKEN_PROXY_* variable the task gets is a token-proxy setting (README, Configuration)', () => {
+    const readme = fs.readFileSync(path.join(__dirname, '..', '..', '..', '..', 'README.md'), 'utf8');
+    const documented = new Set([...readme.matchAll(/^\| `(TOKEN_PROXY_[A-Z0-9_]+)` \|/gm)].map((m) => m[1]));
+    expect(documented.size).toBeGreaterThan(20);
+    // TODO(issue 14, operational basics): TOKEN_PROXY_UPSTREAM_HEADERS, the environment form of
+    // TOKEN_PROXY_UPSTREAM_HEADERS_FILE, is being added to the binary in another part of the
+    // issue; drop it from this list once the README's table has it.
+    const pending = new Set(['TOKEN_PROXY_UPSTREAM_HEADERS']);
+    const c = proxyContainer(template);
+    const names = [...Object.keys(env(c)), ...(c.Secrets as any[]).map((s) => s.Name)].filter((n) => n.startsWith('TOKEN_PROXY_'));
+    expect(names.length).toBeGreaterThan(8);
+    for (const name of names) {
+      expect(documented.has(name) || pending.has(name) ? name : `${name} (not in the README)`).toBe(name);
+    }
   });
 
   test('the container runs as non-root with a read-only root filesystem', () => {
