@@ -13,7 +13,7 @@
 // = off), image (default: built from the repository's Dockerfile at deploy time),
 // architecture (arm64 | x86_64), originVerifyRotation (steady | accept-next | send-next).
 import * as path from 'path';
-import { App, Stack, StackProps, Validations, aws_ecr_assets as ecrAssets, aws_ecs as ecs } from 'aws-cdk-lib';
+import { App, CfnOutput, Stack, StackProps, Validations, aws_ecr_assets as ecrAssets, aws_ecs as ecs } from 'aws-cdk-lib';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { Construct } from 'constructs';
 import { TokenProxyCluster } from '../lib';
@@ -49,6 +49,16 @@ export class TokenProxyExampleStack extends Stack {
               rotation,
             },
     });
+
+    new CfnOutput(this, 'TokenEndpoint', {
+      description: 'What your services call instead of Cognito (inside the VPC)',
+      value: `http://${this.proxy.loadBalancer.loadBalancerDnsName}/oauth2/token`,
+    });
+    new CfnOutput(this, 'RootSecretArn', { value: this.proxy.rootSecret.secretArn });
+    new CfnOutput(this, 'AdminTokenSecretArn', { value: this.proxy.adminTokenSecret.secretArn });
+    if (this.proxy.originVerifySecret) {
+      new CfnOutput(this, 'OriginVerifySecretArn', { value: this.proxy.originVerifySecret.secretArn });
+    }
   }
 }
 

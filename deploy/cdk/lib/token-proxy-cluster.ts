@@ -23,6 +23,8 @@ import { Construct } from 'constructs';
 export const PROXY_PORT = 8080;
 /** The admin port (TOKEN_PROXY_ADMIN_LISTEN): /readyz, /healthz, /metrics, /admin/purge. */
 export const ADMIN_PORT = 9090;
+/** The load balancer's idle timeout; the replicas keep idle connections 5 s longer. */
+const LOAD_BALANCER_IDLE_TIMEOUT_SECONDS = 30;
 /** ElastiCache Serverless: the primary endpoint port and the reader endpoint port. */
 const SERVERLESS_CACHE_PORT = 6379;
 const SERVERLESS_CACHE_READER_PORT = 6380;
@@ -441,6 +443,11 @@ export class TokenProxyCluster extends Construct {
       // X-Forwarded-For hop it added (per-source limits and auth-failure throttling).
       TOKEN_PROXY_TRUSTED_PROXIES: this.vpc.vpcCidrBlock,
       TOKEN_PROXY_LOG_FORMAT: 'json',
+      // The load balancer reuses idle connections to the targets for up to its idle timeout; the
+      // replica must not close them first (it closes idle keep-alive connections after the
+      // header-read timeout, 5 s by default), or a request sent on a closing connection is a 502.
+      // The load balancer reads whole headers itself, so the slow-header defence loses nothing.
+      TOKEN_PROXY_HEADER_READ_TIMEOUT: `${LOAD_BALANCER_IDLE_TIMEOUT_SECONDS + 5}s`,
       ...(props.environment ?? {}),
     };
     for (const name of Object.keys(props.environment ?? {})) {
@@ -527,7 +534,14 @@ export class TokenProxyCluster extends Construct {
       vpcSubnets: subnets,
       securityGroup: this.loadBalancerSecurityGroup,
       dropInvalidHeaderFields: true,
+      // Longer than the slowest answer (the upstream timeout), shorter than the replicas' idle timeout.
+      idleTimeout: Duration.seconds(LOAD_BALANCER_IDLE_TIMEOUT_SECONDS),
     });
+    if (upstreamTimeout.toSeconds() + 5 > LOAD_BALANCER_IDLE_TIMEOUT_SECONDS) {
+      throw new Error(
+        `TokenProxyCluster: upstreamTimeout must be at most ${LOAD_BALANCER_IDLE_TIMEOUT_SECONDS - 5} s (the load balancer's idle timeout less 5 s)`,
+      );
+    }
     if (props.accessLogBucket) {
       this.loadBalancer.logAccessLogs(props.accessLogBucket, 'token-proxy');
     } else {

@@ -87,6 +87,17 @@ describe('TokenProxyCluster', () => {
     }
   });
 
+  test('the replicas keep idle connections longer than the load balancer, which outwaits the upstream', () => {
+    const lb = Object.values(template.findResources('AWS::ElasticLoadBalancingV2::LoadBalancer'))[0] as any;
+    const attr = (lb.Properties.LoadBalancerAttributes as any[]).find((a) => a.Key === 'idle_timeout.timeout_seconds');
+    const idle = Number(attr.Value);
+    const e = env(proxyContainer(template));
+    const seconds = (v: unknown) => Number(/^(\d+)s$/.exec(String(v))![1]);
+    expect(seconds(e.TOKEN_PROXY_HEADER_READ_TIMEOUT)).toBeGreaterThan(idle);
+    expect(idle).toBeGreaterThan(seconds(e.TOKEN_PROXY_UPSTREAM_TIMEOUT));
+    expect(() => synth({ upstreamTimeout: Duration.seconds(29) })).toThrow(/upstreamTimeout/);
+  });
+
   test('the admin listener is on the task address, the client listener on 8080', () => {
     const e = env(proxyContainer(template));
     expect(e.TOKEN_PROXY_ADMIN_LISTEN).toBe('0.0.0.0:9090');
