@@ -23,6 +23,11 @@ import { Construct } from 'constructs';
 export const PROXY_PORT = 8080;
 /** The admin port (TOKEN_PROXY_ADMIN_LISTEN): /readyz, /healthz, /metrics, /admin/purge. */
 export const ADMIN_PORT = 9090;
+/**
+ * The CloudWatch agent the sidecar runs: the version AWS's own ECS Prometheus quick-start
+ * template pins. Newer versions work the same way; pin the one you have tested.
+ */
+export const DEFAULT_CLOUDWATCH_AGENT_IMAGE = 'public.ecr.aws/cloudwatch-agent/cloudwatch-agent:1.300042.1b746';
 /** The load balancer's idle timeout; the replicas keep idle connections 5 s longer. */
 const LOAD_BALANCER_IDLE_TIMEOUT_SECONDS = 30;
 /** ElastiCache Serverless: the primary endpoint port and the reader endpoint port. */
@@ -127,7 +132,7 @@ export interface TokenProxyClusterProps {
    * token_proxy_* alarms need it. Default: true.
    */
   readonly cloudWatchAgent?: boolean;
-  /** The CloudWatch agent image. Pin a version for production. */
+  /** The CloudWatch agent image. Default: DEFAULT_CLOUDWATCH_AGENT_IMAGE (a pinned version). */
   readonly cloudWatchAgentImage?: string;
   /** Namespace of the scraped metrics. Default: `TokenProxy`. */
   readonly metricsNamespace?: string;
@@ -482,7 +487,7 @@ export class TokenProxyCluster extends Construct {
       const agentLogs = new logs.LogGroup(this, 'AgentLogs', { retention, removalPolicy: RemovalPolicy.DESTROY });
       this.taskDefinition.addContainer('cloudwatch-agent', {
         image: ecs.ContainerImage.fromRegistry(
-          props.cloudWatchAgentImage ?? 'public.ecr.aws/cloudwatch-agent/cloudwatch-agent:latest',
+          props.cloudWatchAgentImage ?? DEFAULT_CLOUDWATCH_AGENT_IMAGE,
         ),
         essential: false,
         memoryReservationMiB: 64,
@@ -766,6 +771,7 @@ export function cloudWatchAgentConfig(namespace: string, logGroupName: string) {
           },
         },
       },
+      force_flush_interval: 5,
     },
   };
 }
