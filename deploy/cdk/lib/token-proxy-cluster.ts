@@ -235,7 +235,7 @@ export class TokenProxyCluster extends Construct {
     // The VPC's CIDR block as a literal where it is known, so that cdk-nag can check the rule.
     const vpcCidr = props.vpc ? this.vpc.vpcCidrBlock : (props.vpcCidr ?? '10.0.0.0/16');
     const clientPeer = props.clientPeer ?? ec2.Peer.ipv4(vpcCidr);
-    if (Token.isUnresolved(clientPeer.uniqueId) || Token.isUnresolved(vpcCidr)) {
+    if (Token.isUnresolved(clientPeer.uniqueId)) {
       acknowledge(this.loadBalancerSecurityGroup, [
         {
           id: 'AwsSolutions-EC23',
