@@ -17,6 +17,7 @@ mod purge;
 mod raw_socket;
 mod read_pipeline;
 mod redis_faults;
+mod redis_tls;
 mod relay;
 mod rotation;
 mod sealing;
