@@ -238,13 +238,22 @@ impl RedisStore {
         format!("{}:lock", RedisStore::entry_key(key))
     }
 
-    /// Runs one command through the breaker, counting failures.
+    /// Runs one command of the command connection through the breaker, counting failures.
     async fn guarded<T>(&self, command: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.guarded_on(Link::Commands, command).await
+    }
+
+    /// Runs one command of `link` through the breaker, counting failures. While Redis refuses
+    /// the command connection, its commands fail at once (they would only time out).
+    async fn guarded_on<T>(
+        &self,
+        link: Link,
+        command: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         if !self.breaker.allow() {
             return Err(StoreError::BreakerOpen);
         }
-        if self.refusals.any() {
-            // Said once, with its cause, when it began (see `refusals`).
+        if link == Link::Commands && self.refusals.refuses_commands() {
             self.breaker.record(false);
             self.metrics.redis_error();
             return Err(StoreError::Refused);
@@ -255,7 +264,12 @@ impl RedisStore {
         self.breaker.record(result.is_ok());
         if let Err(error) = &result {
             self.metrics.redis_error();
-            tracing::warn!(%error, "redis command failed; continuing without it");
+            if self.refusals.any() {
+                // Said once, with its cause, when it began (see `refusals`).
+                tracing::debug!(%error, "redis command failed (redis refuses this replica); continuing without it");
+            } else {
+                tracing::warn!(%error, "redis command failed; continuing without it");
+            }
         }
         result
     }
@@ -299,8 +313,9 @@ impl RedisStore {
     /// [`MAX_ENTRY_BYTES`], is that key's miss (and a metric), never a Redis failure.
     pub async fn read_value(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
         let name = entry_name(key);
+        let link = if self.reads.is_some() { Link::Reads } else { Link::Commands };
         let found = self
-            .guarded(async {
+            .guarded_on(link, async {
                 if let Some(reads) = &self.reads {
                     let read = tokio::time::timeout(self.command_timeout, reads.read(&name));
                     return match read.await.map_err(|_| StoreError::Timeout)? {

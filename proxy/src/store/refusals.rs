@@ -6,8 +6,12 @@
 //! Every connection of the store (fred's command and subscription clients, the hit-read
 //! connection) reports here. A cause is logged once, as one line naming the server and the
 //! cause, when it starts (a second connection refused for the same cause adds nothing), and once
-//! when Redis accepts again. While a refusal lasts the store counts as down (`/readyz`) and its
-//! commands fail at once instead of waiting for their deadline: requests go on without Redis.
+//! when Redis accepts again. While a refusal lasts the store counts as down (`/readyz`), and
+//! while the command connection is refused its commands fail at once instead of waiting for
+//! their deadline: requests go on without Redis. fred keeps reconnecting by itself (and says
+//! when it succeeds); the hit-read connection retries on the next read after its backoff, so
+//! reads are never held back here, or a refused read connection could never find out that
+//! Redis accepts it again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,13 +99,25 @@ pub(crate) struct Refusals {
     /// `host:port` of the server (the first named in the URL), for the log lines.
     server: String,
     current: Mutex<HashMap<Link, Refusal>>,
-    /// Whether `current` holds anything: read on every command, without the lock.
+    /// Whether `current` holds anything: read without the lock.
     any: AtomicBool,
+    /// Whether the command connection is refused: read on every command, without the lock.
+    commands: AtomicBool,
 }
 
 impl Refusals {
     pub(crate) fn new(server: String) -> Refusals {
-        Refusals { server, current: Mutex::new(HashMap::new()), any: AtomicBool::new(false) }
+        Refusals {
+            server,
+            current: Mutex::new(HashMap::new()),
+            any: AtomicBool::new(false),
+            commands: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether Redis refuses the command connection now: its commands would only time out.
+    pub(crate) fn refuses_commands(&self) -> bool {
+        self.commands.load(Ordering::Relaxed)
     }
 
     /// Whether Redis refuses any of the store's connections now.
@@ -115,6 +131,7 @@ impl Refusals {
         let known = current.values().any(|r| *r == refusal);
         current.insert(link, refusal.clone());
         self.any.store(true, Ordering::Relaxed);
+        self.commands.store(current.contains_key(&Link::Commands), Ordering::Relaxed);
         drop(current);
         if !known {
             tracing::error!(
@@ -127,7 +144,9 @@ impl Refusals {
     /// `link` connected. Logged when it was the last connection refused.
     pub(crate) fn accepted(&self, link: Link) {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.remove(&link).is_some() && current.is_empty() {
+        let removed = current.remove(&link).is_some();
+        self.commands.store(current.contains_key(&Link::Commands), Ordering::Relaxed);
+        if removed && current.is_empty() {
             self.any.store(false, Ordering::Relaxed);
             drop(current);
             tracing::info!(server = %self.server, "Redis accepts this replica's connections again");
@@ -166,7 +185,9 @@ mod tests {
         assert_eq!(refusals.current(), None);
         refusals.refused(Link::Commands, Refusal::Auth("WRONGPASS".into()));
         refusals.refused(Link::Subscription, Refusal::Auth("WRONGPASS".into()));
+        assert!(refusals.refuses_commands());
         refusals.accepted(Link::Commands);
+        assert!(!refusals.refuses_commands(), "the command connection is back");
         assert_eq!(refusals.current(), Some(Refusal::Auth("WRONGPASS".into())));
         assert!(refusals.any());
         refusals.accepted(Link::Subscription);

@@ -56,6 +56,7 @@ async fn assert_refused_yet_served(proxy: &TestProxy, idp: &RunningMockIdp, port
     // Requests keep failing over to the upstream without a word more, and readiness holds.
     assert_eq!(readyz(proxy).await["redis"], "down");
     let lines = refusal_lines(port);
+    eprintln!("the refusal, as logged: {}", lines[0]);
     assert_eq!(lines.len(), 1, "said once: {lines:#?}");
     assert!(lines[0].contains(cause), "{}", lines[0]);
 }
@@ -126,6 +127,66 @@ async fn a_wrong_password_is_said_once_and_requests_are_served_without_redis() {
     let url = format!("redis://proxy@127.0.0.1:{}", redis.port);
     let proxy = replica(&idp, &url, &[("TOKEN_PROXY_REDIS_PASSWORD_FILE", password_file)]).await;
     assert_refused_yet_served(&proxy, &idp, redis.port, "WRONGPASS").await;
+}
+
+/// A refusal that starts while the replica runs (its password changed under it, and its
+/// hit-read connection dropped) is said once, however often that connection tries again, and so
+/// is its end: once Redis accepts the replica again, it is used again. (The first version held
+/// every read back while anything was refused, so a refused hit-read connection never tried
+/// again: the replica stayed "down" for good.)
+#[tokio::test]
+async fn a_password_changed_under_a_running_replica_is_said_once_and_so_is_its_end() {
+    let redis = RedisServer::start().await;
+    redis.call(&["ACL", "SETUSER", "proxy", "on", ">first-password", "~*", "&*", "+@all"]).unwrap();
+    let dir = TempDir::new("rotated-password");
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let url = format!("redis://proxy@127.0.0.1:{}", redis.port);
+    let settings = [
+        ("TOKEN_PROXY_REDIS_PASSWORD_FILE", dir.write("password", "first-password")),
+        // Every hit is a Redis read.
+        ("TOKEN_PROXY_L1_CAPACITY", "0".to_owned()),
+    ];
+    let proxy = replica(&idp, &url, &settings).await;
+    wait_until_redis_is_up(&proxy).await;
+    assert_eq!(proxy.post_basic("app", SECRET, None).await.x_cache(), "MISS");
+    assert_eq!(proxy.post_basic("app", SECRET, None).await.x_cache(), "HIT");
+
+    // The password changes and the hit-read connection (the one whose last command was a
+    // batch's ECHO marker) is dropped: its every reconnection fails.
+    redis.call(&["ACL", "SETUSER", "proxy", "resetpass", ">second-password"]).unwrap();
+    let clients = String::from_utf8(redis.call(&["CLIENT", "LIST"]).unwrap().concat()).unwrap();
+    let reads =
+        clients.lines().find(|l| l.contains(" user=proxy ") && l.contains(" cmd=echo ")).expect("the hit reads");
+    let id = reads.split(' ').find_map(|field| field.strip_prefix("id=")).unwrap();
+    redis.call(&["CLIENT", "KILL", "ID", id]).unwrap();
+    // The next read finds out.
+    eventually(Duration::from_secs(10), "the refusal in the log", async || {
+        assert_eq!(proxy.post_basic("app", SECRET, None).await.status, 200);
+        refusal_lines(redis.port).len() == 1
+    })
+    .await;
+    assert_eq!(readyz(&proxy).await["redis"], "down");
+    // More reads, more attempts (after the connection's backoff), all refused, none said again.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(proxy.post_basic("app", SECRET, Some("api/write")).await.status, 200);
+    }
+    assert_eq!(refusal_lines(redis.port).len(), 1, "said once");
+
+    // The old password is accepted again.
+    redis.call(&["ACL", "SETUSER", "proxy", ">first-password"]).unwrap();
+    eventually(Duration::from_secs(15), "Redis used again", async || {
+        proxy.post_basic("app", SECRET, None).await.x_cache() == "HIT" && readyz(&proxy).await["redis"] == "up"
+    })
+    .await;
+    let server = format!("server=127.0.0.1:{}", redis.port);
+    let logs = captured_logs();
+    let accepted: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("Redis accepts this replica's connections again") && l.contains(&server))
+        .collect();
+    assert_eq!(accepted.len(), 1, "{accepted:#?}");
+    assert_eq!(refusal_lines(redis.port).len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
