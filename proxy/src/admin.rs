@@ -39,15 +39,19 @@ async fn healthz() -> &'static str {
 /// Shutdown makes it unready, so the load balancer drains it first; so does a listener that
 /// cannot accept connections (out of file descriptors), while it cannot.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let (redis, breaker) = match state.upstreams.store() {
-        None => ("disabled", BreakerState::Closed),
-        Some(store) => (if store.is_connected() { "up" } else { "down" }, store.breaker_state()),
+    let (redis, breaker, refusal) = match state.upstreams.store() {
+        None => ("disabled", BreakerState::Closed, None),
+        Some(store) => (if store.is_connected() { "up" } else { "down" }, store.breaker_state(), store.refusal()),
     };
     let degraded = redis == "down" || breaker != BreakerState::Closed;
     let mode = if degraded { "degraded" } else { "normal" };
     // Until the purge epochs are read, Redis's entries are not used (see `crate::purge`).
     let purges = if state.upstreams.purges_synced() { "synced" } else { "pending" };
     let mut body = json!({ "ready": true, "redis": redis, "breaker": breaker.label(), "mode": mode, "purges": purges });
+    if let Some(refusal) = refusal {
+        // Why Redis is down when it refuses us (TLS, login): the cause, never a secret.
+        body["redis_refusal"] = refusal.to_string().into();
+    }
     let reason = if state.is_shutting_down() {
         Some("shutting down".to_owned())
     } else {

@@ -12,8 +12,9 @@
 //! another's reply. (A Redis user whose ACL refuses ECHO gets no markers; the replies' types
 //! are still checked.) Scripts, locks and pub/sub stay with fred.
 //!
-//! Only plain `redis://` servers are read this way (with AUTH and SELECT as the URL asks);
-//! `rediss://`, Sentinel and Cluster reads go through fred.
+//! A single server is read this way, over plain TCP or TLS (rustls, with the store's trust
+//! settings and client certificate), with AUTH and SELECT as the URL asks; Sentinel and Cluster
+//! reads go through fred.
 //!
 //! Failures: a connection is made (and checked with one round trip) when there is work. When an
 //! established connection breaks (an idle timeout, a restart, an I/O or protocol error), the
@@ -29,30 +30,39 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
 
 use crate::redis_clock::RedisTime;
 
-/// A Redis server reached over plain TCP, and how to log in.
-#[derive(Clone, PartialEq, Eq)]
+/// A Redis server reached over TCP or TLS, and how to log in.
+#[derive(Clone)]
 pub struct Target {
-    /// A name or an IP address (an IPv6 one without brackets).
+    /// A name or an IP address (an IPv6 one without brackets); over TLS, the server's
+    /// certificate must be valid for it.
     pub host: String,
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
     pub database: Option<u8>,
+    /// TLS (`rediss://`), or plain TCP when `None`.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the password.
-        f.debug_struct("Target").field("host", &self.host).field("port", &self.port).finish_non_exhaustive()
+        f.debug_struct("Target")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -69,6 +79,9 @@ pub struct EntryReply {
 pub enum ReadError {
     #[error("redis connection: {0}")]
     Io(std::io::ErrorKind),
+    /// rustls's error, e.g. `InvalidCertificate(UnknownIssuer)` (no secret in it).
+    #[error("redis TLS: {0}")]
+    Tls(String),
     #[error("redis is not answering")]
     Unresponsive,
     #[error("redis answered with an error ({0})")]
@@ -81,7 +94,11 @@ pub enum ReadError {
 
 impl From<std::io::Error> for ReadError {
     fn from(error: std::io::Error) -> ReadError {
-        ReadError::Io(error.kind())
+        // tokio-rustls hands TLS failures (handshake, alerts) over inside an I/O error.
+        match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            Some(tls) => ReadError::Tls(format!("{tls:?}")),
+            None => ReadError::Io(error.kind()),
+        }
     }
 }
 
@@ -113,6 +130,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the driver: a request is queued.
     queued: Notify,
+    /// Why the last connection attempt failed; `None` once one is made.
+    failure: watch::Sender<Option<ReadError>>,
 }
 
 #[derive(Debug, Default)]
@@ -140,7 +159,7 @@ impl ReadPipeline {
     /// connection attempt with its login; `unresponsive` is how long requests may wait with
     /// nothing at all coming back before the connection is given up.
     pub fn start(target: Target, connect_timeout: Duration, unresponsive: Duration) -> ReadPipeline {
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), queued: Notify::new() });
+        let shared = Arc::new(Shared::new());
         let driver = tokio::spawn(drive(Arc::clone(&shared), target, connect_timeout, unresponsive)).abort_handle();
         ReadPipeline { shared, driver }
     }
@@ -168,6 +187,12 @@ impl ReadPipeline {
     pub fn is_down(&self) -> bool {
         self.shared.lock().failed
     }
+
+    /// Why the last connection attempt failed (`None` once a connection is made), changing as
+    /// attempts fail and succeed: the store tells a refusal (TLS, login) from an outage.
+    pub fn failures(&self) -> watch::Receiver<Option<ReadError>> {
+        self.shared.failure.subscribe()
+    }
 }
 
 impl Drop for ReadPipeline {
@@ -177,6 +202,10 @@ impl Drop for ReadPipeline {
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared { state: Mutex::new(State::default()), queued: Notify::new(), failure: watch::Sender::new(None) }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic under this lock leaves nothing half-done that matters: requests are only
         // ever failed or answered.
@@ -225,6 +254,7 @@ async fn drive(shared: Arc<Shared>, target: Target, connect_timeout: Duration, u
         let connected = tokio::time::timeout(connect_timeout, connect(&target)).await;
         let error = match connected.unwrap_or(Err(ReadError::Unresponsive)) {
             Ok((stream, markers)) => {
+                shared.failure.send_if_modified(|failure| failure.take().is_some());
                 let since = Instant::now();
                 {
                     let mut state = shared.lock();
@@ -243,7 +273,10 @@ async fn drive(shared: Arc<Shared>, target: Target, connect_timeout: Duration, u
                 }
                 error
             }
-            Err(error) => error,
+            Err(error) => {
+                shared.failure.send_replace(Some(error.clone()));
+                error
+            }
         };
         tracing::debug!(%error, "no redis read connection; retrying after a backoff");
         let until = Instant::now() + backoff;
@@ -255,10 +288,36 @@ async fn drive(shared: Arc<Shared>, target: Target, connect_timeout: Duration, u
     }
 }
 
-/// Connects, logs in and checks that the server answers; returns whether it echoes markers.
-async fn connect(target: &Target) -> Result<(TcpStream, bool), ReadError> {
-    let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+/// A connection to Redis: plain TCP, or TLS over it.
+enum Connection {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Connects (with TLS when the target asks), logs in and checks that the server answers;
+/// returns whether it echoes markers.
+async fn connect(target: &Target) -> Result<(Connection, bool), ReadError> {
+    let stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
     stream.set_nodelay(true)?;
+    Ok(match &target.tls {
+        None => {
+            let mut stream = stream;
+            let markers = login(&mut stream, target).await?;
+            (Connection::Plain(stream), markers)
+        }
+        Some(tls) => {
+            let name = ServerName::try_from(target.host.clone())
+                .map_err(|_| ReadError::Tls("InvalidServerName".to_owned()))?;
+            let mut stream = tokio_rustls::TlsConnector::from(Arc::clone(tls)).connect(name, stream).await?;
+            let markers = login(&mut stream, target).await?;
+            (Connection::Tls(Box::new(stream)), markers)
+        }
+    })
+}
+
+/// Logs in, selects the database and sends the probe; returns whether the server echoes
+/// markers.
+async fn login<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, target: &Target) -> Result<bool, ReadError> {
     let mut login = Vec::new();
     let mut logins = 0;
     if let Some(password) = &target.password {
@@ -276,6 +335,7 @@ async fn connect(target: &Target) -> Result<(TcpStream, bool), ReadError> {
     // the same), and its reply tells whether ECHO may be used for batch markers.
     encode_command(&mut login, &[b"ECHO", b"0"]);
     stream.write_all(&login).await?;
+    stream.flush().await?;
 
     let mut buf = BytesMut::with_capacity(256);
     let mut answered = 0;
@@ -298,21 +358,38 @@ async fn connect(target: &Target) -> Result<(TcpStream, bool), ReadError> {
                 Frame::Error(code) => return Err(ReadError::Server(code)),
                 _ => return Err(ReadError::Protocol),
             };
-            return if buf.is_empty() { Ok((stream, markers)) } else { Err(ReadError::Protocol) };
+            return if buf.is_empty() { Ok(markers) } else { Err(ReadError::Protocol) };
         }
     }
 }
 
 /// Writes queued requests and answers written ones until the connection fails.
-async fn serve(shared: &Shared, stream: TcpStream, unresponsive: Duration) -> ReadError {
-    let (reader, writer) = stream.into_split();
+async fn serve(shared: &Shared, connection: Connection, unresponsive: Duration) -> ReadError {
+    match connection {
+        Connection::Plain(stream) => {
+            let (reader, writer) = stream.into_split();
+            serve_halves(shared, reader, writer, unresponsive).await
+        }
+        Connection::Tls(stream) => {
+            let (reader, writer) = tokio::io::split(*stream);
+            serve_halves(shared, reader, writer, unresponsive).await
+        }
+    }
+}
+
+async fn serve_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    reader: R,
+    writer: W,
+    unresponsive: Duration,
+) -> ReadError {
     tokio::select! {
         error = write_queued(shared, writer) => error,
         error = read_replies(shared, reader, unresponsive) => error,
     }
 }
 
-async fn write_queued(shared: &Shared, mut writer: OwnedWriteHalf) -> ReadError {
+async fn write_queued<W: AsyncWrite + Unpin>(shared: &Shared, mut writer: W) -> ReadError {
     let mut batch = Vec::with_capacity(4096);
     loop {
         shared.queued.notified().await;
@@ -340,14 +417,20 @@ async fn write_queued(shared: &Shared, mut writer: OwnedWriteHalf) -> ReadError 
             }
             state.in_flight.push_back(Slot::End(marker));
         }
-        if let Err(error) = writer.write_all(&batch).await {
+        // A TLS stream may hold the last record back until flushed; TCP's flush does nothing.
+        if let Err(error) = async {
+            writer.write_all(&batch).await?;
+            writer.flush().await
+        }
+        .await
+        {
             return error.into();
         }
         batch.clear();
     }
 }
 
-async fn read_replies(shared: &Shared, mut reader: OwnedReadHalf, unresponsive: Duration) -> ReadError {
+async fn read_replies<R: AsyncRead + Unpin>(shared: &Shared, mut reader: R, unresponsive: Duration) -> ReadError {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut watchdog = tokio::time::interval(unresponsive / 4);
     loop {
@@ -666,7 +749,7 @@ mod tests {
 
     /// A pipeline state with batches of `reads` reads written, as the writer leaves it.
     fn written(batches: &[usize], markers: bool) -> (Shared, Vec<Receiver>) {
-        let shared = Shared { state: Mutex::new(State::default()), queued: Notify::new() };
+        let shared = Shared::new();
         let mut receivers = Vec::new();
         {
             let mut state = shared.lock();
@@ -812,6 +895,7 @@ mod tests {
             username: Some("proxy".into()),
             password: Some("hunter2-canary".into()),
             database: Some(1),
+            tls: None,
         };
         let shown = format!("{target:?}");
         assert!(shown.contains("redis.internal") && !shown.contains("hunter2"), "{shown}");

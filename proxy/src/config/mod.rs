@@ -100,6 +100,10 @@ pub static SETTINGS: &[&Setting] = &[
     &redis::REDIS_TIMEOUT,
     &redis::REDIS_BREAKER_THRESHOLD,
     &redis::REDIS_BREAKER_COOLDOWN,
+    &redis::REDIS_CA_FILE,
+    &redis::REDIS_CLIENT_CERT_FILE,
+    &redis::REDIS_CLIENT_KEY_FILE,
+    &redis::REDIS_PASSWORD_FILE,
     &cache::LOCK_TTL,
     &cache::EXPIRY_MARGIN,
     &cache::MIN_TOKEN_TTL,
@@ -720,7 +724,10 @@ mod tests {
         assert_eq!(config.listeners.client, "127.0.0.1:1".parse().unwrap(), "the environment wins");
         assert_eq!(config.listeners.admin, "127.0.0.1:9091".parse().unwrap());
         assert_eq!(config.endpoints[0].upstream.url.as_str(), "http://127.0.0.1:9000/oauth2/token");
-        assert_eq!(config.redis.as_ref().unwrap().url.expose_secret(), "redis://:file-password@127.0.0.1:6380");
+        assert_eq!(
+            config.redis.as_ref().unwrap().endpoint.url().expose_secret(),
+            "redis://:file-password@127.0.0.1:6380"
+        );
         assert_eq!(config.secret_bytes().unwrap(), b"0123456789abcdef0123456789abcdef");
         assert_eq!((config.cache.refresh_at, config.cache.l1_capacity), (0.5, 7));
         assert!(config.inbound.allow_query_params);

@@ -3,16 +3,39 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use secrecy::SecretString;
 
 use super::{ConfigError, Setting, Source};
 use crate::metrics::Metrics;
-use crate::store::{RedisStore, Sealing, StoreSettings};
+use crate::store::{Endpoint, EndpointError, RedisStore, Scheme, Sealing, StoreSettings, client_config};
 
 pub static REDIS_URL: Setting = Setting {
     name: "TOKEN_PROXY_REDIS_URL",
     default: None,
-    help: "redis://, rediss://, redis-sentinel:// or redis-cluster:// URL; unset = in-process cache only",
+    help: "redis://, rediss://, redis-cluster://, rediss-cluster://, redis-sentinel:// or rediss-sentinel:// URL \
+           (valkey:// and valkeys:// too); unset = in-process cache only",
+};
+pub static REDIS_CA_FILE: Setting = Setting {
+    name: "TOKEN_PROXY_REDIS_CA_FILE",
+    default: None,
+    help: "PEM bundle of the CAs trusted for Redis over TLS; unset = the system's roots",
+};
+pub static REDIS_CLIENT_CERT_FILE: Setting = Setting {
+    name: "TOKEN_PROXY_REDIS_CLIENT_CERT_FILE",
+    default: None,
+    help: "PEM certificate chain presented to Redis over TLS (mTLS), with TOKEN_PROXY_REDIS_CLIENT_KEY_FILE",
+};
+pub static REDIS_CLIENT_KEY_FILE: Setting = Setting {
+    name: "TOKEN_PROXY_REDIS_CLIENT_KEY_FILE",
+    default: None,
+    help: "PEM private key of TOKEN_PROXY_REDIS_CLIENT_CERT_FILE",
+};
+pub static REDIS_PASSWORD_FILE: Setting = Setting {
+    name: "TOKEN_PROXY_REDIS_PASSWORD_FILE",
+    default: None,
+    help: "file holding the Redis password, for a URL without one (the user, if any, stays in the URL)",
 };
 pub static REDIS_TIMEOUT: Setting = Setting {
     name: "TOKEN_PROXY_REDIS_TIMEOUT",
@@ -33,8 +56,9 @@ pub static REDIS_BREAKER_COOLDOWN: Setting = Setting {
 /// The shared cache. Absent, one replica runs alone on its in-process cache.
 #[derive(Debug)]
 pub struct RedisSettings {
-    /// A secret: the URL may carry a password (`redis://:PASSWORD@host`).
-    pub url: SecretString,
+    /// Where Redis is and how to reach it: the URL (a secret: it may carry a password), the
+    /// password from its file, TLS.
+    pub endpoint: Endpoint,
     /// Deadline of one command. Default 250 ms.
     pub timeout: Duration,
     /// Consecutive failures that open the breaker. Default 5.
@@ -45,7 +69,8 @@ pub struct RedisSettings {
 
 impl RedisSettings {
     /// The timing settings are checked even without a URL, so that a typo is not found only
-    /// on the day Redis is added.
+    /// on the day Redis is added. Every file (CA, client certificate and key, password) is
+    /// read and checked here, so `--check` finds them unusable too.
     pub(super) fn parse(source: &Source) -> Result<Option<RedisSettings>, ConfigError> {
         let timeout = source.duration(&REDIS_TIMEOUT)?;
         if timeout.is_zero() {
@@ -56,18 +81,37 @@ impl RedisSettings {
             return Err(source.error(&REDIS_BREAKER_THRESHOLD, "must be at least 1"));
         }
         let breaker_cooldown = source.duration(&REDIS_BREAKER_COOLDOWN)?;
-        let Some(url) = source.get(&REDIS_URL) else { return Ok(None) };
-        let scheme = url.split_once("://").map(|(s, _)| s);
+        let tls_files = [&REDIS_CA_FILE, &REDIS_CLIENT_CERT_FILE, &REDIS_CLIENT_KEY_FILE];
+        let Some(url) = source.get(&REDIS_URL) else {
+            if let Some(setting) = tls_files.into_iter().chain([&REDIS_PASSWORD_FILE]).find(|s| source.get(s).is_some())
+            {
+                return Err(source.error(setting, format!("is set, but {} is not", REDIS_URL.name)));
+            }
+            return Ok(None);
+        };
         // Never echo the URL, nor fred's parse error (it may quote it): it may carry a password.
-        if !matches!(scheme, Some("redis" | "rediss" | "redis-sentinel" | "redis-cluster")) {
-            return Err(
-                source.error(&REDIS_URL, "must start with redis://, rediss://, redis-sentinel:// or redis-cluster://")
-            );
-        }
-        if let Err(e) = fred::prelude::Config::from_url(&url) {
-            return Err(source.error(&REDIS_URL, format!("invalid Redis URL ({:?})", e.kind())));
-        }
-        Ok(Some(RedisSettings { url: SecretString::from(url), timeout, breaker_threshold, breaker_cooldown }))
+        let scheme = Scheme::of(&url).ok_or_else(|| source.error(&REDIS_URL, EndpointError::Scheme.to_string()))?;
+        let tls = if scheme.tls {
+            Some(Arc::new(tls_config(source)?))
+        } else {
+            if let Some(setting) = tls_files.into_iter().find(|s| source.get(s).is_some()) {
+                return Err(source.error(
+                    setting,
+                    format!("applies to TLS only, and {} is not a TLS URL (rediss://...)", REDIS_URL.name),
+                ));
+            }
+            None
+        };
+        let password = match source.get(&REDIS_PASSWORD_FILE) {
+            Some(path) => Some(read_password(source, &path)?),
+            None => None,
+        };
+        let endpoint = Endpoint::new(&url, password, tls).map_err(|e| match e {
+            EndpointError::PasswordTwice => source
+                .error(&REDIS_PASSWORD_FILE, format!("{} has a password too; keep one of the two", REDIS_URL.name)),
+            other => source.error(&REDIS_URL, other.to_string()),
+        })?;
+        Ok(Some(RedisSettings { endpoint, timeout, breaker_threshold, breaker_cooldown }))
     }
 
     /// The store, sealing its entries with `sealing`: its clients start connecting in the
@@ -79,7 +123,70 @@ impl RedisSettings {
             breaker_cooldown: self.breaker_cooldown,
             pipelined_reads: true,
         };
-        RedisStore::connect(self.url.expose_secret(), settings, sealing, metrics)
-            .map_err(|e| REDIS_URL.error(e.to_string()))
+        RedisStore::connect_to(&self.endpoint, settings, sealing, metrics).map_err(|e| REDIS_URL.error(e.to_string()))
     }
+}
+
+/// The TLS client configuration: the CA file's roots (the system's without one), and the
+/// client certificate and key (both or neither). Each error names the file's setting.
+fn tls_config(source: &Source) -> Result<rustls::ClientConfig, ConfigError> {
+    let roots = match source.get(&REDIS_CA_FILE) {
+        Some(path) => Some(read_certificates(source, &REDIS_CA_FILE, &path)?),
+        None => None,
+    };
+    let identity = match (source.get(&REDIS_CLIENT_CERT_FILE), source.get(&REDIS_CLIENT_KEY_FILE)) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(source.error(&REDIS_CLIENT_CERT_FILE, format!("needs {}", REDIS_CLIENT_KEY_FILE.name)));
+        }
+        (None, Some(_)) => {
+            return Err(source.error(&REDIS_CLIENT_KEY_FILE, format!("needs {}", REDIS_CLIENT_CERT_FILE.name)));
+        }
+        (Some(cert), Some(key)) => {
+            let chain = read_certificates(source, &REDIS_CLIENT_CERT_FILE, &cert)?;
+            let pem = std::fs::read(&key)
+                .map_err(|e| source.error(&REDIS_CLIENT_KEY_FILE, format!("cannot read {key}: {e}")))?;
+            // The parser's own errors may quote lines of the file: not one of them is shown.
+            let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+                source
+                    .error(&REDIS_CLIENT_KEY_FILE, format!("{key}: no PEM private key (PKCS#8, PKCS#1 or SEC1) in it"))
+            })?;
+            Some((chain, der))
+        }
+    };
+    let key_path = source.get(&REDIS_CLIENT_KEY_FILE).unwrap_or_default();
+    client_config(roots, identity).map_err(|e| match e {
+        EndpointError::NoSystemRoots => source.error(&REDIS_CA_FILE, format!("is unset and {e}")),
+        EndpointError::Tls(message) if message.contains("CA certificate") => {
+            source.error(&REDIS_CA_FILE, format!("{}: {message}", source.get(&REDIS_CA_FILE).unwrap_or_default()))
+        }
+        other => source.error(&REDIS_CLIENT_KEY_FILE, format!("{key_path}: {other}")),
+    })
+}
+
+/// The certificates of a PEM file; an error names `setting` and the path.
+fn read_certificates(
+    source: &Source,
+    setting: &Setting,
+    path: &str,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let pem = std::fs::read(path).map_err(|e| source.error(setting, format!("cannot read {path}: {e}")))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| source.error(setting, format!("{path}: not a PEM certificate file")))?;
+    if certificates.is_empty() {
+        return Err(source.error(setting, format!("{path}: no PEM certificate in it")));
+    }
+    Ok(certificates)
+}
+
+/// The password in `path`: its first line, without the line end (a password may hold spaces).
+fn read_password(source: &Source, path: &str) -> Result<SecretString, ConfigError> {
+    let contents = std::fs::read_to_string(path)
+        .map_err(|e| source.error(&REDIS_PASSWORD_FILE, format!("cannot read {path}: {e}")))?;
+    let password = contents.lines().next().unwrap_or_default();
+    if password.is_empty() {
+        return Err(source.error(&REDIS_PASSWORD_FILE, format!("{path}: is empty (the password is its first line)")));
+    }
+    Ok(SecretString::from(password.to_owned()))
 }

@@ -4,8 +4,10 @@
 //! short deadline, a [`Breaker`] stops paying that deadline while Redis keeps failing, the
 //! client reconnects by itself, and any failure is a [`StoreError`] after which the caller
 //! carries on without Redis. fred's defaults would wait forever across a Redis restart, hence
-//! the explicit settings. On a plain `redis://` server the hit path's read goes over a
-//! connection of its own, [`ReadPipeline`], held to the same deadline and breaker.
+//! the explicit settings. On a single server (`redis://` or `rediss://`) the hit path's read
+//! goes over a connection of its own, [`ReadPipeline`], held to the same deadline and breaker.
+//! Where Redis is and how to reach it (URL schemes, TLS, a password given apart) is
+//! [`endpoint`]; Redis refusing us (TLS, login), said once and seen by readiness, [`refusals`].
 //!
 //! The store speaks in entries: sealing and opening happen here ([`sealing`]), and callers
 //! get tokens. Key layout (docs/architecture.md, "Redis layout"), all in one Redis Cluster slot
@@ -34,11 +36,16 @@ use crate::read_pipeline::{MAX_VALUE, ReadError, ReadPipeline, Target};
 use crate::redis_clock::RedisTime;
 
 mod counters;
+mod endpoint;
 mod purges;
+mod refusals;
 pub mod sealing;
 
 pub use counters::{AuthCounters, Verdict};
+pub use endpoint::{Endpoint, EndpointError, SCHEMES, Scheme, Topology, client_config};
 pub use purges::{EPOCHS_KEY, PurgeState};
+pub use refusals::Refusal;
+use refusals::{Link, Refusals};
 pub use sealing::Sealing;
 
 /// The channel every replica subscribes to for flight outcomes.
@@ -65,7 +72,7 @@ end
 local now = redis.call('TIME')
 ";
 
-/// The hit read through fred (TLS, Sentinel, Cluster): an entry and Redis's clock in one step.
+/// The hit read through fred (Sentinel, Cluster): an entry and Redis's clock in one step.
 /// KEYS: entry. ARGV: the size limit. Returns {value or '', seconds, µs, unusable}.
 const READ_LUA: &str = r"
 local v, _, bad = entry(ARGV[1])
@@ -85,6 +92,9 @@ pub enum StoreError {
     Read(#[from] ReadError),
     #[error("redis read timed out")]
     Timeout,
+    /// Redis refuses this replica (TLS, login): logged once by [`refusals`], not per command.
+    #[error("redis refuses this replica's connections")]
+    Refused,
 }
 
 /// Why the store could not be set up.
@@ -92,14 +102,20 @@ pub enum StoreError {
 #[error("{0}")]
 pub struct StoreSetupError(String);
 
+impl From<EndpointError> for StoreSetupError {
+    fn from(error: EndpointError) -> StoreSetupError {
+        StoreSetupError(error.to_string())
+    }
+}
+
 /// Store settings.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreSettings {
     pub command_timeout: Duration,
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
-    /// Hit-path reads on their own pipelined connection when the server allows it (plain
-    /// `redis://`); `false` reads through fred always (tests compare the two).
+    /// Hit-path reads on their own pipelined connection when the server allows it (a single
+    /// server, with or without TLS); `false` reads through fred always (tests compare the two).
     pub pipelined_reads: bool,
 }
 
@@ -114,13 +130,15 @@ pub struct StoredValue {
 #[derive(Clone)]
 pub struct RedisStore {
     client: Client,
-    /// The hit path's reads, for plain `redis://` servers; `None` reads through `client`.
+    /// The hit path's reads, for a single server; `None` reads through `client`.
     reads: Option<Arc<ReadPipeline>>,
     command_timeout: Duration,
     subscriber: SubscriberClient,
     /// Woken when a purge is announced.
     purged: Arc<Notify>,
     breaker: Arc<Breaker>,
+    /// What Redis refuses, if anything (TLS, login): commands fail at once meanwhile.
+    refusals: Arc<Refusals>,
     sealing: Arc<Sealing>,
     metrics: Arc<Metrics>,
 }
@@ -137,22 +155,35 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Creates the clients and starts connecting in the background. Start-up does not wait
-    /// for Redis: a replica whose Redis is down still serves, from L1 and the upstream.
+    /// [`RedisStore::connect_to`] a URL alone (over TLS, trusting the system's roots).
     pub fn connect(
         url: &str,
         settings: StoreSettings,
         sealing: Sealing,
         metrics: Arc<Metrics>,
     ) -> Result<RedisStore, StoreSetupError> {
-        // fred's parse errors may quote the URL, which may hold a password: keep only the kind.
-        let config =
-            Config::from_url(url).map_err(|e| StoreSetupError(format!("invalid Redis URL ({:?})", e.kind())))?;
+        RedisStore::connect_to(&Endpoint::from_url(url)?, settings, sealing, metrics)
+    }
+
+    /// Creates the clients and starts connecting in the background. Start-up does not wait
+    /// for Redis: a replica whose Redis is down still serves, from L1 and the upstream.
+    pub fn connect_to(
+        endpoint: &Endpoint,
+        settings: StoreSettings,
+        sealing: Sealing,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisStore, StoreSetupError> {
+        let config = endpoint.fred_config()?;
+        let server = config.server.hosts().first().map(ToString::to_string).unwrap_or_default();
+        let refusals = Arc::new(Refusals::new(server));
         let timeout = settings.command_timeout;
         let unresponsive = (timeout * 4).max(Duration::from_secs(1));
-        let reads = plain_tcp_target(&config)
+        let reads = pipeline_target(&config, endpoint.tls())
             .filter(|_| settings.pipelined_reads)
             .map(|target| Arc::new(ReadPipeline::start(target, Duration::from_secs(1).max(timeout), unresponsive)));
+        if let Some(reads) = &reads {
+            tokio::spawn(watch_reads(reads.failures(), Arc::clone(&refusals)));
+        }
         let mut builder = Builder::from_config(config);
         builder
             .with_performance_config(|perf| perf.default_command_timeout = timeout)
@@ -170,6 +201,9 @@ impl RedisStore {
         let setup = |e: fred::error::Error| StoreSetupError(format!("cannot create the Redis client ({:?})", e.kind()));
         let client = builder.build().map_err(setup)?;
         let subscriber = builder.build_subscriber_client().map_err(setup)?;
+        // Before connecting, so that no refusal goes unseen.
+        watch_connections(&client, Link::Commands, Arc::clone(&refusals));
+        watch_connections(&subscriber, Link::Subscription, Arc::clone(&refusals));
         // The handles are not needed: the connection tasks live as long as the clients.
         drop(client.connect());
         drop(subscriber.connect());
@@ -187,6 +221,7 @@ impl RedisStore {
             subscriber,
             purged,
             breaker,
+            refusals,
             sealing: Arc::new(sealing),
             metrics,
         })
@@ -203,10 +238,25 @@ impl RedisStore {
         format!("{}:lock", RedisStore::entry_key(key))
     }
 
-    /// Runs one command through the breaker, counting failures.
+    /// Runs one command of the command connection through the breaker, counting failures.
     async fn guarded<T>(&self, command: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.guarded_on(Link::Commands, command).await
+    }
+
+    /// Runs one command of `link` through the breaker, counting failures. While Redis refuses
+    /// the command connection, its commands fail at once (they would only time out).
+    async fn guarded_on<T>(
+        &self,
+        link: Link,
+        command: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         if !self.breaker.allow() {
             return Err(StoreError::BreakerOpen);
+        }
+        if link == Link::Commands && self.refusals.refuses_commands() {
+            self.breaker.record(false);
+            self.metrics.redis_error();
+            return Err(StoreError::Refused);
         }
         // fred's command futures are large: boxed once here, every await above moves a pointer
         // instead of copying them.
@@ -214,7 +264,12 @@ impl RedisStore {
         self.breaker.record(result.is_ok());
         if let Err(error) = &result {
             self.metrics.redis_error();
-            tracing::warn!(%error, "redis command failed; continuing without it");
+            if self.refusals.any() {
+                // Said once, with its cause, when it began (see `refusals`).
+                tracing::debug!(%error, "redis command failed (redis refuses this replica); continuing without it");
+            } else {
+                tracing::warn!(%error, "redis command failed; continuing without it");
+            }
         }
         result
     }
@@ -256,15 +311,16 @@ impl RedisStore {
         Ok(None)
     }
 
-    /// Reads an entry and Redis's clock, one round trip, no lock: the hit path. On a plain
-    /// `redis://` server through the [`ReadPipeline`] (GETRANGE and TIME, several times cheaper
+    /// Reads an entry and Redis's clock, one round trip, no lock: the hit path. On a single
+    /// server through the [`ReadPipeline`] (GETRANGE and TIME, several times cheaper
     /// for Redis than a script), else through fred ([`READ_LUA`]: TIME must come from the
     /// entry's own node in a cluster). A key holding something else, or more than
     /// [`MAX_ENTRY_BYTES`], is that key's miss (and a metric), never a Redis failure.
     pub async fn read_value(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
         let name = entry_name(key);
+        let link = if self.reads.is_some() { Link::Reads } else { Link::Commands };
         let found = self
-            .guarded(async {
+            .guarded_on(link, async {
                 if let Some(reads) = &self.reads {
                     let read = tokio::time::timeout(self.command_timeout, reads.read(&name));
                     return match read.await.map_err(|_| StoreError::Timeout)? {
@@ -299,9 +355,15 @@ impl RedisStore {
         self.purged.notified()
     }
 
-    /// Whether the command connection, and the read connection if there is one, are up.
+    /// Whether the command connection, and the read connection if there is one, are up, and
+    /// Redis does not refuse any of them.
     pub fn is_connected(&self) -> bool {
-        self.client.is_connected() && !self.reads.as_ref().is_some_and(|reads| reads.is_down())
+        self.client.is_connected() && !self.reads.as_ref().is_some_and(|reads| reads.is_down()) && !self.refusals.any()
+    }
+
+    /// What Redis refuses (TLS, login), if anything: for readiness.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusals.current()
     }
 
     pub fn breaker_state(&self) -> BreakerState {
@@ -330,13 +392,10 @@ fn entry_name(key: &CacheKey) -> [u8; ENTRY_NAME_LEN] {
     name
 }
 
-/// Where the [`ReadPipeline`] connects: a single server over plain TCP, or `None` for TLS,
-/// Sentinel and Cluster, whose reads go through fred.
-fn plain_tcp_target(config: &Config) -> Option<Target> {
+/// Where the [`ReadPipeline`] connects: a single server, over TLS when `tls` is given, or
+/// `None` for Sentinel and Cluster, whose reads go through fred.
+fn pipeline_target(config: &Config, tls: Option<&Arc<rustls::ClientConfig>>) -> Option<Target> {
     let ServerConfig::Centralized { server } = &config.server else { return None };
-    if config.tls.is_some() {
-        return None;
-    }
     Some(Target {
         // fred keeps a URL's IPv6 literal in its brackets, which a socket address has not.
         host: server.host.trim_start_matches('[').trim_end_matches(']').to_owned(),
@@ -344,6 +403,7 @@ fn plain_tcp_target(config: &Config) -> Option<Target> {
         username: config.username.clone(),
         password: config.password.clone(),
         database: config.database,
+        tls: tls.cloned(),
     })
 }
 
@@ -413,6 +473,49 @@ async fn subscribe(subscriber: SubscriberClient) {
     }
 }
 
+/// Reports a fred client's refused connections and successful ones to `refusals`.
+fn watch_connections(client: &impl EventInterface, link: Link, refusals: Arc<Refusals>) {
+    let mut errors = client.error_rx();
+    let mut connected = client.reconnect_rx();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                error = errors.recv() => match error {
+                    Ok((error, _)) => {
+                        if let Some(refusal) = Refusal::of_fred(&error) {
+                            refusals.refused(link, refusal);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                server = connected.recv() => match server {
+                    Ok(_) => refusals.accepted(link),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    });
+}
+
+/// Reports the hit-read connection's refusals and successful connections to `refusals`.
+async fn watch_reads(mut failures: tokio::sync::watch::Receiver<Option<ReadError>>, refusals: Arc<Refusals>) {
+    while failures.changed().await.is_ok() {
+        let failure = failures.borrow_and_update().clone();
+        match failure {
+            None => refusals.accepted(Link::Reads),
+            Some(ReadError::Tls(cause)) => refusals.refused(Link::Reads, Refusal::Tls(cause)),
+            Some(ReadError::Server(code)) => {
+                if let Some(refusal) = Refusal::of_code(&code) {
+                    refusals.refused(Link::Reads, refusal);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 /// Wakes the purge watcher on every purge announcement (flight announcements are routed by
 /// [`crate::cluster_flight`]).
 async fn watch_purges(subscriber: SubscriberClient, purged: Arc<Notify>) {
@@ -433,20 +536,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_single_plain_server_is_read_through_the_pipeline() {
-        let target = |url: &str| plain_tcp_target(&Config::from_url(url).unwrap());
+    fn only_a_single_server_is_read_through_the_pipeline() {
+        let target = |url: &str| {
+            let endpoint = Endpoint::new(url, None, None).unwrap();
+            pipeline_target(&endpoint.fred_config().unwrap(), endpoint.tls())
+        };
         let plain = target("redis://proxy:pw@cache.internal:6380/2").expect("a plain server");
         assert_eq!((plain.host.as_str(), plain.port, plain.database), ("cache.internal", 6380, Some(2)));
         assert_eq!((plain.username.as_deref(), plain.password.as_deref()), (Some("proxy"), Some("pw")));
+        assert!(plain.tls.is_none());
         let password_only = target("redis://:pw@127.0.0.1:6379").expect("a plain server");
         assert_eq!((password_only.username.as_deref(), password_only.password.as_deref()), (None, Some("pw")));
         assert_eq!(target("redis://127.0.0.1").map(|t| (t.port, t.password, t.database)), Some((6379, None, None)));
         assert_eq!(target("redis://[fd00::1]:6390").map(|t| (t.host, t.port)), Some(("fd00::1".to_owned(), 6390)));
-        for through_fred in [
-            "rediss://cache.internal:6380",
-            "redis-cluster://a:6379?node=b:6379",
-            "redis-sentinel://s1:26379?sentinelServiceName=main",
-        ] {
+        let apart = Endpoint::new("valkey://proxy@cache:6379", Some("from-a-file".to_owned().into()), None).unwrap();
+        let apart = pipeline_target(&apart.fred_config().unwrap(), apart.tls()).unwrap();
+        assert_eq!((apart.username.as_deref(), apart.password.as_deref()), (Some("proxy"), Some("from-a-file")));
+        // Over TLS with the endpoint's own configuration (here: trusting no one).
+        let tls = Arc::new(client_config(Some(Vec::new()), None).unwrap());
+        let endpoint = Endpoint::new("rediss://cache.internal:6380", None, Some(Arc::clone(&tls))).unwrap();
+        let over_tls = pipeline_target(&endpoint.fred_config().unwrap(), endpoint.tls()).expect("a TLS server");
+        assert!(over_tls.tls.is_some_and(|t| Arc::ptr_eq(&t, &tls)));
+        for through_fred in ["redis-cluster://a:6379?node=b:6379", "redis-sentinel://s1:26379?sentinelServiceName=main"]
+        {
             assert!(target(through_fred).is_none(), "{through_fred}");
         }
     }

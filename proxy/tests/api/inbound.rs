@@ -3,12 +3,9 @@
 //! start-up failures for unusable TLS files. Certificates are made by the test with rcgen.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use token_proxy::app::Application;
 use tokio::io::AsyncWriteExt;
@@ -17,91 +14,7 @@ use tokio::net::TcpStream;
 use crate::helpers::*;
 
 // ---------------------------------------------------------------------------------------------
-// Certificates and files
-
-/// A directory of its own under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("tp-inbound-{}-{name}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-
-    /// Writes `contents` to a scratch file, then renames it over `file`: readers see the old or
-    /// the new file, never half of one.
-    fn replace(&self, file: &str, contents: &str) -> PathBuf {
-        let path = self.path(file);
-        let scratch = self.path(&format!("{file}.new"));
-        std::fs::write(&scratch, contents).unwrap();
-        std::fs::rename(&scratch, &path).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A test certificate authority.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A certificate signed by a [`Ca`], with its key.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { issuer: Issuer::new(params, key), pem: cert.pem() }
-    }
-
-    /// A certificate for the proxy on loopback (and `localhost`).
-    fn server(&self, name: &str) -> Leaf {
-        self.leaf(name, vec!["127.0.0.1".into(), "localhost".into()])
-    }
-
-    /// A client certificate.
-    fn client(&self, name: &str) -> Leaf {
-        self.leaf(name, Vec::new())
-    }
-
-    fn leaf(&self, name: &str, names: Vec<String>) -> Leaf {
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
-    }
-}
-
-impl Leaf {
-    /// Certificate and key in one PEM, as reqwest's `Identity` wants them.
-    fn identity(&self) -> reqwest::Identity {
-        reqwest::Identity::from_pem(format!("{}{}", self.cert_pem, self.key_pem).as_bytes()).unwrap()
-    }
-}
+// Certificates and files (the CA, leaves and temporary directories are in helpers/certs.rs)
 
 /// The proxy's certificate files in `dir`, and the variables naming them.
 fn write_server_files(dir: &TempDir, leaf: &Leaf) -> (String, String) {

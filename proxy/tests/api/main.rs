@@ -18,6 +18,7 @@ mod purge;
 mod raw_socket;
 mod read_pipeline;
 mod redis_faults;
+mod redis_tls;
 mod relay;
 mod rotation;
 mod sealing;

@@ -17,7 +17,7 @@ use crate::helpers::*;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn target(port: u16) -> Target {
-    Target { host: "127.0.0.1".into(), port, username: None, password: None, database: None }
+    Target { host: "127.0.0.1".into(), port, username: None, password: None, database: None, tls: None }
 }
 
 async fn set(client: &Client, key: &str, value: &str, ttl_ms: i64) {
@@ -206,15 +206,29 @@ async fn a_connection_closed_when_idle_is_made_again_without_failing_anything() 
 async fn the_store_reads_the_same_through_the_pipeline_as_through_fred() {
     let redis = RedisServer::start().await;
     let store = |pipelined_reads| {
-        let settings = StoreSettings {
-            command_timeout: Duration::from_millis(500),
-            breaker_threshold: 5,
-            breaker_cooldown: Duration::from_secs(1),
-            pipelined_reads,
-        };
-        crate::helpers::connect_store(&redis.url(), settings, &shared::keys::Keys::random())
+        crate::helpers::connect_store(&redis.url(), store_settings(pipelined_reads), &shared::keys::Keys::random())
     };
-    let (pipelined, through_fred) = (store(true), store(false));
+    assert_the_store_reads_the_same(&redis, store(true), store(false)).await;
+}
+
+/// A store's settings for [`assert_the_store_reads_the_same`].
+pub(crate) fn store_settings(pipelined_reads: bool) -> StoreSettings {
+    StoreSettings {
+        command_timeout: Duration::from_millis(500),
+        breaker_threshold: 5,
+        breaker_cooldown: Duration::from_secs(1),
+        pipelined_reads,
+    }
+}
+
+/// Two stores on `redis` (however they reach it: plain or TLS), one reading through the
+/// pipeline and one through fred, read the same values, misses and bad keys, and a planted
+/// huge value is never read whole.
+pub(crate) async fn assert_the_store_reads_the_same(
+    redis: &RedisServer,
+    pipelined: RedisStore,
+    through_fred: RedisStore,
+) {
     let client = redis.client().await;
     let present = CacheKey::from_bytes([7; 32]);
     let without_ttl = CacheKey::from_bytes([8; 32]);

@@ -7,21 +7,25 @@ use std::time::{Duration, Instant};
 
 mod app;
 mod canaries;
+mod certs;
 mod cluster;
 mod http;
 mod leak_checks;
 mod logs;
 mod raw;
 mod redis;
+mod tls_redis;
 
 pub use app::*;
 pub use canaries::*;
+pub use certs::*;
 pub use cluster::*;
 pub use http::*;
 pub use leak_checks::*;
 pub use logs::*;
 pub use raw::*;
 pub use redis::*;
+pub use tls_redis::*;
 
 /// Base64 of the 32 bytes "0123456789abcdef0123456789abcdef".
 pub const ROOT_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";

@@ -38,9 +38,19 @@ pub fn connect_store(
     settings: token_proxy::store::StoreSettings,
     keys: &shared::keys::Keys,
 ) -> token_proxy::store::RedisStore {
+    let endpoint = token_proxy::store::Endpoint::from_url(url).expect("a valid Redis URL");
+    connect_store_to(&endpoint, settings, keys)
+}
+
+/// A store on `endpoint` (e.g. with TLS settings) used directly, sealing with `keys`.
+pub fn connect_store_to(
+    endpoint: &token_proxy::store::Endpoint,
+    settings: token_proxy::store::StoreSettings,
+    keys: &shared::keys::Keys,
+) -> token_proxy::store::RedisStore {
     let sealing = token_proxy::store::Sealing::new(keys, &[]);
     let metrics = std::sync::Arc::new(token_proxy::metrics::Metrics::new());
-    token_proxy::store::RedisStore::connect(url, settings, sealing, metrics).expect("a valid Redis URL")
+    token_proxy::store::RedisStore::connect_to(endpoint, settings, sealing, metrics).expect("a usable endpoint")
 }
 
 impl RedisServer {
@@ -110,6 +120,13 @@ impl RedisServer {
 
     pub fn resume(&self) {
         self.signal("-CONT");
+    }
+
+    /// One command on the plain port as the default user (e.g. `ACL SETUSER`, `ACL LOG`): every
+    /// string of its reply, or Redis's error.
+    pub fn call(&self, args: &[&str]) -> std::io::Result<Vec<Vec<u8>>> {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        Ok(RespConnection::open(self.port)?.call(&args)?.flatten())
     }
 
     /// A fresh client for inspecting and tampering with what the proxy stored.
