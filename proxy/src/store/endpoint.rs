@@ -4,8 +4,9 @@
 //!
 //! fred parses the URL; this module only maps the accepted schemes onto fred's and gives fred
 //! a rustls configuration of our own instead of its default (which reads the system's roots on
-//! every URL parse and cannot take a private CA or a client certificate). Lower layers never
-//! read files: the configuration section reads them and hands over the parsed certificates.
+//! every URL parse and cannot take a private CA or a client certificate). The configured files
+//! are read by the configuration section, which hands over the parsed certificates; only the
+//! system's roots are loaded here, when no CA is given.
 
 use std::sync::Arc;
 

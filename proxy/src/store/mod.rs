@@ -202,8 +202,9 @@ impl RedisStore {
         let client = builder.build().map_err(setup)?;
         let subscriber = builder.build_subscriber_client().map_err(setup)?;
         // Before connecting, so that no refusal goes unseen.
-        watch_connections(&client, Link::Commands, Arc::clone(&refusals));
-        watch_connections(&subscriber, Link::Subscription, Arc::clone(&refusals));
+        let tls = endpoint.tls().is_some();
+        watch_connections(&client, Link::Commands, tls, Arc::clone(&refusals));
+        watch_connections(&subscriber, Link::Subscription, tls, Arc::clone(&refusals));
         // The handles are not needed: the connection tasks live as long as the clients.
         drop(client.connect());
         drop(subscriber.connect());
@@ -474,7 +475,7 @@ async fn subscribe(subscriber: SubscriberClient) {
 }
 
 /// Reports a fred client's refused connections and successful ones to `refusals`.
-fn watch_connections(client: &impl EventInterface, link: Link, refusals: Arc<Refusals>) {
+fn watch_connections(client: &impl EventInterface, link: Link, tls: bool, refusals: Arc<Refusals>) {
     let mut errors = client.error_rx();
     let mut connected = client.reconnect_rx();
     tokio::spawn(async move {
@@ -482,7 +483,7 @@ fn watch_connections(client: &impl EventInterface, link: Link, refusals: Arc<Ref
             tokio::select! {
                 error = errors.recv() => match error {
                     Ok((error, _)) => {
-                        if let Some(refusal) = Refusal::of_fred(&error) {
+                        if let Some(refusal) = Refusal::of_fred(&error, tls) {
                             refusals.refused(link, refusal);
                         }
                     }

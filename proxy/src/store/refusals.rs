@@ -67,15 +67,16 @@ fn tls_hint(cause: &str) -> String {
 }
 
 impl Refusal {
-    /// The refusal a fred connection error stands for, if it is one.
-    pub(crate) fn of_fred(error: &Error) -> Option<Refusal> {
+    /// The refusal a fred connection error stands for, if it is one; `tls` says whether the
+    /// connection speaks TLS (an I/O error can only be a TLS one then).
+    pub(crate) fn of_fred(error: &Error, tls: bool) -> Option<Refusal> {
         let details = error.details();
         match error.kind() {
             ErrorKind::Auth => Some(Refusal::Auth(first_word(details))),
             ErrorKind::Tls => Some(Refusal::Tls(details.to_owned())),
             // fred keeps an I/O error's `Debug`: rustls's errors come inside one, as
             // `Custom { kind: InvalidData, error: InvalidCertificate(UnknownIssuer) }`.
-            ErrorKind::IO if details.contains("InvalidData") => {
+            ErrorKind::IO if tls && details.contains("InvalidData") => {
                 let cause = details.split_once("error: ").map_or(details, |(_, rest)| rest);
                 Some(Refusal::Tls(cause.trim_end_matches([' ', '}']).to_owned()))
             }
@@ -167,12 +168,15 @@ mod tests {
     #[test]
     fn fred_errors_are_classified_by_cause() {
         let io = Error::new(ErrorKind::IO, "Custom { kind: InvalidData, error: InvalidCertificate(UnknownIssuer) }");
-        assert_eq!(Refusal::of_fred(&io), Some(Refusal::Tls("InvalidCertificate(UnknownIssuer)".into())));
+        assert_eq!(Refusal::of_fred(&io, true), Some(Refusal::Tls("InvalidCertificate(UnknownIssuer)".into())));
+        let plain =
+            Error::new(ErrorKind::IO, "Custom { kind: InvalidData, error: \"stream did not contain valid UTF-8\" }");
+        assert_eq!(Refusal::of_fred(&plain, false), None, "no TLS, no TLS refusal");
         let auth = Error::new(ErrorKind::Auth, "WRONGPASS invalid username-password pair or user is disabled.");
-        assert_eq!(Refusal::of_fred(&auth), Some(Refusal::Auth("WRONGPASS".into())));
+        assert_eq!(Refusal::of_fred(&auth, false), Some(Refusal::Auth("WRONGPASS".into())));
         let refused = Error::new(ErrorKind::IO, "Os { code: 111, kind: ConnectionRefused, message: \"refused\" }");
-        assert_eq!(Refusal::of_fred(&refused), None, "Redis away is not Redis refusing");
-        assert_eq!(Refusal::of_fred(&Error::new(ErrorKind::Timeout, "Request timed out.")), None);
+        assert_eq!(Refusal::of_fred(&refused, true), None, "Redis away is not Redis refusing");
+        assert_eq!(Refusal::of_fred(&Error::new(ErrorKind::Timeout, "Request timed out."), true), None);
         assert_eq!(Refusal::of_code("NOAUTH"), Some(Refusal::Auth("NOAUTH".into())));
         assert_eq!(Refusal::of_code("WRONGTYPE"), None);
         let shown = Refusal::Tls("InvalidCertificate(UnknownIssuer)".into()).to_string();
