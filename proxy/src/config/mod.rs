@@ -222,10 +222,12 @@ impl Source<'_> {
     }
 
     fn get(&self, setting: &Setting) -> Option<String> {
-        self.table
-            .and_then(|table| table.value(setting))
-            .map(str::to_owned)
-            .or_else(|| self.overridden(setting))
+        // An upstream's table may unset a global value (e.g. `headers_file = ""`: this IdP gets
+        // none of the global extra headers).
+        if let Some(value) = self.table.and_then(|table| table.value(setting)) {
+            return (!value.is_empty()).then(|| value.to_owned());
+        }
+        self.overridden(setting)
             .or_else(|| self.file.and_then(|file| file.value(setting)).map(str::to_owned))
             .or_else(|| setting.default.map(str::to_owned))
     }
@@ -849,6 +851,14 @@ rate_limit = 20
         );
         assert_eq!(partners.quota.upstream_rate_limit, 20);
         assert_eq!(orders.quota.upstream_rate_limit, config.quota.upstream_rate_limit);
+    }
+
+    #[test]
+    fn an_empty_value_in_a_table_unsets_the_global_one_for_that_upstream() {
+        let text = "upstream_headers_file = \"/etc/token-proxy/headers\"\n[upstreams.a]\nurl = \"http://127.0.0.1:1/oauth2/token\"\n[upstreams.b]\nurl = \"http://127.0.0.1:2/oauth2/token\"\nheaders_file = \"\"\n";
+        let config = from_file(text, &[]).unwrap();
+        let files: Vec<_> = config.endpoints.iter().map(|e| e.upstream.headers_file.clone()).collect();
+        assert_eq!(files, [Some(std::path::PathBuf::from("/etc/token-proxy/headers")), None]);
     }
 
     #[test]
