@@ -15,6 +15,7 @@
 //! [`PURGE_CHANNEL`]; each replica holds one subscription to both. The purge hash and its
 //! scripts are in [`purges`], the quota's counters in [`counters`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
+use fred::types::ConnectHandle;
 use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
 use shared::keys::CacheKey;
@@ -83,7 +85,7 @@ pub enum StoreError {
     BreakerOpen,
     #[error("redis read: {0}")]
     Read(#[from] ReadError),
-    #[error("redis read timed out")]
+    #[error("redis command timed out")]
     Timeout,
 }
 
@@ -123,6 +125,37 @@ pub struct RedisStore {
     breaker: Arc<Breaker>,
     sealing: Arc<Sealing>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// What this replica knows of Redis beyond "connected": whether commands get answers.
+#[derive(Debug, Default)]
+struct Health {
+    /// The last periodic `PING` through the command client was answered in time.
+    answering: AtomicBool,
+    /// Set by [`RedisStore::quit`]: the connection tasks end for good.
+    quitting: AtomicBool,
+}
+
+/// How often the command client is pinged to tell readiness whether commands are answered.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// What `/readyz` says of Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisHealth {
+    /// Connected, and commands are answered.
+    Up,
+    /// Not connected, or commands are not answered (or time out).
+    Down,
+}
+
+impl RedisHealth {
+    pub fn label(self) -> &'static str {
+        match self {
+            RedisHealth::Up => "up",
+            RedisHealth::Down => "down",
+        }
+    }
 }
 
 static READ: LazyLock<Script> = LazyLock::new(|| Script::from_lua(format!("{ENTRY_LUA}{READ_LUA}")));
@@ -159,8 +192,14 @@ impl RedisStore {
             .with_connection_config(|conn| {
                 conn.connection_timeout = Duration::from_secs(1);
                 conn.internal_command_timeout = Duration::from_secs(1);
-                // A command that fails is not retried: the caller carries on without Redis.
-                conn.max_command_attempts = 1;
+                // A Redis Cluster answers MOVED after a reshard or a failover: fred reads the
+                // map again and resends, one write attempt each, while the caller's deadline
+                // (`default_command_timeout`, and `guarded`'s) bounds the whole. With a single
+                // attempt every MOVED failed its command (issue 12). An ASK fred 10.1 cannot
+                // complete whatever the attempts: that command fails and fred's connection
+                // task ends, which `keep_connected` starts again.
+                conn.max_command_attempts = MAX_COMMAND_ATTEMPTS;
+                conn.max_redirections = MAX_COMMAND_ATTEMPTS;
                 // Detect a frozen server (e.g. SIGSTOP) and reconnect instead of waiting forever.
                 conn.unresponsive =
                     UnresponsiveConfig { max_timeout: Some(unresponsive), interval: Duration::from_millis(250) };
@@ -170,16 +209,26 @@ impl RedisStore {
         let setup = |e: fred::error::Error| StoreSetupError(format!("cannot create the Redis client ({:?})", e.kind()));
         let client = builder.build().map_err(setup)?;
         let subscriber = builder.build_subscriber_client().map_err(setup)?;
-        // The handles are not needed: the connection tasks live as long as the clients.
-        drop(client.connect());
-        drop(subscriber.connect());
+        let health = Arc::new(Health::default());
+        // fred's connection task may end (it does on an ASK): it is started again rather than
+        // leaving the client dead behind a "connected" state.
+        tokio::spawn(keep_connected(client.clone(), client.connect(), "commands", Arc::downgrade(&health), None));
+        let task = subscriber.connect();
+        tokio::spawn(subscribe(subscriber.clone()));
+        tokio::spawn(keep_connected(
+            subscriber.clone(),
+            task,
+            "subscription",
+            Arc::downgrade(&health),
+            Some(subscriber.clone()),
+        ));
         drop(subscriber.manage_subscriptions());
 
         let purged = Arc::new(Notify::new());
-        tokio::spawn(subscribe(subscriber.clone()));
         tokio::spawn(watch_purges(subscriber.clone(), Arc::clone(&purged)));
         let breaker =
             Arc::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown, Arc::clone(&metrics)));
+        tokio::spawn(ping(client.clone(), timeout, Arc::downgrade(&health)));
         Ok(RedisStore {
             client,
             reads,
@@ -189,6 +238,7 @@ impl RedisStore {
             breaker,
             sealing: Arc::new(sealing),
             metrics,
+            health,
         })
     }
 
@@ -209,8 +259,12 @@ impl RedisStore {
             return Err(StoreError::BreakerOpen);
         }
         // fred's command futures are large: boxed once here, every await above moves a pointer
-        // instead of copying them.
-        let result = Box::pin(command).await;
+        // instead of copying them. One deadline for the whole, redirects and script reloads
+        // included.
+        let result = match tokio::time::timeout(self.command_timeout, Box::pin(command)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout),
+        };
         self.breaker.record(result.is_ok());
         if let Err(error) = &result {
             self.metrics.redis_error();
@@ -299,12 +353,23 @@ impl RedisStore {
         self.client.is_connected() && !self.reads.as_ref().is_some_and(|reads| reads.is_down())
     }
 
+    /// Redis as readiness reports it: up only while connected and commands are answered (a
+    /// periodic `PING` through the command client), never while commands fail.
+    pub fn health(&self) -> RedisHealth {
+        if self.is_connected() && self.health.answering.load(Ordering::Relaxed) {
+            RedisHealth::Up
+        } else {
+            RedisHealth::Down
+        }
+    }
+
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
     }
 
     /// Closes the connections.
     pub async fn quit(&self) {
+        self.health.quitting.store(true, Ordering::Relaxed);
         let _ = self.subscriber.quit().await;
         let _ = self.client.quit().await;
     }
@@ -394,11 +459,74 @@ fn parse_read(reply: Vec<Value>) -> Option<Found> {
     Some(Found::of(bytes_of(value), redis_time(seconds, micros)?))
 }
 
+/// Write attempts of one command: the first, and one per redirect or reconnection it meets,
+/// all within the command's deadline.
+const MAX_COMMAND_ATTEMPTS: u32 = 5;
+
+/// Runs `client`'s connection task, and runs it again whenever it ends before
+/// [`RedisStore::quit`]: fred ends it on some errors (an ASK it cannot complete), and a
+/// client without its task never answers again while it still says it is connected. A
+/// subscriber subscribes again on its new task.
+async fn keep_connected<C: ClientLike>(
+    client: C,
+    mut task: ConnectHandle,
+    what: &'static str,
+    health: std::sync::Weak<Health>,
+    subscriber: Option<SubscriberClient>,
+) {
+    loop {
+        let ended = (&mut task).await;
+        if health.upgrade().is_none_or(|health| health.quitting.load(Ordering::Relaxed)) {
+            return;
+        }
+        let cause = match &ended {
+            Ok(Ok(())) => "closed".to_owned(),
+            Ok(Err(error)) => format!("{:?}: {}", error.kind(), error.details()),
+            Err(_) => "panicked".to_owned(),
+        };
+        tracing::warn!(client = what, %cause, "the Redis connection task ended; starting it again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        task = client.connect();
+        if let Some(subscriber) = &subscriber {
+            tokio::spawn(subscribe(subscriber.clone()));
+        }
+    }
+}
+
+/// Pings Redis through the command client every [`PING_EVERY`], within the command deadline,
+/// and records whether it answered; ends with the store. A change is logged once.
+async fn ping(client: Client, timeout: Duration, health: std::sync::Weak<Health>) {
+    loop {
+        let answered = matches!(
+            tokio::time::timeout(timeout.max(Duration::from_millis(100)), client.ping::<Value>(None)).await,
+            Ok(Ok(_))
+        );
+        let Some(health) = health.upgrade() else { return };
+        if health.quitting.load(Ordering::Relaxed) {
+            return;
+        }
+        let was = health.answering.swap(answered, Ordering::Relaxed);
+        if was && !answered {
+            tracing::warn!("redis does not answer PING: reported down until it does");
+        } else if !was && answered {
+            tracing::info!("redis answers PING");
+        }
+        drop(health);
+        // While it does not answer, look again sooner: readiness follows recovery quickly.
+        tokio::time::sleep(if answered { PING_EVERY } else { PING_EVERY / 4 }).await;
+    }
+}
+
 /// Subscribes to [`CHANNEL`] and [`PURGE_CHANNEL`], retrying until Redis answers; after that fred re-subscribes on
 /// every reconnect by itself (`manage_subscriptions`).
 async fn subscribe(subscriber: SubscriberClient) {
+    subscribe_to(subscriber, vec![CHANNEL, PURGE_CHANNEL]).await;
+}
+
+/// Subscribes to `channels`, retrying until the server answers.
+async fn subscribe_to(subscriber: SubscriberClient, channels: Vec<&'static str>) {
     loop {
-        match subscriber.subscribe(vec![CHANNEL, PURGE_CHANNEL]).await {
+        match subscriber.subscribe(channels.clone()).await {
             Ok(()) => return,
             Err(error) => {
                 tracing::debug!(%error, "cannot subscribe yet; retrying");

@@ -13,6 +13,7 @@ mod leak_checks;
 mod logs;
 mod raw;
 mod redis;
+mod topology;
 
 pub use app::*;
 pub use canaries::*;
@@ -22,6 +23,7 @@ pub use leak_checks::*;
 pub use logs::*;
 pub use raw::*;
 pub use redis::*;
+pub use topology::*;
 
 /// Base64 of the 32 bytes "0123456789abcdef0123456789abcdef".
 pub const ROOT_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
