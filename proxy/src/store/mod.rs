@@ -133,8 +133,12 @@ pub struct RedisStore {
 struct Health {
     /// The last periodic `PING` through the command client was answered in time.
     answering: AtomicBool,
+    /// The URL names one server, and it answered MOVED: it is one node of a Redis Cluster.
+    one_node_of_a_cluster: AtomicBool,
     /// Set by [`RedisStore::quit`]: the connection tasks end for good.
     quitting: AtomicBool,
+    /// The URL names one server (not a cluster, not sentinels).
+    single_server: bool,
 }
 
 /// How often the command client is pinged to tell readiness whether commands are answered.
@@ -147,6 +151,8 @@ pub enum RedisHealth {
     Up,
     /// Not connected, or commands are not answered (or time out).
     Down,
+    /// The URL names one node of a Redis Cluster: keys on the other nodes answer MOVED.
+    OneNodeOfACluster,
 }
 
 impl RedisHealth {
@@ -154,6 +160,7 @@ impl RedisHealth {
         match self {
             RedisHealth::Up => "up",
             RedisHealth::Down => "down",
+            RedisHealth::OneNodeOfACluster => "misconfigured",
         }
     }
 }
@@ -183,6 +190,7 @@ impl RedisStore {
             Config::from_url(url).map_err(|e| StoreSetupError(format!("invalid Redis URL ({:?})", e.kind())))?;
         let timeout = settings.command_timeout;
         let unresponsive = (timeout * 4).max(Duration::from_secs(1));
+        let single_server = matches!(config.server, ServerConfig::Centralized { .. });
         let reads = plain_tcp_target(&config)
             .filter(|_| settings.pipelined_reads)
             .map(|target| Arc::new(ReadPipeline::start(target, Duration::from_secs(1).max(timeout), unresponsive)));
@@ -209,7 +217,7 @@ impl RedisStore {
         let setup = |e: fred::error::Error| StoreSetupError(format!("cannot create the Redis client ({:?})", e.kind()));
         let client = builder.build().map_err(setup)?;
         let subscriber = builder.build_subscriber_client().map_err(setup)?;
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health { single_server, ..Health::default() });
         // fred's connection task may end (it does on an ASK): it is started again rather than
         // leaving the client dead behind a "connected" state.
         tokio::spawn(keep_connected(client.clone(), client.connect(), "commands", Arc::downgrade(&health), None));
@@ -268,6 +276,15 @@ impl RedisStore {
         self.breaker.record(result.is_ok());
         if let Err(error) = &result {
             self.metrics.redis_error();
+            if error.is_moved()
+                && self.health.single_server
+                && !self.health.one_node_of_a_cluster.swap(true, Ordering::Relaxed)
+            {
+                tracing::error!(
+                    "the Redis URL names one node of a Redis Cluster (it answered MOVED): keys served by the other \
+                     nodes fail; use a redis-cluster:// URL"
+                );
+            }
             tracing::warn!(%error, "redis command failed; continuing without it");
         }
         result
@@ -356,7 +373,9 @@ impl RedisStore {
     /// Redis as readiness reports it: up only while connected and commands are answered (a
     /// periodic `PING` through the command client), never while commands fail.
     pub fn health(&self) -> RedisHealth {
-        if self.is_connected() && self.health.answering.load(Ordering::Relaxed) {
+        if self.health.one_node_of_a_cluster.load(Ordering::Relaxed) {
+            RedisHealth::OneNodeOfACluster
+        } else if self.is_connected() && self.health.answering.load(Ordering::Relaxed) {
             RedisHealth::Up
         } else {
             RedisHealth::Down
@@ -462,6 +481,18 @@ fn parse_read(reply: Vec<Value>) -> Option<Found> {
 /// Write attempts of one command: the first, and one per redirect or reconnection it meets,
 /// all within the command's deadline.
 const MAX_COMMAND_ATTEMPTS: u32 = 5;
+
+impl StoreError {
+    /// A MOVED redirect reached the caller: on a single-server URL, the server is one node of a
+    /// Redis Cluster.
+    fn is_moved(&self) -> bool {
+        match self {
+            StoreError::Redis(error) => error.details().starts_with("MOVED"),
+            StoreError::Read(ReadError::Server(code)) => code == "MOVED",
+            _ => false,
+        }
+    }
+}
 
 /// Runs `client`'s connection task, and runs it again whenever it ends before
 /// [`RedisStore::quit`]: fred ends it on some errors (an ASK it cannot complete), and a

@@ -135,6 +135,30 @@ async fn a_moved_slot_is_followed_without_a_failed_command() {
     assert_eq!(fleet.idp.idp.issued_total(), keys.len() as u64, "no extra upstream call");
 }
 
+/// Issue 12, defect 4: a `redis://` URL naming one node of a cluster reported ready while two
+/// thirds of the keys failed with MOVED. It is said once in the log and in `/readyz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_url_on_a_cluster_is_reported_as_misconfigured() {
+    let cluster = RedisCluster::start(&[]).await;
+    let masters = cluster.masters();
+    let fleet = Fleet::start(1, &cluster.node_url(masters[0]), NO_L1, || cluster.purge_all()).await;
+    let here = key_on(&cluster, &fleet, masters[0], "here");
+    let elsewhere = key_on(&cluster, &fleet, masters[1], "elsewhere");
+    // Nothing fails a request, whichever node holds the key (the purge hash's own node decides
+    // whether Redis's entries are used at all: see `token_proxy::purge`).
+    assert_eq!(fleet.post(0, &here).await.status, 200);
+    let reply = fleet.post(0, &elsewhere).await;
+    assert_eq!(reply.status, 200, "a MOVED never fails a request: {}", reply.raw);
+    let ready = fleet.readyz(0).await;
+    assert_eq!((ready["redis"].as_str(), ready["mode"].as_str()), (Some("misconfigured"), Some("degraded")), "{ready}");
+    assert_eq!(ready["ready"], true, "the replica still serves");
+    let said = captured_logs().matches("the Redis URL names one node of a Redis Cluster").count();
+    assert!(said >= 1, "no log line says what is wrong");
+    fleet.post(0, &elsewhere).await;
+    let again = captured_logs().matches("the Redis URL names one node of a Redis Cluster").count();
+    assert_eq!(again, said, "said once, not on every MOVED");
+}
+
 /// Load settings: a Redis deadline a busy machine does not trip, L1 revalidated every second
 /// (so that Redis is read all along), a 20 ms upstream.
 const UNDER_LOAD: &[(&str, &str)] = &[("TOKEN_PROXY_REDIS_TIMEOUT", "300ms"), ("TOKEN_PROXY_L1_MAX_AGE", "1s")];

@@ -110,6 +110,11 @@ impl RedisCluster {
         format!("redis-cluster://127.0.0.1:{}?{}", self.nodes[0].port, others.join("&"))
     }
 
+    /// A single-node `redis://` URL for node `i` (a misconfiguration for a cluster).
+    pub fn node_url(&self, i: usize) -> String {
+        self.nodes[i].url()
+    }
+
     fn live_port(&self) -> u16 {
         self.nodes
             .iter()
