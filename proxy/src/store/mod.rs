@@ -236,7 +236,7 @@ impl RedisStore {
         tokio::spawn(watch_purges(subscriber.clone(), Arc::clone(&purged)));
         let breaker =
             Arc::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown, Arc::clone(&metrics)));
-        tokio::spawn(ping(client.clone(), timeout, Arc::downgrade(&health)));
+        tokio::spawn(ping(client.clone(), timeout, Arc::downgrade(&health), Arc::downgrade(&breaker)));
         Ok(RedisStore {
             client,
             reads,
@@ -525,8 +525,10 @@ async fn keep_connected<C: ClientLike>(
 }
 
 /// Pings Redis through the command client every [`PING_EVERY`], within the command deadline,
-/// and records whether it answered; ends with the store. A change is logged once.
-async fn ping(client: Client, timeout: Duration, health: std::sync::Weak<Health>) {
+/// and records whether it answered; ends with the store. A change is logged once. Redis
+/// answering again after it did not (a failover done, a restart) closes the breaker at once:
+/// the cooldown is for a Redis that answers but fails commands.
+async fn ping(client: Client, timeout: Duration, health: std::sync::Weak<Health>, breaker: std::sync::Weak<Breaker>) {
     loop {
         let answered = matches!(
             tokio::time::timeout(timeout.max(Duration::from_millis(100)), client.ping::<Value>(None)).await,
@@ -541,6 +543,9 @@ async fn ping(client: Client, timeout: Duration, health: std::sync::Weak<Health>
             tracing::warn!("redis does not answer PING: reported down until it does");
         } else if !was && answered {
             tracing::info!("redis answers PING");
+            if let Some(breaker) = breaker.upgrade() {
+                breaker.recovered();
+            }
         }
         drop(health);
         // While it does not answer, look again sooner: readiness follows recovery quickly.

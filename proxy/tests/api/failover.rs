@@ -245,3 +245,49 @@ async fn an_online_reshard_of_a_third_of_the_slots_fails_no_request_and_costs_no
     assert!(fleet.idp.idp.issued_total() <= WARM_KEYS as u64 + 3, "a reshard costs (nearly) no upstream call");
     new_entries_land_on(&cluster, &fleet, masters[1], "after-reshard").await;
 }
+
+/// Issue 12, defect 2: a failover of one shard opened the breaker for all shards for about 7 s
+/// (no coalescing across replicas meanwhile: 3 upstream calls per cold key). Until a replica
+/// has taken over the killed master's slots, fred's cluster client serves no shard (see the
+/// README's limits); once it has, every shard is used again at once, not after the breaker's
+/// cooldown (60 s here, so that waiting it out cannot pass the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_shard_has_failed_over_every_shard_is_used_again_at_once() {
+    let mut cluster = RedisCluster::start(&[]).await;
+    let overrides = [
+        ("TOKEN_PROXY_L1_CAPACITY", "0"),
+        ("TOKEN_PROXY_REDIS_TIMEOUT", "300ms"),
+        ("TOKEN_PROXY_REDIS_BREAKER_COOLDOWN", "60s"),
+    ];
+    let fleet = Fleet::start(3, &cluster.url(), &overrides, || cluster.purge_all()).await;
+    let masters = cluster.masters();
+    let load = tokio::spawn(steady_load(fleet.urls(), Duration::from_secs(4), 4, 10, "app", SECRET));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill(masters[0]);
+    cluster.wait_promoted(masters[0]).await;
+    let report = load.await.unwrap();
+    assert_eq!(report.statuses.get(&200), Some(&report.requests), "{report:?}");
+    assert!(fleet.metric_sum("token_proxy_redis_breaker_transitions_total{to=\"open\"}").await >= 1.0);
+    eventually(Duration::from_secs(10), "every replica to use Redis again", async || {
+        let mut up = true;
+        for replica in 0..3 {
+            let ready = fleet.readyz(replica).await;
+            up &= ready["redis"] == "up" && ready["breaker"] == "closed";
+        }
+        up
+    })
+    .await;
+    // Cold keys on the shards that never failed: one upstream call each, over three replicas.
+    let before = fleet.idp.idp.issued_total();
+    let mut cold = Vec::new();
+    for (i, master) in [masters[1], masters[2]].into_iter().enumerate() {
+        for j in 0..3 {
+            cold.push(key_on(&cluster, &fleet, master, &format!("cold-{i}-{j}")));
+        }
+    }
+    for n in &cold {
+        let replies = burst(&fleet.urls(), 9, "app", SECRET, &[("n", n)]).await;
+        assert!(replies.iter().all(|r| r.status == 200));
+    }
+    assert_eq!(fleet.idp.idp.issued_total() - before, cold.len() as u64, "one call per cold key");
+}
