@@ -139,6 +139,8 @@ struct Health {
     quitting: AtomicBool,
     /// The URL names one server (not a cluster, not sentinels).
     single_server: bool,
+    /// On Sentinel: one subscription per sentinel, to `+switch-master`.
+    sentinels: std::sync::OnceLock<Vec<SubscriberClient>>,
 }
 
 /// How often the command client is pinged to tell readiness whether commands are answered.
@@ -190,6 +192,7 @@ impl RedisStore {
             Config::from_url(url).map_err(|e| StoreSetupError(format!("invalid Redis URL ({:?})", e.kind())))?;
         let timeout = settings.command_timeout;
         let unresponsive = (timeout * 4).max(Duration::from_secs(1));
+        let sentinels = sentinel_watch(&config);
         let single_server = matches!(config.server, ServerConfig::Centralized { .. });
         let reads = plain_tcp_target(&config)
             .filter(|_| settings.pipelined_reads)
@@ -231,6 +234,14 @@ impl RedisStore {
             Some(subscriber.clone()),
         ));
         drop(subscriber.manage_subscriptions());
+
+        let sentinels = match sentinels {
+            Some((configs, service)) => {
+                follow_sentinels(configs, &service, client.clone(), subscriber.clone()).map_err(setup)?
+            }
+            None => Vec::new(),
+        };
+        let _ = health.sentinels.set(sentinels);
 
         let purged = Arc::new(Notify::new());
         tokio::spawn(watch_purges(subscriber.clone(), Arc::clone(&purged)));
@@ -389,6 +400,9 @@ impl RedisStore {
     /// Closes the connections.
     pub async fn quit(&self) {
         self.health.quitting.store(true, Ordering::Relaxed);
+        for sentinel in self.health.sentinels.get().into_iter().flatten() {
+            let _ = sentinel.quit().await;
+        }
         let _ = self.subscriber.quit().await;
         let _ = self.client.quit().await;
     }
@@ -551,6 +565,82 @@ async fn ping(client: Client, timeout: Duration, health: std::sync::Weak<Health>
         // While it does not answer, look again sooner: readiness follows recovery quickly.
         tokio::time::sleep(if answered { PING_EVERY } else { PING_EVERY / 4 }).await;
     }
+}
+
+/// The sentinels' own connection settings (the data nodes' credentials and TLS, as fred uses
+/// them for its sentinel queries) and the service name, when `config` is a Sentinel one.
+fn sentinel_watch(config: &Config) -> Option<(Vec<Config>, String)> {
+    let ServerConfig::Sentinel { hosts, service_name, .. } = &config.server else { return None };
+    let configs = hosts
+        .iter()
+        .map(|host| Config {
+            server: ServerConfig::Centralized { server: host.clone() },
+            username: config.username.clone(),
+            password: config.password.clone(),
+            tls: config.tls.clone(),
+            ..Config::default()
+        })
+        .collect();
+    Some((configs, service_name.clone()))
+}
+
+/// The sentinel channel announcing a failover: `<service> <old ip> <old port> <new ip> <new port>`.
+const SWITCH_MASTER: &str = "+switch-master";
+
+/// Subscribes to [`SWITCH_MASTER`] on every sentinel, and on a switch of `service` makes both
+/// clients reconnect at once: fred asks the sentinels for the master again and checks its
+/// `ROLE`. Without this they stayed on the demoted master until it was turned into a replica
+/// (about 10 s), and the entries written there meanwhile were lost (issue 12). A `READONLY`
+/// answer also makes fred reconnect (its `custom-reconnect-errors` feature).
+fn follow_sentinels(
+    configs: Vec<Config>,
+    service: &str,
+    client: Client,
+    subscriber: SubscriberClient,
+) -> Result<Vec<SubscriberClient>, fred::error::Error> {
+    let last_switch: Arc<std::sync::Mutex<Option<Bytes>>> = Arc::default();
+    let mut watchers = Vec::new();
+    for config in configs {
+        let watcher = Builder::from_config(config)
+            .with_connection_config(|conn| {
+                conn.connection_timeout = Duration::from_secs(1);
+                conn.internal_command_timeout = Duration::from_secs(1);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build_subscriber_client()?;
+        drop(watcher.connect());
+        drop(watcher.manage_subscriptions());
+        let prefix = format!("{service} ");
+        let (client, subscriber, last_switch) = (client.clone(), subscriber.clone(), Arc::clone(&last_switch));
+        let mut messages = watcher.message_rx();
+        tokio::spawn(subscribe_to(watcher.clone(), vec![SWITCH_MASTER]));
+        tokio::spawn(async move {
+            loop {
+                let message = match messages.recv().await {
+                    Ok(message) => message,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(switch) = bytes_of(message.value) else { continue };
+                if &*message.channel != SWITCH_MASTER || !switch.starts_with(prefix.as_bytes()) {
+                    continue;
+                }
+                // Every sentinel announces the same switch: follow it once.
+                {
+                    let mut last = last_switch.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.as_ref() == Some(&switch) {
+                        continue;
+                    }
+                    *last = Some(switch);
+                }
+                tracing::info!("sentinel switched the Redis master: reconnecting to the new one");
+                let _ = client.force_reconnection().await;
+                let _ = subscriber.force_reconnection().await;
+            }
+        });
+        watchers.push(watcher);
+    }
+    Ok(watchers)
 }
 
 /// Subscribes to [`CHANNEL`] and [`PURGE_CHANNEL`], retrying until Redis answers; after that fred re-subscribes on

@@ -246,6 +246,28 @@ async fn an_online_reshard_of_a_third_of_the_slots_fails_no_request_and_costs_no
     new_entries_land_on(&cluster, &fleet, masters[1], "after-reshard").await;
 }
 
+/// Issue 12, defect 3: after `SENTINEL FAILOVER` every connection stayed on the demoted master
+/// for about 10 s, and entries written there meanwhile were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_is_followed_at_once() {
+    let setup = SentinelSetup::start(&[]).await;
+    let fleet = warm_fleet(&setup.url(), || setup.purge_all()).await;
+    let mut promoted = None;
+    under_load(&fleet, Duration::from_secs(6), async || promoted = Some(setup.failover().await)).await;
+    let promoted = promoted.unwrap();
+    assert_eq!(promoted, 1);
+    // Written after the switch: on the new master, within a second of it (the old one may
+    // still take writes, until the sentinels turn it into a replica).
+    for i in 0..6 {
+        let n = format!("after-switch-{i}");
+        assert_eq!(fleet.post(i % 3, &n).await.x_cache(), "MISS");
+        let entry = fleet.entry(&n);
+        let on_new = setup.nodes[promoted].client().await;
+        let found: bool = fred::prelude::KeysInterface::exists(&on_new, entry.as_str()).await.unwrap();
+        assert!(found, "key {n} was not written to the new master");
+    }
+}
+
 /// Issue 12, defect 2: a failover of one shard opened the breaker for all shards for about 7 s
 /// (no coalescing across replicas meanwhile: 3 upstream calls per cold key). Until a replica
 /// has taken over the killed master's slots, fred's cluster client serves no shard (see the

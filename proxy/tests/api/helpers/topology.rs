@@ -1,9 +1,11 @@
-//! Redis topologies that fail over: a Redis Cluster of three masters and three replicas. Every process listens on
+//! Redis topologies that fail over: a Redis Cluster of three masters and three replicas, and a
+//! Sentinel setup of one master, one replica and three sentinels. Every process listens on
 //! 127.0.0.1 on a free port, is bounded in time (each wait below has a deadline) and is killed
 //! by pid when the test ends (the data nodes are [`RedisServer`]s, scanned for canaries on drop).
 //! `extra_args` go to every data node, so a TLS variant adds its `--tls-*` settings there.
 
-use std::process::Stdio;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::free_port;
@@ -336,4 +338,131 @@ fn parse_node(line: &str) -> ClusterNode {
         failed: flags.contains("fail") || flags.contains("noaddr"),
         slots,
     }
+}
+
+/// A `redis-server --sentinel`, killed by pid when dropped.
+pub struct SentinelProcess {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The name of the monitored master.
+pub const SENTINEL_SERVICE: &str = "tp-main";
+
+/// One master, one replica, three sentinels (quorum 2) on loopback.
+pub struct SentinelSetup {
+    /// The data nodes: `[0]` starts as the master, `[1]` as its replica.
+    pub nodes: Vec<RedisServer>,
+    pub sentinels: Vec<SentinelProcess>,
+}
+
+impl SentinelSetup {
+    /// `extra_args` to both data nodes.
+    pub async fn start(extra_args: &[&str]) -> SentinelSetup {
+        let master = RedisServer::start_with(extra_args).await;
+        let master_port = master.port.to_string();
+        let mut replica_args = vec!["--replicaof", "127.0.0.1", &master_port];
+        replica_args.extend_from_slice(extra_args);
+        let replica = RedisServer::start_with(&replica_args).await;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(spawn_sentinel(master.port).await);
+        }
+        let setup = SentinelSetup { nodes: vec![master, replica], sentinels };
+        until(CONVERGE, "the replica to sync and every sentinel to know it and its peers", || {
+            let synced = call(setup.nodes[1].port, &["INFO", "replication"])
+                .map(text)
+                .is_ok_and(|info| info.contains("master_link_status:up"));
+            synced
+                && setup.sentinels.iter().all(|s| {
+                    let known = |what: &str| {
+                        call(s.port, &["SENTINEL", what, SENTINEL_SERVICE]).map(|r| match r {
+                            Reply::Array(items) => items.len(),
+                            _ => 0,
+                        })
+                    };
+                    known("replicas").is_ok_and(|n| n == 1) && known("sentinels").is_ok_and(|n| n == 2)
+                })
+        })
+        .await;
+        setup
+    }
+
+    /// A `redis-sentinel://` URL naming the three sentinels.
+    pub fn url(&self) -> String {
+        let others: Vec<String> = self.sentinels[1..].iter().map(|s| format!("node=127.0.0.1:{}", s.port)).collect();
+        format!(
+            "redis-sentinel://127.0.0.1:{}?{}&sentinelServiceName={SENTINEL_SERVICE}",
+            self.sentinels[0].port,
+            others.join("&")
+        )
+    }
+
+    /// The index of the master as the first sentinel that answers names it.
+    pub fn master(&self) -> usize {
+        for sentinel in &self.sentinels {
+            let Ok(reply) = call(sentinel.port, &["SENTINEL", "get-master-addr-by-name", SENTINEL_SERVICE]) else {
+                continue;
+            };
+            let port: u16 = String::from_utf8_lossy(&reply.flatten()[1]).parse().unwrap();
+            return self.nodes.iter().position(|n| n.port == port).expect("a node of this setup");
+        }
+        panic!("no sentinel answers");
+    }
+
+    /// The purge-everything epoch the replicas set at start (part of every entry's name).
+    pub fn purge_all(&self) -> u64 {
+        purge_all_on(self.nodes[self.master()].port)
+    }
+
+    /// `SENTINEL FAILOVER`: the replica is promoted; returns once the sentinels name it (the
+    /// old master may still think it is one for a while: that is the window under test).
+    pub async fn failover(&self) -> usize {
+        let before = self.master();
+        // Refused (NOGOODSLAVE) until the sentinels have fresh news of the replica.
+        until(CONVERGE, "a sentinel to accept SENTINEL FAILOVER", || {
+            call(self.sentinels[0].port, &["SENTINEL", "FAILOVER", SENTINEL_SERVICE]).is_ok()
+        })
+        .await;
+        until(CONVERGE, "the sentinels to switch to the replica", || self.master() != before).await;
+        self.master()
+    }
+}
+
+async fn spawn_sentinel(master_port: u16) -> SentinelProcess {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("tp-sentinel-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sentinel.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+             sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 2\n\
+             sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n\
+             sentinel failover-timeout {SENTINEL_SERVICE} 10000\n\
+             sentinel parallel-syncs {SENTINEL_SERVICE} 1\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("redis-server")
+        .arg(&config)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed");
+    let sentinel = SentinelProcess { port, child, dir };
+    until(Duration::from_secs(10), "a sentinel to start", || call(port, &["PING"]).is_ok()).await;
+    sentinel
 }
