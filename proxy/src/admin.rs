@@ -41,9 +41,9 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<AppState>) -> Response {
     let (redis, breaker, refusal) = match state.upstreams.store() {
         None => ("disabled", BreakerState::Closed, None),
-        Some(store) => (if store.is_connected() { "up" } else { "down" }, store.breaker_state(), store.refusal()),
+        Some(store) => (store.health().label(), store.breaker_state(), store.refusal()),
     };
-    let degraded = redis == "down" || breaker != BreakerState::Closed;
+    let degraded = !matches!(redis, "up" | "disabled") || breaker != BreakerState::Closed;
     let mode = if degraded { "degraded" } else { "normal" };
     // Until the purge epochs are read, Redis's entries are not used (see `crate::purge`).
     let purges = if state.upstreams.purges_synced() { "synced" } else { "pending" };

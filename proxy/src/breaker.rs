@@ -80,6 +80,18 @@ impl Breaker {
         *state = next;
     }
 
+    /// Redis answers again after it did not (a failover completed, a restart): an open
+    /// breaker closes now rather than after its cooldown and probe, so that a failover costs
+    /// no more degraded time than it lasts.
+    pub fn recovered(&self) {
+        let mut state = self.lock();
+        if !matches!(*state, State::Closed { .. }) {
+            self.metrics.breaker_transition(BreakerState::Closed);
+            tracing::info!("redis answers again: circuit breaker closed");
+        }
+        *state = State::Closed { failures: 0 };
+    }
+
     pub fn state(&self) -> BreakerState {
         match *self.lock() {
             State::Closed { .. } => BreakerState::Closed,
@@ -132,6 +144,19 @@ mod tests {
         assert!(b.allow());
         b.record(false);
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn recovery_closes_an_open_breaker_at_once() {
+        let b = breaker(Duration::from_secs(60));
+        (0..3).for_each(|_| b.record(false));
+        assert!(!b.allow());
+        b.recovered();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.allow());
+        b.record(false);
+        b.record(false);
+        assert_eq!(b.state(), BreakerState::Closed, "the failure count started again");
     }
 
     #[test]

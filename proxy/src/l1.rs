@@ -70,7 +70,13 @@ pub struct Found {
     pub current: bool,
 }
 
-/// The in-process cache. Capacity 0 disables it.
+/// Entries kept with capacity 0 and Redis: never served as hits, only as this replica's own
+/// token while Redis cannot answer, so that an outage costs one upstream call per key per
+/// replica rather than one per request (issue 12).
+pub const FALLBACK_CAPACITY: usize = 1024;
+
+/// The in-process cache. Capacity 0 disables its hits; with Redis it still keeps a small
+/// fallback ([`FALLBACK_CAPACITY`]) whose entries are never current.
 pub struct L1 {
     cache: Option<quick_cache::sync::Cache<L1Key, Slot>>,
     max_age: Option<Duration>,
@@ -87,8 +93,16 @@ impl std::fmt::Debug for L1 {
 
 impl L1 {
     /// `max_age` caps each entry's life; `None` lets entries live as long as their token allows.
+    /// `max_age` is `Some` with Redis: then capacity 0 keeps the fallback, whose entries are
+    /// never current (every request reads Redis, as capacity 0 promises).
     pub fn new(capacity: usize, max_age: Option<Duration>) -> L1 {
-        L1 { cache: (capacity > 0).then(|| quick_cache::sync::Cache::new(capacity)), max_age }
+        match (capacity, max_age) {
+            (0, None) => L1 { cache: None, max_age },
+            (0, Some(_)) => {
+                L1 { cache: Some(quick_cache::sync::Cache::new(FALLBACK_CAPACITY)), max_age: Some(Duration::ZERO) }
+            }
+            (capacity, max_age) => L1 { cache: Some(quick_cache::sync::Cache::new(capacity)), max_age },
+        }
     }
 
     pub fn get(&self, key: &L1Key, now: Instant) -> Option<Found> {
@@ -169,5 +183,19 @@ mod tests {
         let key = L1Key(1);
         l1.insert(key, token(t0, 3600), t0, &FRESH);
         assert!(l1.get(&key, t0).is_none());
+    }
+
+    #[test]
+    fn zero_capacity_with_redis_keeps_a_fallback_that_is_never_current() {
+        let t0 = Instant::now();
+        let l1 = L1::new(0, Some(Duration::from_secs(10)));
+        let key = L1Key(1);
+        l1.insert(key, token(t0, 3600), t0, &FRESH);
+        let found = l1.get(&key, t0).expect("kept as a fallback");
+        assert!(!found.current, "never a hit: every request reads Redis");
+        for i in 0..5000u128 {
+            l1.insert(L1Key(i), token(t0, 3600), t0, &FRESH);
+        }
+        assert!(l1.len() <= FALLBACK_CAPACITY, "len {}", l1.len());
     }
 }

@@ -35,7 +35,7 @@ pub static MAX_TOKEN_LIFETIME: Setting = Setting {
 pub static L1_CAPACITY: Setting = Setting {
     name: "TOKEN_PROXY_L1_CAPACITY",
     default: Some("10000"),
-    help: "entries in the in-process cache; 0 disables it (only allowed with Redis)",
+    help: "entries in the in-process cache; 0 = no in-process hits, every request reads Redis (only with Redis)",
 };
 pub static L1_MAX_AGE: Setting = Setting {
     name: "TOKEN_PROXY_L1_MAX_AGE",

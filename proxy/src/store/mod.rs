@@ -17,6 +17,7 @@
 //! [`PURGE_CHANNEL`]; each replica holds one subscription to both. The purge hash and its
 //! scripts are in [`purges`], the quota's counters in [`counters`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
+use fred::types::ConnectHandle;
 use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
 use shared::keys::CacheKey;
@@ -90,7 +92,7 @@ pub enum StoreError {
     BreakerOpen,
     #[error("redis read: {0}")]
     Read(#[from] ReadError),
-    #[error("redis read timed out")]
+    #[error("redis command timed out")]
     Timeout,
     /// Redis refuses this replica (TLS, login): logged once by [`refusals`], not per command.
     #[error("redis refuses this replica's connections")]
@@ -141,6 +143,46 @@ pub struct RedisStore {
     refusals: Arc<Refusals>,
     sealing: Arc<Sealing>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// What this replica knows of Redis beyond "connected": whether commands get answers.
+#[derive(Debug, Default)]
+struct Health {
+    /// The last periodic `PING` through the command client was answered in time.
+    answering: AtomicBool,
+    /// The URL names one server, and it answered MOVED: it is one node of a Redis Cluster.
+    one_node_of_a_cluster: AtomicBool,
+    /// Set by [`RedisStore::quit`]: the connection tasks end for good.
+    quitting: AtomicBool,
+    /// The URL names one server (not a cluster, not sentinels).
+    single_server: bool,
+    /// On Sentinel: one subscription per sentinel, to `+switch-master`.
+    sentinels: std::sync::OnceLock<Vec<SubscriberClient>>,
+}
+
+/// How often the command client is pinged to tell readiness whether commands are answered.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// What `/readyz` says of Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisHealth {
+    /// Connected, and commands are answered.
+    Up,
+    /// Not connected, or commands are not answered (or time out).
+    Down,
+    /// The URL names one node of a Redis Cluster: keys on the other nodes answer MOVED.
+    OneNodeOfACluster,
+}
+
+impl RedisHealth {
+    pub fn label(self) -> &'static str {
+        match self {
+            RedisHealth::Up => "up",
+            RedisHealth::Down => "down",
+            RedisHealth::OneNodeOfACluster => "misconfigured",
+        }
+    }
 }
 
 static READ: LazyLock<Script> = LazyLock::new(|| Script::from_lua(format!("{ENTRY_LUA}{READ_LUA}")));
@@ -178,6 +220,8 @@ impl RedisStore {
         let refusals = Arc::new(Refusals::new(server));
         let timeout = settings.command_timeout;
         let unresponsive = (timeout * 4).max(Duration::from_secs(1));
+        let sentinels = sentinel_watch(&config);
+        let single_server = matches!(config.server, ServerConfig::Centralized { .. });
         let reads = pipeline_target(&config, endpoint.tls())
             .filter(|_| settings.pipelined_reads)
             .map(|target| Arc::new(ReadPipeline::start(target, Duration::from_secs(1).max(timeout), unresponsive)));
@@ -190,8 +234,14 @@ impl RedisStore {
             .with_connection_config(|conn| {
                 conn.connection_timeout = Duration::from_secs(1);
                 conn.internal_command_timeout = Duration::from_secs(1);
-                // A command that fails is not retried: the caller carries on without Redis.
-                conn.max_command_attempts = 1;
+                // A Redis Cluster answers MOVED after a reshard or a failover: fred reads the
+                // map again and resends, one write attempt each, while the caller's deadline
+                // (`default_command_timeout`, and `guarded`'s) bounds the whole. With a single
+                // attempt every MOVED failed its command (issue 12). An ASK fred 10.1 cannot
+                // complete whatever the attempts: that command fails and fred's connection
+                // task ends, which `keep_connected` starts again.
+                conn.max_command_attempts = MAX_COMMAND_ATTEMPTS;
+                conn.max_redirections = MAX_COMMAND_ATTEMPTS;
                 // Detect a frozen server (e.g. SIGSTOP) and reconnect instead of waiting forever.
                 conn.unresponsive =
                     UnresponsiveConfig { max_timeout: Some(unresponsive), interval: Duration::from_millis(250) };
@@ -205,16 +255,34 @@ impl RedisStore {
         let tls = endpoint.tls().is_some();
         watch_connections(&client, Link::Commands, tls, Arc::clone(&refusals));
         watch_connections(&subscriber, Link::Subscription, tls, Arc::clone(&refusals));
-        // The handles are not needed: the connection tasks live as long as the clients.
-        drop(client.connect());
-        drop(subscriber.connect());
+        let health = Arc::new(Health { single_server, ..Health::default() });
+        // fred's connection task may end (it does on an ASK): it is started again rather than
+        // leaving the client dead behind a "connected" state.
+        tokio::spawn(keep_connected(client.clone(), client.connect(), "commands", Arc::downgrade(&health), None));
+        let task = subscriber.connect();
+        tokio::spawn(subscribe(subscriber.clone()));
+        tokio::spawn(keep_connected(
+            subscriber.clone(),
+            task,
+            "subscription",
+            Arc::downgrade(&health),
+            Some(subscriber.clone()),
+        ));
         drop(subscriber.manage_subscriptions());
 
+        let sentinels = match sentinels {
+            Some((configs, service)) => {
+                follow_sentinels(configs, &service, client.clone(), subscriber.clone()).map_err(setup)?
+            }
+            None => Vec::new(),
+        };
+        let _ = health.sentinels.set(sentinels);
+
         let purged = Arc::new(Notify::new());
-        tokio::spawn(subscribe(subscriber.clone()));
         tokio::spawn(watch_purges(subscriber.clone(), Arc::clone(&purged)));
         let breaker =
             Arc::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown, Arc::clone(&metrics)));
+        tokio::spawn(ping(client.clone(), timeout, Arc::downgrade(&health), Arc::downgrade(&breaker)));
         Ok(RedisStore {
             client,
             reads,
@@ -225,6 +293,7 @@ impl RedisStore {
             refusals,
             sealing: Arc::new(sealing),
             metrics,
+            health,
         })
     }
 
@@ -260,11 +329,24 @@ impl RedisStore {
             return Err(StoreError::Refused);
         }
         // fred's command futures are large: boxed once here, every await above moves a pointer
-        // instead of copying them.
-        let result = Box::pin(command).await;
+        // instead of copying them. One deadline for the whole, redirects and script reloads
+        // included.
+        let result = match tokio::time::timeout(self.command_timeout, Box::pin(command)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout),
+        };
         self.breaker.record(result.is_ok());
         if let Err(error) = &result {
             self.metrics.redis_error();
+            if error.is_moved()
+                && self.health.single_server
+                && !self.health.one_node_of_a_cluster.swap(true, Ordering::Relaxed)
+            {
+                tracing::error!(
+                    "the Redis URL names one node of a Redis Cluster (it answered MOVED): keys served by the other \
+                     nodes fail; use a redis-cluster:// URL"
+                );
+            }
             if self.refusals.any() {
                 // Said once, with its cause, when it began (see `refusals`).
                 tracing::debug!(%error, "redis command failed (redis refuses this replica); continuing without it");
@@ -367,12 +449,28 @@ impl RedisStore {
         self.refusals.current()
     }
 
+    /// Redis as readiness reports it: up only while connected and commands are answered (a
+    /// periodic `PING` through the command client), never while commands fail.
+    pub fn health(&self) -> RedisHealth {
+        if self.health.one_node_of_a_cluster.load(Ordering::Relaxed) {
+            RedisHealth::OneNodeOfACluster
+        } else if self.is_connected() && self.health.answering.load(Ordering::Relaxed) {
+            RedisHealth::Up
+        } else {
+            RedisHealth::Down
+        }
+    }
+
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
     }
 
     /// Closes the connections.
     pub async fn quit(&self) {
+        self.health.quitting.store(true, Ordering::Relaxed);
+        for sentinel in self.health.sentinels.get().into_iter().flatten() {
+            let _ = sentinel.quit().await;
+        }
         let _ = self.subscriber.quit().await;
         let _ = self.client.quit().await;
     }
@@ -460,11 +558,167 @@ fn parse_read(reply: Vec<Value>) -> Option<Found> {
     Some(Found::of(bytes_of(value), redis_time(seconds, micros)?))
 }
 
+/// Write attempts of one command: the first, and one per redirect or reconnection it meets,
+/// all within the command's deadline.
+const MAX_COMMAND_ATTEMPTS: u32 = 5;
+
+impl StoreError {
+    /// A MOVED redirect reached the caller: on a single-server URL, the server is one node of a
+    /// Redis Cluster.
+    fn is_moved(&self) -> bool {
+        match self {
+            StoreError::Redis(error) => error.details().starts_with("MOVED"),
+            StoreError::Read(ReadError::Server(code)) => code == "MOVED",
+            _ => false,
+        }
+    }
+}
+
+/// Runs `client`'s connection task, and runs it again whenever it ends before
+/// [`RedisStore::quit`]: fred ends it on some errors (an ASK it cannot complete), and a
+/// client without its task never answers again while it still says it is connected. A
+/// subscriber subscribes again on its new task.
+async fn keep_connected<C: ClientLike>(
+    client: C,
+    mut task: ConnectHandle,
+    what: &'static str,
+    health: std::sync::Weak<Health>,
+    subscriber: Option<SubscriberClient>,
+) {
+    loop {
+        let ended = (&mut task).await;
+        if health.upgrade().is_none_or(|health| health.quitting.load(Ordering::Relaxed)) {
+            return;
+        }
+        let cause = match &ended {
+            Ok(Ok(())) => "closed".to_owned(),
+            Ok(Err(error)) => format!("{:?}: {}", error.kind(), error.details()),
+            Err(_) => "panicked".to_owned(),
+        };
+        tracing::warn!(client = what, %cause, "the Redis connection task ended; starting it again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        task = client.connect();
+        if let Some(subscriber) = &subscriber {
+            tokio::spawn(subscribe(subscriber.clone()));
+        }
+    }
+}
+
+/// Pings Redis through the command client every [`PING_EVERY`], within the command deadline,
+/// and records whether it answered; ends with the store. A change is logged once. Redis
+/// answering again after it did not (a failover done, a restart) closes the breaker at once:
+/// the cooldown is for a Redis that answers but fails commands.
+async fn ping(client: Client, timeout: Duration, health: std::sync::Weak<Health>, breaker: std::sync::Weak<Breaker>) {
+    loop {
+        let answered = matches!(
+            tokio::time::timeout(timeout.max(Duration::from_millis(100)), client.ping::<Value>(None)).await,
+            Ok(Ok(_))
+        );
+        let Some(health) = health.upgrade() else { return };
+        if health.quitting.load(Ordering::Relaxed) {
+            return;
+        }
+        let was = health.answering.swap(answered, Ordering::Relaxed);
+        if was && !answered {
+            tracing::warn!("redis does not answer PING: reported down until it does");
+        } else if !was && answered {
+            tracing::info!("redis answers PING");
+            if let Some(breaker) = breaker.upgrade() {
+                breaker.recovered();
+            }
+        }
+        drop(health);
+        // While it does not answer, look again sooner: readiness follows recovery quickly.
+        tokio::time::sleep(if answered { PING_EVERY } else { PING_EVERY / 4 }).await;
+    }
+}
+
+/// The sentinels' own connection settings (the data nodes' credentials and TLS, as fred uses
+/// them for its sentinel queries) and the service name, when `config` is a Sentinel one.
+fn sentinel_watch(config: &Config) -> Option<(Vec<Config>, String)> {
+    let ServerConfig::Sentinel { hosts, service_name, .. } = &config.server else { return None };
+    let configs = hosts
+        .iter()
+        .map(|host| Config {
+            server: ServerConfig::Centralized { server: host.clone() },
+            username: config.username.clone(),
+            password: config.password.clone(),
+            tls: config.tls.clone(),
+            ..Config::default()
+        })
+        .collect();
+    Some((configs, service_name.clone()))
+}
+
+/// The sentinel channel announcing a failover: `<service> <old ip> <old port> <new ip> <new port>`.
+const SWITCH_MASTER: &str = "+switch-master";
+
+/// Subscribes to [`SWITCH_MASTER`] on every sentinel, and on a switch of `service` makes both
+/// clients reconnect at once: fred asks the sentinels for the master again and checks its
+/// `ROLE`. Without this they stayed on the demoted master until it was turned into a replica
+/// (about 10 s), and the entries written there meanwhile were lost (issue 12). A `READONLY`
+/// answer also makes fred reconnect (its `custom-reconnect-errors` feature).
+fn follow_sentinels(
+    configs: Vec<Config>,
+    service: &str,
+    client: Client,
+    subscriber: SubscriberClient,
+) -> Result<Vec<SubscriberClient>, fred::error::Error> {
+    let last_switch: Arc<std::sync::Mutex<Option<Bytes>>> = Arc::default();
+    let mut watchers = Vec::new();
+    for config in configs {
+        let watcher = Builder::from_config(config)
+            .with_connection_config(|conn| {
+                conn.connection_timeout = Duration::from_secs(1);
+                conn.internal_command_timeout = Duration::from_secs(1);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build_subscriber_client()?;
+        drop(watcher.connect());
+        drop(watcher.manage_subscriptions());
+        let prefix = format!("{service} ");
+        let (client, subscriber, last_switch) = (client.clone(), subscriber.clone(), Arc::clone(&last_switch));
+        let mut messages = watcher.message_rx();
+        tokio::spawn(subscribe_to(watcher.clone(), vec![SWITCH_MASTER]));
+        tokio::spawn(async move {
+            loop {
+                let message = match messages.recv().await {
+                    Ok(message) => message,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(switch) = bytes_of(message.value) else { continue };
+                if &*message.channel != SWITCH_MASTER || !switch.starts_with(prefix.as_bytes()) {
+                    continue;
+                }
+                // Every sentinel announces the same switch: follow it once.
+                {
+                    let mut last = last_switch.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.as_ref() == Some(&switch) {
+                        continue;
+                    }
+                    *last = Some(switch);
+                }
+                tracing::info!("sentinel switched the Redis master: reconnecting to the new one");
+                let _ = client.force_reconnection().await;
+                let _ = subscriber.force_reconnection().await;
+            }
+        });
+        watchers.push(watcher);
+    }
+    Ok(watchers)
+}
+
 /// Subscribes to [`CHANNEL`] and [`PURGE_CHANNEL`], retrying until Redis answers; after that fred re-subscribes on
 /// every reconnect by itself (`manage_subscriptions`).
 async fn subscribe(subscriber: SubscriberClient) {
+    subscribe_to(subscriber, vec![CHANNEL, PURGE_CHANNEL]).await;
+}
+
+/// Subscribes to `channels`, retrying until the server answers.
+async fn subscribe_to(subscriber: SubscriberClient, channels: Vec<&'static str>) {
     loop {
-        match subscriber.subscribe(vec![CHANNEL, PURGE_CHANNEL]).await {
+        match subscriber.subscribe(channels.clone()).await {
             Ok(()) => return,
             Err(error) => {
                 tracing::debug!(%error, "cannot subscribe yet; retrying");

@@ -9,6 +9,7 @@ mod binary;
 mod caching;
 mod cluster;
 mod cluster_flight;
+mod failover;
 mod fault_proxy;
 mod freshness;
 mod inbound;

@@ -151,3 +151,35 @@ async fn a_lock_without_a_ttl_is_repaired_and_the_token_is_stored() {
     let second = post_basic(&url, "a", SECRET, None).await;
     assert_eq!((second.x_cache(), second.access_token()), ("HIT", first.access_token()));
 }
+
+/// Issue 12, defect 5: with `TOKEN_PROXY_L1_CAPACITY=0` a Redis outage cost one upstream call
+/// per request (about 65 per key in 7 s), against the README's "at most one call per replica
+/// per key". A small local fallback, used only while Redis fails, keeps the promise.
+#[tokio::test]
+async fn without_l1_a_redis_outage_costs_no_call_for_a_warm_key() {
+    let mut app = TestApp::with_redis(
+        vec![client("app", SECRET)],
+        &[("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_REDIS_TIMEOUT", "200ms")],
+    )
+    .await;
+    assert_eq!(app.post_basic("app", SECRET, None).await.x_cache(), "MISS");
+    // Read from Redis every time: capacity 0 still means no L1 hits while Redis answers.
+    for _ in 0..3 {
+        assert_eq!(app.post_basic("app", SECRET, None).await.x_cache(), "HIT");
+    }
+    assert_eq!(app.proxy.metric("token_proxy_redis_errors_total").await, 0.0);
+    app.redis_mut().kill();
+    let mut tokens = std::collections::HashSet::new();
+    for i in 0..30 {
+        let reply = app.post_basic("app", SECRET, None).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.raw);
+        tokens.insert(reply.access_token().to_owned());
+    }
+    assert_eq!(app.issued(), 1, "the warm key cost upstream calls while Redis was down");
+    assert_eq!(tokens.len(), 1);
+    // A key never seen before costs one call, and no more.
+    for _ in 0..10 {
+        assert_eq!(app.post_basic("app", SECRET, Some("api/read")).await.status, 200);
+    }
+    assert_eq!(app.issued(), 2, "a cold key cost more than one call while Redis was down");
+}

@@ -52,28 +52,31 @@ impl TestCluster {
 
     /// The Redis lock key the proxy uses for a Basic request of `id`/`secret` with `extra`.
     pub fn lock_key(&self, id: &str, secret: &str, extra: &[(&str, &str)]) -> String {
-        use base64::Engine as _;
-        use shared::canonical::{AuthMethod, CanonicalRequest, Scope};
-        let root = base64::engine::general_purpose::STANDARD.decode(ROOT_SECRET).unwrap();
-        let keys = shared::keys::Keys::derive(&root).unwrap();
-        let request = CanonicalRequest {
-            client_id: id.into(),
-            client_secret: secret.into(),
-            auth_method: AuthMethod::Basic,
-            grant_type: "client_credentials".into(),
-            scope: Scope::Omitted,
-            extra: extra.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
-        };
         // The purge-everything epoch is part of every key (see `token_proxy::purge`).
         let all = RespConnection::open(self.redis.port).unwrap().call(&[b"HGET", b"tp:purge", b"all"]).unwrap();
         let all = all.flatten().concat();
-        let epochs = shared::canonical::PurgeEpochs {
-            all: std::str::from_utf8(&all).unwrap().parse().unwrap_or(0),
-            ..Default::default()
-        };
-        let key = keys.hasher.cache_key_with(&self.idp.token_url(), &request, epochs);
-        format!("{}:lock", token_proxy::store::RedisStore::entry_key(&key))
+        let all = std::str::from_utf8(&all).unwrap().parse().unwrap_or(0);
+        format!("{}:lock", entry_key(&self.idp.token_url(), id, secret, extra, all))
     }
+}
+
+/// The Redis entry key the proxy uses for a Basic request of `id`/`secret` with `extra` to the
+/// upstream `token_url`, under the purge-everything epoch `all` (0 until a purge of all).
+pub fn entry_key(token_url: &str, id: &str, secret: &str, extra: &[(&str, &str)], all: u64) -> String {
+    use base64::Engine as _;
+    use shared::canonical::{AuthMethod, CanonicalRequest, Scope};
+    let root = base64::engine::general_purpose::STANDARD.decode(ROOT_SECRET).unwrap();
+    let keys = shared::keys::Keys::derive(&root).unwrap();
+    let request = CanonicalRequest {
+        client_id: id.into(),
+        client_secret: secret.into(),
+        auth_method: AuthMethod::Basic,
+        grant_type: "client_credentials".into(),
+        scope: Scope::Omitted,
+        extra: extra.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+    };
+    let epochs = shared::canonical::PurgeEpochs { all, ..Default::default() };
+    token_proxy::store::RedisStore::entry_key(&keys.hasher.cache_key_with(token_url, &request, epochs))
 }
 
 /// Runs `count` copies of a request concurrently, spread round-robin over `urls`.

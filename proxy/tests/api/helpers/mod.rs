@@ -15,6 +15,7 @@ mod logs;
 mod raw;
 mod redis;
 mod tls_redis;
+mod topology;
 
 pub use app::*;
 pub use canaries::*;
@@ -26,6 +27,7 @@ pub use logs::*;
 pub use raw::*;
 pub use redis::*;
 pub use tls_redis::*;
+pub use topology::*;
 
 /// Base64 of the 32 bytes "0123456789abcdef0123456789abcdef".
 pub const ROOT_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";

@@ -158,6 +158,8 @@ impl RedisServer {
 
     fn try_contents(&self) -> std::io::Result<Vec<RedisEntry>> {
         let mut redis = RespConnection::open(self.port)?;
+        // A Redis Cluster replica answers reads only after READONLY (an error elsewhere).
+        let _ = redis.call(&[b"READONLY"]);
         let mut out = Vec::new();
         for key in redis.call(&[b"KEYS", b"*"])?.flatten() {
             let kind = redis.call(&[b"TYPE", &key])?.flatten().concat();
