@@ -71,8 +71,8 @@ pub struct Found {
 }
 
 /// Entries kept with capacity 0 and Redis: never served as hits, only as this replica's own
-/// token while Redis cannot answer, so that an outage costs one upstream call per key per
-/// replica rather than one per request (issue 12).
+/// token while Redis cannot answer (see [`L1::is_fallback_only`]), so that an outage costs one
+/// upstream call per key per replica rather than one per request (issue 12).
 pub const FALLBACK_CAPACITY: usize = 1024;
 
 /// The in-process cache. Capacity 0 disables its hits; with Redis it still keeps a small
@@ -80,6 +80,8 @@ pub const FALLBACK_CAPACITY: usize = 1024;
 pub struct L1 {
     cache: Option<quick_cache::sync::Cache<L1Key, Slot>>,
     max_age: Option<Duration>,
+    /// Capacity 0 with Redis: the fallback only.
+    fallback_only: bool,
 }
 
 impl std::fmt::Debug for L1 {
@@ -97,11 +99,15 @@ impl L1 {
     /// never current (every request reads Redis, as capacity 0 promises).
     pub fn new(capacity: usize, max_age: Option<Duration>) -> L1 {
         match (capacity, max_age) {
-            (0, None) => L1 { cache: None, max_age },
-            (0, Some(_)) => {
-                L1 { cache: Some(quick_cache::sync::Cache::new(FALLBACK_CAPACITY)), max_age: Some(Duration::ZERO) }
+            (0, None) => L1 { cache: None, max_age, fallback_only: false },
+            (0, Some(_)) => L1 {
+                cache: Some(quick_cache::sync::Cache::new(FALLBACK_CAPACITY)),
+                max_age: Some(Duration::ZERO),
+                fallback_only: true,
+            },
+            (capacity, max_age) => {
+                L1 { cache: Some(quick_cache::sync::Cache::new(capacity)), max_age, fallback_only: false }
             }
-            (capacity, max_age) => L1 { cache: Some(quick_cache::sync::Cache::new(capacity)), max_age },
         }
     }
 
@@ -115,6 +121,11 @@ impl L1 {
         let Some(keep) = token.keep_for(now, freshness) else { return };
         let current = self.max_age.map_or(keep, |max| keep.min(max));
         cache.insert(key, Slot { token, until: now + keep, current_until: now + current });
+    }
+
+    /// Capacity 0 with Redis: entries only serve while Redis cannot answer.
+    pub fn is_fallback_only(&self) -> bool {
+        self.fallback_only
     }
 
     pub fn len(&self) -> usize {
@@ -193,6 +204,7 @@ mod tests {
         l1.insert(key, token(t0, 3600), t0, &FRESH);
         let found = l1.get(&key, t0).expect("kept as a fallback");
         assert!(!found.current, "never a hit: every request reads Redis");
+        assert!(l1.is_fallback_only() && !L1::new(10, Some(Duration::from_secs(10))).is_fallback_only());
         for i in 0..5000u128 {
             l1.insert(L1Key(i), token(t0, 3600), t0, &FRESH);
         }

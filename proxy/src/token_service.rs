@@ -266,6 +266,9 @@ impl TokenService {
             // Already paid one Redis deadline: the flight goes on without Redis.
             Read::Unavailable => RedisUse::Skip,
         };
+        // Without L1 (capacity 0) this replica's own token is a fallback for while Redis
+        // fails only: when Redis answered, its miss is the truth.
+        let local = local.filter(|_| redis == RedisUse::Skip || !inner.parts.l1.is_fallback_only());
 
         let fetcher = Arc::clone(inner);
         let refresh_request = request.clone();
