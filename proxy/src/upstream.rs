@@ -90,7 +90,7 @@ impl Upstream {
         url: reqwest::Url,
         connect_timeout: Duration,
         timeout: Duration,
-        headers_file: Option<PathBuf>,
+        headers: ExtraHeadersFrom,
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, UpstreamSetupError> {
         let client = reqwest::Client::builder()
@@ -103,7 +103,7 @@ impl Upstream {
             .user_agent(USER_AGENT)
             .build()
             .map_err(|e| UpstreamSetupError::Client(e.to_string()))?;
-        let extra_headers = ExtraHeaders::load(headers_file)?;
+        let extra_headers = ExtraHeaders::load(headers)?;
         Ok(Upstream { client, url, extra_headers, hold_until: Arc::default(), metrics })
     }
 
@@ -242,11 +242,27 @@ const RESERVED: &[&str] = &[
     "expect",
 ];
 
+/// Where the extra upstream headers come from.
+#[derive(Debug, Clone, Default)]
+pub enum ExtraHeadersFrom {
+    #[default]
+    None,
+    /// A file, re-read when it changes (`TOKEN_PROXY_UPSTREAM_HEADERS_FILE`).
+    File(PathBuf),
+    /// Headers given inline (`TOKEN_PROXY_UPSTREAM_HEADERS`, for platforms that inject secrets
+    /// only as environment variables), parsed by [`parse_headers`]; values are sensitive.
+    Inline(HeaderMap),
+}
+
 impl ExtraHeaders {
-    fn load(path: Option<PathBuf>) -> Result<Arc<ExtraHeaders>, UpstreamSetupError> {
-        let (stamp, headers) = match &path {
-            Some(path) => read_headers_file(path).map_err(UpstreamSetupError::HeadersFile)?,
-            None => (None, HeaderMap::new()),
+    fn load(from: ExtraHeadersFrom) -> Result<Arc<ExtraHeaders>, UpstreamSetupError> {
+        let (path, stamp, headers) = match from {
+            ExtraHeadersFrom::File(path) => {
+                let (stamp, headers) = read_headers_file(&path).map_err(UpstreamSetupError::HeadersFile)?;
+                (Some(path), stamp, headers)
+            }
+            ExtraHeadersFrom::Inline(headers) => (None, None, headers),
+            ExtraHeadersFrom::None => (None, None, HeaderMap::new()),
         };
         let extra = Arc::new(ExtraHeaders { path, current: RwLock::new((stamp, headers)) });
         if extra.path.is_some() {
@@ -287,11 +303,16 @@ async fn watch_headers_file(extra: Weak<ExtraHeaders>) {
     }
 }
 
-/// Parses `Name: value` lines; blank lines and `#` comments are skipped. Errors never quote a
-/// value (they are secrets).
+/// Reads and parses a headers file (see [`parse_headers`]), with its modification time.
 fn read_headers_file(path: &Path) -> Result<(Option<SystemTime>, HeaderMap), String> {
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok((modified, parse_headers(&text)?))
+}
+
+/// Parses `Name: value` lines; blank lines and `#` comments are skipped. Errors never quote a
+/// value (they are secrets).
+pub fn parse_headers(text: &str) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -309,7 +330,7 @@ fn read_headers_file(path: &Path) -> Result<(Option<SystemTime>, HeaderMap), Str
         value.set_sensitive(true);
         headers.append(name, value);
     }
-    Ok((modified, headers))
+    Ok(headers)
 }
 
 #[cfg(test)]

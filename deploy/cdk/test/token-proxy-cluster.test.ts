@@ -289,15 +289,11 @@ describe('TokenProxyCluster', () => {
     const readme = fs.readFileSync(path.join(__dirname, '..', '..', '..', '..', 'README.md'), 'utf8');
     const documented = new Set([...readme.matchAll(/^\| `(TOKEN_PROXY_[A-Z0-9_]+)` \|/gm)].map((m) => m[1]));
     expect(documented.size).toBeGreaterThan(20);
-    // TODO(issue 14, operational basics): TOKEN_PROXY_UPSTREAM_HEADERS, the environment form of
-    // TOKEN_PROXY_UPSTREAM_HEADERS_FILE, is being added to the binary in another part of the
-    // issue; drop it from this list once the README's table has it.
-    const pending = new Set(['TOKEN_PROXY_UPSTREAM_HEADERS']);
     const c = proxyContainer(template);
     const names = [...Object.keys(env(c)), ...(c.Secrets as any[]).map((s) => s.Name)].filter((n) => n.startsWith('TOKEN_PROXY_'));
     expect(names.length).toBeGreaterThan(8);
     for (const name of names) {
-      expect(documented.has(name) || pending.has(name) ? name : `${name} (not in the README)`).toBe(name);
+      expect(documented.has(name) ? name : `${name} (not in the README)`).toBe(name);
     }
   });
 

@@ -20,6 +20,7 @@ pub const UPSTREAM_KEYS: &[(&str, &Setting)] = &[
     ("connect_timeout", &upstream::UPSTREAM_CONNECT_TIMEOUT),
     ("timeout", &upstream::UPSTREAM_TIMEOUT),
     ("headers_file", &upstream::UPSTREAM_HEADERS_FILE),
+    ("headers", &upstream::UPSTREAM_HEADERS),
     ("rate_limit", &quota::UPSTREAM_RATE_LIMIT),
     ("queue_timeout", &quota::UPSTREAM_QUEUE_TIMEOUT),
     ("expiry_margin", &cache::EXPIRY_MARGIN),

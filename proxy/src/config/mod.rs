@@ -97,6 +97,7 @@ pub static SETTINGS: &[&Setting] = &[
     &upstream::UPSTREAM_CONNECT_TIMEOUT,
     &upstream::UPSTREAM_TIMEOUT,
     &upstream::UPSTREAM_HEADERS_FILE,
+    &upstream::UPSTREAM_HEADERS,
     &redis::REDIS_TIMEOUT,
     &redis::REDIS_BREAKER_THRESHOLD,
     &redis::REDIS_BREAKER_COOLDOWN,
@@ -851,6 +852,23 @@ rate_limit = 20
         );
         assert_eq!(partners.quota.upstream_rate_limit, 20);
         assert_eq!(orders.quota.upstream_rate_limit, config.quota.upstream_rate_limit);
+    }
+
+    #[test]
+    fn the_headers_come_inline_or_from_a_file_never_both_and_errors_never_quote_them() {
+        let inline = ("TOKEN_PROXY_UPSTREAM_HEADERS", "X-Origin-Verify: hunter2-canary\nX-Team: a");
+        let config = Config::from_lookup(lookup(&[UPSTREAM, inline])).unwrap();
+        let headers = config.endpoints[0].upstream.headers.clone().expect("inline headers");
+        assert_eq!(headers["x-origin-verify"], "hunter2-canary");
+        assert!(headers["x-origin-verify"].is_sensitive());
+        assert!(!format!("{config:?}").contains("hunter2-canary"), "Debug never shows a header value");
+        let both = Config::from_lookup(lookup(&[UPSTREAM, inline, ("TOKEN_PROXY_UPSTREAM_HEADERS_FILE", "/x")]));
+        assert_eq!(both.unwrap_err().variable, "TOKEN_PROXY_UPSTREAM_HEADERS");
+        for bad in ["no colon hunter2-canary", "Authorization: hunter2-canary", "X-A: hunter2-canary\u{7f}"] {
+            let error = Config::from_lookup(lookup(&[UPSTREAM, ("TOKEN_PROXY_UPSTREAM_HEADERS", bad)])).unwrap_err();
+            assert_eq!(error.variable, "TOKEN_PROXY_UPSTREAM_HEADERS", "{bad}");
+            assert!(!error.to_string().contains("hunter2"), "{error}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The token endpoint, and the client that calls it. The next issue makes this one table per
-//! upstream (`[upstreams.NAME]`), so everything about calling an endpoint lives here.
+//! The token endpoint, and the client that calls it; one per `[upstreams.NAME]` table with
+//! several upstreams, so everything about calling an endpoint lives here.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{ConfigError, Setting, Source};
 use crate::metrics::Metrics;
-use crate::upstream::{Upstream, UpstreamSetupError};
+use crate::upstream::{ExtraHeadersFrom, Upstream, UpstreamSetupError, parse_headers};
 
 pub static UPSTREAM_URL: Setting = Setting {
     name: "TOKEN_PROXY_UPSTREAM_URL",
@@ -30,6 +30,12 @@ pub static UPSTREAM_HEADERS_FILE: Setting = Setting {
     help: "file of `Name: value` lines added to every upstream request (e.g. a WAF origin-verify secret); re-read when it changes",
 };
 
+pub static UPSTREAM_HEADERS: Setting = Setting {
+    name: "TOKEN_PROXY_UPSTREAM_HEADERS",
+    default: None,
+    help: "the same `Name: value` lines inline, one per line (for platforms that inject secrets only as environment variables, such as ECS); not with the file",
+};
+
 /// The token endpoint every request is sent to.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
@@ -41,6 +47,8 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     /// Extra headers, re-read when the file changes.
     pub headers_file: Option<PathBuf>,
+    /// Extra headers given inline (parsed and checked; values are sensitive).
+    pub headers: Option<http::HeaderMap>,
 }
 
 impl UpstreamSettings {
@@ -50,7 +58,18 @@ impl UpstreamSettings {
             connect_timeout: source.duration(&UPSTREAM_CONNECT_TIMEOUT)?,
             timeout: source.duration(&UPSTREAM_TIMEOUT)?,
             headers_file: source.get(&UPSTREAM_HEADERS_FILE).map(PathBuf::from),
+            // Never quoted in errors: the values are secrets.
+            headers: match source.get(&UPSTREAM_HEADERS) {
+                Some(text) => Some(parse_headers(&text).map_err(|e| source.error(&UPSTREAM_HEADERS, e))?),
+                None => None,
+            },
         };
+        if settings.headers.is_some() && settings.headers_file.is_some() {
+            return Err(source.error(
+                &UPSTREAM_HEADERS,
+                format!("cannot be combined with {} (give the headers in one place)", UPSTREAM_HEADERS_FILE.name),
+            ));
+        }
         if settings.timeout.is_zero() {
             return Err(source.error(&UPSTREAM_TIMEOUT, "must be more than zero"));
         }
@@ -59,12 +78,15 @@ impl UpstreamSettings {
 
     /// The client of the token endpoint (reads the headers file).
     pub fn client(&self, metrics: Arc<Metrics>) -> Result<Upstream, ConfigError> {
-        Upstream::new(self.url.clone(), self.connect_timeout, self.timeout, self.headers_file.clone(), metrics).map_err(
-            |e| match e {
-                UpstreamSetupError::HeadersFile(message) => UPSTREAM_HEADERS_FILE.error(message),
-                UpstreamSetupError::Client(_) => UPSTREAM_URL.error(e.to_string()),
-            },
-        )
+        let headers = match (&self.headers_file, &self.headers) {
+            (Some(path), _) => ExtraHeadersFrom::File(path.clone()),
+            (None, Some(headers)) => ExtraHeadersFrom::Inline(headers.clone()),
+            (None, None) => ExtraHeadersFrom::None,
+        };
+        Upstream::new(self.url.clone(), self.connect_timeout, self.timeout, headers, metrics).map_err(|e| match e {
+            UpstreamSetupError::HeadersFile(message) => UPSTREAM_HEADERS_FILE.error(message),
+            UpstreamSetupError::Client(_) => UPSTREAM_URL.error(e.to_string()),
+        })
     }
 }
 

@@ -227,3 +227,18 @@ async fn the_origin_verify_header_rotates_without_refusing_a_request() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The environment form of the extra headers (issue 14): for platforms such as ECS, which hand
+/// secrets to a task only as environment variables.
+#[tokio::test]
+async fn the_environment_form_of_the_headers_reaches_the_upstream() {
+    let origin_secret = "env-origin-verify-secret-0003";
+    register_secret("the origin-verify header", origin_secret);
+    let headers = format!("# the WAF's origin verify\nX-Origin-Verify: {origin_secret}\n\nX-Team: orders\n");
+    let app = TestApp::embedded(vec![client("app", SECRET)], &[("TOKEN_PROXY_UPSTREAM_HEADERS", &headers)]).await;
+    let reply = app.post_basic("app", SECRET, None).await;
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    let seen = app.idp.idp.last_request_headers().unwrap();
+    assert_eq!(seen["x-origin-verify"], origin_secret);
+    assert_eq!(seen["x-team"], "orders");
+}
