@@ -117,10 +117,6 @@ impl ClusterFlights {
         ClusterFlights { store, waiters, settings, freshness, metrics }
     }
 
-    pub fn settings(&self) -> FlightSettings {
-        self.settings
-    }
-
     /// Begins a flight for `key` (sealed with the client's `secret`): registers for its
     /// announcements now, before the first look, so that none published after it is missed.
     pub fn begin<'a>(&'a self, key: CacheKey, secret: &'a [u8]) -> ClusterFlight<'a> {

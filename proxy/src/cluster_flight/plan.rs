@@ -140,10 +140,6 @@ impl Plan {
         }
     }
 
-    pub fn purpose(&self) -> Purpose {
-        self.purpose
-    }
-
     /// The lookup's freshness hint: see [`Seen::Fresh`].
     pub fn fresh_ttl(&self) -> Option<Duration> {
         self.fresh_ttl
