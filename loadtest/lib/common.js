@@ -3,6 +3,8 @@
 //
 // BASE_URL       HAProxy in front of the replicas   [http://127.0.0.1:8080]
 // IDP_ADMIN_URL  mock-idp, for /admin/*             [http://127.0.0.1:9000]
+// IDP2_ADMIN_URL the second pool's mock-idp (two-pools.js; docker-compose.pools.yml, POOLS=2)
+//                                                    [http://127.0.0.1:9001]
 // (loadtest/run sets both; docker-compose.yml sets them for its k6 service; the defaults are
 // the compose stack's published ports, for k6 run from the host.)
 
@@ -12,6 +14,7 @@ import { check } from 'k6';
 
 export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 export const IDP_ADMIN_URL = (__ENV.IDP_ADMIN_URL || 'http://127.0.0.1:9000').replace(/\/+$/, '');
+export const IDP2_ADMIN_URL = (__ENV.IDP2_ADMIN_URL || 'http://127.0.0.1:9001').replace(/\/+$/, '');
 export const TOKEN_URL = `${BASE_URL}/oauth2/token`;
 
 // Percentiles shown in every end-of-test summary.
@@ -74,8 +77,9 @@ export function basicAuth(client) {
 
 // The arguments of one token request: [method, url, body, params], for http.request and
 // http.batch alike. `auth` is 'basic' (client_secret_basic) or 'body' (client_secret_post);
-// `extra` adds parameters such as scope or aws_client_metadata (all part of the cache key).
-export function tokenRequest(client, { auth = 'basic', extra = {}, tags = {}, headers = {}, expected } = {}) {
+// `extra` adds parameters such as scope or aws_client_metadata (all part of the cache key);
+// `path` is the route, e.g. '/partners/oauth2/token' for a named upstream.
+export function tokenRequest(client, { auth = 'basic', extra = {}, tags = {}, headers = {}, expected, path = '/oauth2/token' } = {}) {
     const params = { grant_type: 'client_credentials', ...extra };
     const reqHeaders = { 'Content-Type': 'application/x-www-form-urlencoded', ...headers };
     if (auth === 'basic') {
@@ -86,7 +90,7 @@ export function tokenRequest(client, { auth = 'basic', extra = {}, tags = {}, he
     }
     const p = { headers: reqHeaders, tags: { name: 'POST /oauth2/token', ...tags } };
     if (expected) p.responseCallback = expected;
-    return ['POST', TOKEN_URL, formEncode(params), p];
+    return ['POST', `${BASE_URL}${path}`, formEncode(params), p];
 }
 
 export function postToken(client, opts) {
@@ -118,10 +122,19 @@ export function xCache(res) {
 }
 
 // mock-idp's counters: {requests_total, issued_total, issued: {client_id: n}}.
-export function idpStats() {
-    const res = http.get(`${IDP_ADMIN_URL}/admin/stats`, { tags: { name: 'mock-idp /admin/stats' } });
-    if (res.status !== 200) throw new Error(`GET ${IDP_ADMIN_URL}/admin/stats answered ${res.status}: is IDP_ADMIN_URL right?`);
+export function idpStats(adminUrl = IDP_ADMIN_URL) {
+    const res = http.get(`${adminUrl}/admin/stats`, { tags: { name: 'mock-idp /admin/stats' } });
+    if (res.status !== 200) throw new Error(`GET ${adminUrl}/admin/stats answered ${res.status}: is the mock-idp admin URL right?`);
     return res.json();
+}
+
+// The claims of a JWT access token (its payload, not verified: only to read `iss`), or null.
+export function jwtClaims(token) {
+    try {
+        return JSON.parse(encoding.b64decode(token.split('.')[1], 'rawurl', 's'));
+    } catch (e) {
+        return null;
+    }
 }
 
 export function idpFaults(update) {

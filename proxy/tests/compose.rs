@@ -582,3 +582,71 @@ fn k6_runs_the_scripts_of_loadtest_against_haproxy() {
         assert!(root().join(format!("loadtest/{script}.js")).is_file(), "loadtest/{script}.js is missing");
     }
 }
+
+// ---- two pools: docker-compose.pools.yml --------------------------------------------------------
+
+const POOLS_OVERRIDE: &str = "docker-compose.pools.yml";
+
+/// A service of the override merged over the base file's, the way compose merges `environment`
+/// (by variable) and `volumes` (added): what that service's container sees with both files.
+fn pools_environment(name: &str) -> BTreeMap<String, String> {
+    let (base, pools) = (compose(), yaml(POOLS_OVERRIDE));
+    let mut env = if base["services"][name].as_hash().is_some() {
+        environment_of(&base["services"][name])
+    } else {
+        BTreeMap::new()
+    };
+    env.extend(environment_of(&pools["services"][name]));
+    env
+}
+
+#[test]
+fn the_pools_override_adds_a_second_pool_and_the_replicas_route_to_both() {
+    let (base, pools) = (compose(), yaml(POOLS_OVERRIDE));
+    let names: BTreeSet<String> =
+        pools["services"].as_hash().expect("services").keys().map(|k| text(k).unwrap()).collect();
+    assert_eq!(names, ["k6", "mock-idp-partners", "token-proxy"].map(str::to_owned).into(), "{POOLS_OVERRIDE}");
+
+    // The second pool is the first one's image and env file, with its own issuer and port.
+    let (first, second) = (service(&base, "mock-idp"), &pools["services"]["mock-idp-partners"]);
+    for key in ["build", "image", "entrypoint", "env_file", "healthcheck"] {
+        assert_eq!(first[key], second[key], "mock-idp-partners: {key} as mock-idp's");
+    }
+    let first_env = environment_of(first);
+    let second_env = environment_of(second);
+    let second_idp = mock_idp::Config::from_lookup(|n| second_env.get(n).cloned()).expect("mock-idp-partners: config");
+    let first_idp = mock_idp::Config::from_lookup(|n| first_env.get(n).cloned()).expect("mock-idp: config");
+    assert_ne!(first_idp.issuer, second_idp.issuer, "each pool has its own issuer");
+    assert_eq!(second_idp.issuer, runner_value("PARTNERS_ISSUER"), "the runner's second pool is compose's");
+    assert_eq!(strings(&second["ports"]), ["127.0.0.1:9001:9000"], "loadtest/lib/common.js's IDP2_ADMIN_URL default");
+
+    // Every replica reads its upstreams from the mounted deploy/pools.toml, not from the variable.
+    let proxy = &pools["services"]["token-proxy"];
+    let mut env = pools_environment("token-proxy");
+    assert_eq!(env["TOKEN_PROXY_UPSTREAM_URL"], "", "the one-upstream variable is unset");
+    let file = mount_source(proxy, &env["TOKEN_PROXY_CONFIG"]);
+    assert_eq!(file, runner_value("POOLS_FILE"), "the runner reads the same upstreams file");
+    env.insert("TOKEN_PROXY_CONFIG".into(), root().join(&file).to_string_lossy().into_owned());
+    let config = Config::from_lookup(|name| env.get(name).cloned()).unwrap_or_else(|e| panic!("token-proxy: {e}"));
+    assert_eq!(config.default_upstream.as_deref(), Some("orders"));
+    let routes: BTreeMap<String, (String, u16)> =
+        config.endpoints.iter().map(|e| (e.name.clone().expect("named"), host_port(e.upstream.url.as_str()))).collect();
+    let port = |env: &BTreeMap<String, String>| port_of(&env["MOCK_IDP_LISTEN"]);
+    assert_eq!(
+        routes,
+        [
+            ("orders".to_owned(), ("mock-idp".to_owned(), port(&first_env))),
+            ("partners".to_owned(), ("mock-idp-partners".to_owned(), port(&second_env)))
+        ]
+        .into(),
+        "{file}: each upstream is its compose service"
+    );
+    let waits_for: Vec<String> =
+        proxy["depends_on"].as_hash().expect("depends_on").keys().map(|k| text(k).unwrap()).collect();
+    assert_eq!(waits_for, ["mock-idp-partners"]);
+
+    // k6 finds both pools' counters; the scenario that checks them exists.
+    let k6 = pools_environment("k6");
+    assert_eq!(host_port(&k6["IDP2_ADMIN_URL"]), ("mock-idp-partners".to_owned(), port(&second_env)));
+    assert!(root().join("loadtest/two-pools.js").is_file());
+}
