@@ -16,7 +16,10 @@ import http from 'k6/http';
 import exec from 'k6/execution';
 import { check, sleep } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
-import { TREND_STATS, envInt, idpStats, issuedDelta, json, loadClient, newRunId, shuffle, tokenRequest, xCache } from './lib/common.js';
+import {
+    TREND_STATS, envInt, herdRounds, idpStats, issuedDelta, json, loadClient, newRunId, shuffle, tokenRequest, waitForRound,
+    xCache,
+} from './lib/common.js';
 
 const VUS = envInt('VUS', 100);
 const KEYS = envInt('KEYS', 20);
@@ -34,12 +37,7 @@ const roundLatency = new Trend('herd_round_duration', true);
 
 export const options = {
     scenarios: {
-        herd: {
-            executor: 'per-vu-iterations',
-            vus: VUS,
-            iterations: ROUNDS,
-            maxDuration: `${Math.ceil((ROUNDS * GAP_MS) / 1000) + 60}s`,
-        },
+        herd: herdRounds(VUS, ROUNDS, GAP_MS),
     },
     // Every request of a VU's round in parallel.
     batch: KEYS,
@@ -60,10 +58,7 @@ export function setup() {
 }
 
 export default function (data) {
-    const round = exec.vu.iterationInScenario;
-    const at = data.start + round * GAP_MS;
-    const wait = at - Date.now();
-    if (wait > 0) sleep(wait / 1000);
+    const round = waitForRound(data.start, GAP_MS);
 
     const meta = JSON.stringify({ herd: data.run, round });
     const keys = shuffle([...Array(KEYS).keys()]);

@@ -17,12 +17,11 @@
 // ORDERS_ISSUER [http://localhost/mock-idp], PARTNERS_ISSUER [http://localhost/mock-idp-partners]
 
 import http from 'k6/http';
-import exec from 'k6/execution';
 import { check, sleep } from 'k6';
 import { Counter } from 'k6/metrics';
 import {
-    IDP2_ADMIN_URL, IDP_ADMIN_URL, TREND_STATS, envInt, idpStats, issuedDelta, json, jwtClaims, loadClient, newRunId,
-    shuffle, tokenRequest,
+    IDP2_ADMIN_URL, IDP_ADMIN_URL, TREND_STATS, envInt, herdRounds, idpStats, issuedDelta, json, jwtClaims, loadClient,
+    newRunId, shuffle, tokenRequest, waitForRound,
 } from './lib/common.js';
 
 const VUS = envInt('VUS', 50);
@@ -42,12 +41,7 @@ const keyViolations = new Counter('pool_key_violations');
 
 export const options = {
     scenarios: {
-        herd: {
-            executor: 'per-vu-iterations',
-            vus: VUS,
-            iterations: ROUNDS,
-            maxDuration: `${Math.ceil((ROUNDS * GAP_MS) / 1000) + 60}s`,
-        },
+        herd: herdRounds(VUS, ROUNDS, GAP_MS),
     },
     batch: 2 * KEYS,
     batchPerHost: 2 * KEYS,
@@ -70,9 +64,7 @@ export function setup() {
 }
 
 export default function (data) {
-    const round = exec.vu.iterationInScenario;
-    const wait = data.start + round * GAP_MS - Date.now();
-    if (wait > 0) sleep(wait / 1000);
+    const round = waitForRound(data.start, GAP_MS);
 
     const meta = JSON.stringify({ pools: data.run, round });
     const sent = [];

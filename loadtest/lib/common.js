@@ -10,7 +10,8 @@
 
 import http from 'k6/http';
 import encoding from 'k6/encoding';
-import { check } from 'k6';
+import exec from 'k6/execution';
+import { check, sleep } from 'k6';
 
 export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 export const IDP_ADMIN_URL = (__ENV.IDP_ADMIN_URL || 'http://127.0.0.1:9000').replace(/\/+$/, '');
@@ -34,6 +35,27 @@ export function arrivalRate(rate, duration, { maxVUs = 400, ...rest } = {}) {
         maxVUs,
         ...rest,
     };
+}
+
+/**
+ * A herd: each of `vus` VUs runs `rounds` iterations, every VU's round r starting at the same
+ * instant (`waitForRound`), `gapMs` apart.
+ */
+export function herdRounds(vus, rounds, gapMs) {
+    return {
+        executor: 'per-vu-iterations',
+        vus,
+        iterations: rounds,
+        maxDuration: `${Math.ceil((rounds * gapMs) / 1000) + 60}s`,
+    };
+}
+
+/** Sleeps until this VU's current round of a `herdRounds` scenario starts; returns the round. */
+export function waitForRound(start, gapMs) {
+    const round = exec.vu.iterationInScenario;
+    const wait = start + round * gapMs - Date.now();
+    if (wait > 0) sleep(wait / 1000);
+    return round;
 }
 
 export function envInt(name, fallback) {
