@@ -11,12 +11,27 @@
 //
 // Context (cdk.json or -c): upstreamUrl, userPoolId (turns on the WAF origin verify; "none"
 // = off), image (default: built from the repository's Dockerfile at deploy time),
-// architecture (arm64 | x86_64), originVerifyRotation (steady | accept-next | send-next).
+// architecture (arm64 | x86_64), originVerifyRotation (steady | accept-next | send-next),
+// upstreams (several token endpoints instead of upstreamUrl, as JSON:
+// '{"orders":{"url":"https://..."},"partners":{"url":"https://...","clientCallBudget":500,
+// "clientCallBudgetWindow":3600}}', the window in seconds)
+// and defaultUpstream (the one /oauth2/token reaches).
 import * as path from 'path';
-import { App, CfnOutput, Stack, StackProps, Validations, aws_ecr_assets as ecrAssets, aws_ecs as ecs } from 'aws-cdk-lib';
+import { App, CfnOutput, Duration, Stack, StackProps, Validations, aws_ecr_assets as ecrAssets, aws_ecs as ecs } from 'aws-cdk-lib';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { Construct } from 'constructs';
-import { TokenProxyCluster } from '../lib';
+import { TokenProxyCluster, UpstreamProps } from '../lib';
+
+/** The `upstreams` context: JSON, with the budget's window in seconds. */
+function parseUpstreams(json: string): Record<string, UpstreamProps> {
+  const parsed = JSON.parse(json) as Record<string, { url: string; clientCallBudget?: number; clientCallBudgetWindow?: number; rateLimit?: number }>;
+  return Object.fromEntries(
+    Object.entries(parsed).map(([name, { clientCallBudgetWindow, ...rest }]) => [
+      name,
+      { ...rest, clientCallBudgetWindow: clientCallBudgetWindow === undefined ? undefined : Duration.seconds(clientCallBudgetWindow) },
+    ]),
+  );
+}
 
 export class TokenProxyExampleStack extends Stack {
   readonly proxy: TokenProxyCluster;
@@ -29,17 +44,20 @@ export class TokenProxyExampleStack extends Stack {
     const arch = ctx('architecture', 'arm64');
     const userPoolId = ctx('userPoolId', 'none');
     const rotation = ctx('originVerifyRotation', 'steady') as 'steady' | 'accept-next' | 'send-next';
+    const upstreams = this.node.tryGetContext('upstreams') as string | undefined;
 
     this.proxy = new TokenProxyCluster(this, 'TokenProxy', {
       image: image
         ? ecs.ContainerImage.fromRegistry(image)
         : ecs.ContainerImage.fromAsset(path.join(__dirname, '..', '..', '..', '..'), {
             // the repository root (from dist/bin); what the Dockerfile needs, not node_modules
-            exclude: ['deploy/cdk/node_modules', 'deploy/cdk/cdk.out', 'deploy/cdk/dist', 'deploy/.venv', 'deploy/kubernetes/.render-*', 'target', '.git', 'loadtest/out'],
+            exclude: ['deploy/cdk/node_modules', 'deploy/cdk/cdk.out', 'deploy/cdk/cdk.out.pools', 'deploy/cdk/dist', 'deploy/.venv', 'deploy/kubernetes/.render-*', 'target', '.git', 'loadtest/out'],
             // the tasks' architecture (docker buildx builds the other one under emulation)
             platform: arch === 'x86_64' ? ecrAssets.Platform.LINUX_AMD64 : ecrAssets.Platform.LINUX_ARM64,
           }),
-      upstreamUrl: ctx('upstreamUrl', 'https://example.auth.eu-west-1.amazoncognito.com/oauth2/token'),
+      ...(upstreams
+        ? { upstreams: parseUpstreams(upstreams), defaultUpstream: this.node.tryGetContext('defaultUpstream') }
+        : { upstreamUrl: ctx('upstreamUrl', 'https://example.auth.eu-west-1.amazoncognito.com/oauth2/token') }),
       cpuArchitecture: arch === 'x86_64' ? ecs.CpuArchitecture.X86_64 : ecs.CpuArchitecture.ARM64,
       originVerify:
         userPoolId === 'none'

@@ -69,11 +69,36 @@ export interface OriginVerifyProps {
   readonly rotation?: 'steady' | 'accept-next' | 'send-next';
 }
 
+/**
+ * One named token endpoint (README, "Several user pools or IdPs"): an `[upstreams.NAME]` table,
+ * served at `/NAME/oauth2/token`.
+ */
+export interface UpstreamProps {
+  /** The token endpoint, e.g. `https://DOMAIN.auth.REGION.amazoncognito.com/oauth2/token`. */
+  readonly url: string;
+  /** Upstream calls per client_id per window at this upstream, counted cluster-wide. Default: no budget. */
+  readonly clientCallBudget?: number;
+  /** The budget's sliding window. Default: the proxy's (1 h). */
+  readonly clientCallBudgetWindow?: Duration;
+  /** Upstream calls per second at this upstream, cluster-wide. Default: the proxy's (no cap). */
+  readonly rateLimit?: number;
+}
+
 export interface TokenProxyClusterProps {
   /** The container image of token-proxy (the repository's Dockerfile). */
   readonly image: ecs.ContainerImage;
-  /** The token endpoint, e.g. `https://DOMAIN.auth.REGION.amazoncognito.com/oauth2/token`. */
-  readonly upstreamUrl: string;
+  /**
+   * The one token endpoint, served at `/oauth2/token`, e.g.
+   * `https://DOMAIN.auth.REGION.amazoncognito.com/oauth2/token`. Give this or `upstreams`.
+   */
+  readonly upstreamUrl?: string;
+  /**
+   * Several token endpoints by name (letters, digits, `-`, `_`): each served at
+   * `/NAME/oauth2/token`, handed to the tasks as TOKEN_PROXY_CONFIG_TOML. Give this or `upstreamUrl`.
+   */
+  readonly upstreams?: Record<string, UpstreamProps>;
+  /** With `upstreams`: the one `/oauth2/token` reaches. Default: none (`/oauth2/token` answers 404). */
+  readonly defaultUpstream?: string;
   /** An existing VPC. Default: a new VPC with two AZs, private subnets and one NAT gateway. */
   readonly vpc?: ec2.IVpc;
   /** The CIDR block of the new VPC (when `vpc` is not given). Default: 10.0.0.0/16. */
@@ -140,8 +165,6 @@ export interface TokenProxyClusterProps {
   readonly minHitRatioPercent?: number;
   /** More TOKEN_PROXY_* settings (non-secret only: secrets go through Secrets Manager). */
   readonly environment?: Record<string, string>;
-  // TODO(issue 14, several upstreams): props for named upstreams once the binary has them
-  // (`[upstreams.NAME]` is refused today).
 }
 
 /** Names the alarms by what they watch. */
@@ -437,7 +460,7 @@ export class TokenProxyCluster extends Construct {
       },
     });
     const environment: Record<string, string> = {
-      TOKEN_PROXY_UPSTREAM_URL: props.upstreamUrl,
+      ...upstreamEnvironment(props),
       TOKEN_PROXY_LISTEN: `0.0.0.0:${PROXY_PORT}`,
       // Not the loopback default: the load balancer checks /readyz on the task's address.
       TOKEN_PROXY_ADMIN_LISTEN: `0.0.0.0:${ADMIN_PORT}`,
@@ -774,6 +797,50 @@ export function cloudWatchAgentConfig(namespace: string, logGroupName: string) {
       force_flush_interval: 5,
     },
   };
+}
+
+/**
+ * Where the tasks' upstreams come from: TOKEN_PROXY_UPSTREAM_URL for one, or for several the
+ * text of a configuration file with one `[upstreams.NAME]` table each (ECS hands a container
+ * environment variables, not files). Every mistake is refused at synthesis.
+ */
+export function upstreamEnvironment(props: Pick<TokenProxyClusterProps, 'upstreamUrl' | 'upstreams' | 'defaultUpstream'>): Record<string, string> {
+  const fail = (message: string): never => {
+    throw new Error(`TokenProxyCluster: ${message}`);
+  };
+  const names = Object.keys(props.upstreams ?? {});
+  if ((props.upstreamUrl === undefined) === (props.upstreams === undefined)) {
+    fail('give either upstreamUrl (one token endpoint) or upstreams (several by name)');
+  }
+  if (props.upstreamUrl !== undefined) {
+    if (props.defaultUpstream !== undefined) fail('defaultUpstream needs upstreams');
+    return { TOKEN_PROXY_UPSTREAM_URL: props.upstreamUrl };
+  }
+  if (names.length === 0) fail('upstreams names no upstream');
+  if (props.defaultUpstream !== undefined && !names.includes(props.defaultUpstream)) {
+    fail(`defaultUpstream "${props.defaultUpstream}" is not one of upstreams (${names.join(', ')})`);
+  }
+  // A TOML basic string: JSON's escapes are TOML's. Unresolved tokens stay placeholders here and
+  // are joined into the value by CloudFormation.
+  const str = (value: string) => JSON.stringify(value);
+  const lines = ['# TokenProxyCluster: named upstreams (README, "Several user pools or IdPs")'];
+  if (props.defaultUpstream !== undefined) lines.push(`default_upstream = ${str(props.defaultUpstream)}`);
+  for (const name of names) {
+    if (!/^[A-Za-z0-9_-]{1,64}$/.test(name)) fail(`upstream name "${name}": letters, digits, - and _ only, at most 64`);
+    const upstream = props.upstreams![name];
+    lines.push('', `[upstreams.${name}]`, `url = ${str(upstream.url)}`);
+    const count = (key: string, value: number | undefined) => {
+      if (value === undefined) return;
+      if (!Number.isInteger(value) || value < 0) fail(`upstreams.${name}.${key} must be a whole number`);
+      lines.push(`${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} = ${value}`);
+    };
+    count('clientCallBudget', upstream.clientCallBudget);
+    count('rateLimit', upstream.rateLimit);
+    if (upstream.clientCallBudgetWindow !== undefined) {
+      lines.push(`client_call_budget_window = "${upstream.clientCallBudgetWindow.toSeconds()}s"`);
+    }
+  }
+  return { TOKEN_PROXY_CONFIG_TOML: lines.join('\n') + '\n' };
 }
 
 /** Prometheus scrape configuration of the sidecar: the task's own admin port. */

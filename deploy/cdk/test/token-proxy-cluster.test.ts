@@ -297,6 +297,51 @@ describe('TokenProxyCluster', () => {
     }
   });
 
+  test('several upstreams travel as the text of a configuration file, one table each', () => {
+    const { template } = synth({
+      upstreamUrl: undefined,
+      upstreams: {
+        orders: { url: UPSTREAM },
+        'partners_2': { url: 'https://login.example.com/oauth2/v2.0/token', clientCallBudget: 500, clientCallBudgetWindow: Duration.hours(1), rateLimit: 20 },
+      },
+      defaultUpstream: 'orders',
+    });
+    const vars = env(proxyContainer(template));
+    expect(vars.TOKEN_PROXY_UPSTREAM_URL).toBeUndefined();
+    expect(vars.TOKEN_PROXY_CONFIG_TOML).toBe(
+      [
+        '# TokenProxyCluster: named upstreams (README, "Several user pools or IdPs")',
+        'default_upstream = "orders"',
+        '',
+        '[upstreams.orders]',
+        `url = "${UPSTREAM}"`,
+        '',
+        '[upstreams.partners_2]',
+        'url = "https://login.example.com/oauth2/v2.0/token"',
+        'client_call_budget = 500',
+        'rate_limit = 20',
+        'client_call_budget_window = "3600s"',
+        '',
+      ].join('\n'),
+    );
+  });
+
+  test('upstreams are refused at synthesis when inconsistent', () => {
+    const one = { url: UPSTREAM };
+    const cases: [Partial<TokenProxyClusterProps>, RegExp][] = [
+      [{ upstreams: { orders: one } }, /either upstreamUrl .* or upstreams/],
+      [{ upstreamUrl: undefined }, /either upstreamUrl .* or upstreams/],
+      [{ upstreamUrl: undefined, upstreams: {} }, /names no upstream/],
+      [{ upstreamUrl: undefined, upstreams: { 'a b': one } }, /upstream name "a b"/],
+      [{ upstreamUrl: undefined, upstreams: { orders: one }, defaultUpstream: 'partners' }, /defaultUpstream "partners" is not one of upstreams \(orders\)/],
+      [{ defaultUpstream: 'orders' }, /defaultUpstream needs upstreams/],
+      [{ upstreamUrl: undefined, upstreams: { orders: { ...one, clientCallBudget: -1 } } }, /clientCallBudget must be a whole number/],
+    ];
+    for (const [props, message] of cases) {
+      expect(() => synth(props)).toThrow(message);
+    }
+  });
+
   test('the container runs as non-root with a read-only root filesystem', () => {
     const c = proxyContainer(template);
     expect(c.User).toBe('10001:10001');

@@ -81,6 +81,17 @@ pub static CONFIG: Setting = Setting {
     help: "TOML file of settings, each named as its variable without TOKEN_PROXY_ in lower case; variables and flags override it",
 };
 
+/// The file's text itself, for platforms that hand a container only environment variables
+/// (ECS: the CDK construct's named upstreams travel this way).
+pub static CONFIG_TOML: Setting = Setting {
+    name: "TOKEN_PROXY_CONFIG_TOML",
+    default: None,
+    help: "the text of a TOKEN_PROXY_CONFIG file, given in place of the file (not with it)",
+};
+
+/// Where the file's settings come from: a path, or the text itself. Neither is a key of the file.
+static FILE_SETTINGS: [&Setting; 2] = [&CONFIG, &CONFIG_TOML];
+
 /// Every setting the file, the environment and the flags may hold, by section. The README's
 /// configuration table lists the same names (a test keeps them in step).
 pub static SETTINGS: &[&Setting] = &[
@@ -281,11 +292,17 @@ impl Config {
     }
 
     /// Parses every setting: `lookup` returns a variable's raw value (flags and environment);
-    /// the file named by `TOKEN_PROXY_CONFIG`, if any, fills in what it does not set.
+    /// the file named by `TOKEN_PROXY_CONFIG` (or given as `TOKEN_PROXY_CONFIG_TOML`), if any,
+    /// fills in what it does not set.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let file = match lookup(CONFIG.name).filter(|path| !path.is_empty()) {
-            Some(path) => Some(ConfigFile::read(&path, &CONFIG)?),
-            None => None,
+        let given = |setting: &Setting| lookup(setting.name).filter(|value| !value.is_empty());
+        let file = match (given(&CONFIG), given(&CONFIG_TOML)) {
+            (Some(_), Some(_)) => {
+                return Err(CONFIG_TOML.error("cannot be combined with TOKEN_PROXY_CONFIG (give the file or its text)"));
+            }
+            (Some(path), None) => Some(ConfigFile::read(&path, &CONFIG)?),
+            (None, Some(text)) => Some(ConfigFile::parse(CONFIG_TOML.name, &text)?),
+            (None, None) => None,
         };
         Config::from_source(&Source { lookup: &lookup, file: file.as_ref(), table: None })
     }
@@ -467,8 +484,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError
             None => (flag, None),
         };
         let flag_error = |message: &str| ConfigError { variable: format!("--{flag}"), message: message.to_owned() };
-        let setting = std::iter::once(&CONFIG)
-            .chain(SETTINGS.iter().copied())
+        let setting = FILE_SETTINGS
+            .iter()
+            .chain(SETTINGS)
+            .copied()
             .find(|s| s.flag() == flag)
             .ok_or_else(|| flag_error("unknown flag (see --help)"))?;
         let value = match inline_value {
@@ -496,7 +515,7 @@ pub fn help() -> String {
          \x20 --check                        validate the configuration (files too), bind nothing; exit 0 or 2\n\
          \x20 --version                      print the version\n\n",
     );
-    for s in std::iter::once(&CONFIG).chain(SETTINGS.iter().copied()) {
+    for s in FILE_SETTINGS.iter().chain(SETTINGS).copied() {
         out.push_str(&format!("  --{:<28} {}\n", s.flag(), s.name));
         out.push_str(&format!("      {}", s.help));
         if let Some(default) = s.default {
@@ -837,6 +856,29 @@ rate_limit = 20
 "#;
 
     #[test]
+    fn the_files_text_in_a_variable_is_the_file() {
+        let dir = std::env::temp_dir().join(format!("tp-config-text-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token-proxy.toml");
+        std::fs::write(&path, TWO_UPSTREAMS).unwrap();
+        let path = path.to_str().unwrap();
+        let via_file = Config::from_lookup(lookup(&[("TOKEN_PROXY_CONFIG", path)])).unwrap();
+        let via_text = Config::from_lookup(lookup(&[("TOKEN_PROXY_CONFIG_TOML", TWO_UPSTREAMS)])).unwrap();
+        let routes =
+            |c: &Config| c.endpoints.iter().map(|e| (e.name.clone(), e.upstream.url.clone())).collect::<Vec<_>>();
+        assert_eq!(routes(&via_text), routes(&via_file));
+        assert_eq!((via_text.default_upstream.as_deref(), routes(&via_text).len()), (Some("orders-prod"), 2));
+
+        let both = [("TOKEN_PROXY_CONFIG", path), ("TOKEN_PROXY_CONFIG_TOML", TWO_UPSTREAMS)];
+        let error = Config::from_lookup(lookup(&both)).unwrap_err();
+        assert_eq!(error.variable, "TOKEN_PROXY_CONFIG_TOML", "{error}");
+        let error = Config::from_lookup(lookup(&[("TOKEN_PROXY_CONFIG_TOML", "[upstreams.a]\ntimeout = \"1s\"\n")]))
+            .unwrap_err();
+        assert_eq!(error.variable, "TOKEN_PROXY_CONFIG_TOML: upstreams.a.url", "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn upstream_tables_override_the_global_settings_for_their_upstream_only() {
         let config = from_file(TWO_UPSTREAMS, &[("TOKEN_PROXY_EXPIRY_MARGIN", "30s")]).unwrap();
         assert_eq!(config.default_upstream.as_deref(), Some("orders-prod"));
@@ -911,7 +953,7 @@ rate_limit = 20
     #[test]
     fn the_readme_documents_every_setting() {
         let readme = include_str!("../../../README.md");
-        for s in SETTINGS.iter().chain([&&CONFIG]) {
+        for s in SETTINGS.iter().chain(&FILE_SETTINGS) {
             assert!(readme.contains(&format!("| `{}` |", s.name)), "README lacks {}", s.name);
         }
     }
