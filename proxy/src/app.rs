@@ -96,6 +96,10 @@ impl Application {
             None => Upstreams::named(
                 services.into_iter().filter_map(|(name, service)| Some((name?, service))).collect(),
                 config.default_upstream.as_deref(),
+                config.endpoints.iter().flat_map(|endpoint| {
+                    let name = endpoint.name.clone().unwrap_or_default();
+                    endpoint.hosts.iter().map(move |host| (host.clone(), name.clone()))
+                }),
             ),
         };
         let sources = Arc::new(config.inbound.sources());

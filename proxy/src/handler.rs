@@ -45,13 +45,19 @@ impl From<Rejection> for Refused {
     }
 }
 
-/// `POST /oauth2/token`: the default upstream.
+/// `POST /oauth2/token`: the upstream whose `hosts` list the request's host, or the default.
 async fn token(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
-    let Some(service) = state.upstreams.default_service().cloned() else {
+    // HTTP/1.1 names the host in `Host`, HTTP/2 in the authority.
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(axum::http::header::HOST).and_then(|value| value.to_str().ok()));
+    let Some(service) = state.upstreams.default_service(host).cloned() else {
         return unknown_upstream(&state, "no default upstream is configured; use /NAME/oauth2/token");
     };
     serve(state, &service, peer, request).await

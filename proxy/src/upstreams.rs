@@ -4,11 +4,13 @@
 //! Without names (`TOKEN_PROXY_UPSTREAM_URL` alone) there is one upstream, at `/oauth2/token`.
 //! With `[upstreams.NAME]` tables in the configuration file, `/NAME/oauth2/token` reaches `NAME`
 //! and `/oauth2/token` the `default_upstream`, if one is set; it is the same service, so the two
-//! routes share their entries. Each upstream has a [`TokenService`] of its own (its client,
+//! routes share their entries. A table's `hosts` route `/oauth2/token` by the request's `Host`
+//! (for clients that cannot change their path): a listed host reaches that upstream, any other
+//! the default. Each upstream has a [`TokenService`] of its own (its client,
 //! freshness, flight timing, throttle and rate cap); they share the store, L1 and the purge
 //! epochs, and the upstream is part of every key they use, so entries never cross.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::purge::{PurgeError, PurgeTarget};
@@ -26,6 +28,27 @@ pub fn is_valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// `host` as a `hosts` entry: lower case, without a trailing dot; `None` unless it is a DNS
+/// name (letters, digits, `-` and `.`, no empty label, at most 253 bytes). No port.
+pub fn host_name(host: &str) -> Option<String> {
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    valid.then_some(host)
+}
+
+/// A request's host (`Host`, or the HTTP/2 authority) as a `hosts` entry: without its port.
+fn requested_host(authority: &str) -> Option<String> {
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    host_name(host)
+}
+
 /// The upstreams of a replica. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Upstreams {
@@ -37,6 +60,8 @@ struct Inner {
     by_name: BTreeMap<String, TokenService>,
     /// What `/oauth2/token` reaches.
     default: Option<TokenService>,
+    /// What `/oauth2/token` reaches for a listed `Host` (normalized, see [`host_name`]).
+    by_host: HashMap<String, TokenService>,
     /// Any one service: the holder of what they share (the store, the purge epochs).
     first: TokenService,
 }
@@ -44,19 +69,35 @@ struct Inner {
 impl Upstreams {
     /// One upstream without a name, at `/oauth2/token`.
     pub fn single(service: TokenService) -> Upstreams {
-        let inner = Inner { by_name: BTreeMap::new(), default: Some(service.clone()), first: service };
+        let inner =
+            Inner { by_name: BTreeMap::new(), default: Some(service.clone()), by_host: HashMap::new(), first: service };
         Upstreams { inner: Arc::new(inner) }
     }
 
-    /// Named upstreams (at least one); `default` names the one `/oauth2/token` reaches.
-    pub fn named(by_name: BTreeMap<String, TokenService>, default: Option<&str>) -> Upstreams {
+    /// Named upstreams (at least one); `default` names the one `/oauth2/token` reaches, and
+    /// `hosts` (host name, upstream name) the ones it reaches for those hosts.
+    pub fn named(
+        by_name: BTreeMap<String, TokenService>,
+        default: Option<&str>,
+        hosts: impl IntoIterator<Item = (String, String)>,
+    ) -> Upstreams {
         let first = by_name.values().next().expect("at least one upstream").clone();
         let default = default.and_then(|name| by_name.get(name)).cloned();
-        Upstreams { inner: Arc::new(Inner { by_name, default, first }) }
+        let by_host = hosts
+            .into_iter()
+            .map(|(host, name)| (host, by_name.get(&name).expect("a host routes to a configured upstream").clone()))
+            .collect();
+        Upstreams { inner: Arc::new(Inner { by_name, default, by_host, first }) }
     }
 
-    /// The service `/oauth2/token` reaches, if any.
-    pub fn default_service(&self) -> Option<&TokenService> {
+    /// The service `/oauth2/token` reaches for a request to `host` (its `Host` header or
+    /// authority, port included or not): the upstream that lists it, or the default, if any.
+    pub fn default_service(&self, host: Option<&str>) -> Option<&TokenService> {
+        if !self.inner.by_host.is_empty() {
+            if let Some(service) = host.and_then(requested_host).and_then(|h| self.inner.by_host.get(&h)) {
+                return Some(service);
+            }
+        }
         self.inner.default.as_ref()
     }
 
@@ -90,6 +131,19 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_are_dns_names_compared_without_case_trailing_dot_or_port() {
+        assert_eq!(host_name("Auth.Example.COM.").as_deref(), Some("auth.example.com"));
+        assert_eq!(host_name("localhost").as_deref(), Some("localhost"));
+        for bad in ["", ".", "a..b", "a b", "a:80", "*.example.com", "a_b.example", &"a".repeat(64), "[::1]"] {
+            assert_eq!(host_name(bad), None, "{bad:?}");
+        }
+        assert_eq!(requested_host("Auth.Example.com:8443").as_deref(), Some("auth.example.com"));
+        assert_eq!(requested_host("auth.example.com").as_deref(), Some("auth.example.com"));
+        assert_eq!(requested_host("[::1]:8080"), None);
+        assert_eq!(requested_host("a:b"), None);
+    }
 
     #[test]
     fn names_are_letters_digits_dashes_and_underscores() {

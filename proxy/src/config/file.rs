@@ -1,7 +1,7 @@
 //! The optional TOML file (`TOKEN_PROXY_CONFIG`, `--config`): the same settings, each named as
 //! its variable without `TOKEN_PROXY_` in lower case (`upstream_url = "https://..."`), and the
 //! named upstreams: one `[upstreams.NAME]` table each, holding the settings that belong to a
-//! token endpoint ([`UPSTREAM_KEYS`]), and `default_upstream`.
+//! token endpoint ([`UPSTREAM_KEYS`]) and the `hosts` routed to it, and `default_upstream`.
 //!
 //! Values are turned back into the text a variable would hold and parsed by the same code, so
 //! the file cannot accept what the environment refuses. Errors name the file and the key and
@@ -31,9 +31,9 @@ pub const UPSTREAM_KEYS: &[(&str, &Setting)] = &[
     ("client_call_budget_window", &quota::CLIENT_CALL_BUDGET_WINDOW),
 ];
 
-/// Keys of an upstream table that a later version gives meaning to; refused until then, so
-/// that no one believes they are in force.
-const LATER_UPSTREAM_KEYS: &[&str] = &["hosts"];
+/// The key of an upstream table that is not a setting: the `Host` names whose `/oauth2/token`
+/// reaches this upstream.
+const HOSTS_KEY: &str = "hosts";
 
 /// A parsed file (or one `[upstreams.NAME]` table of it): raw values by variable name.
 pub struct ConfigFile {
@@ -45,6 +45,8 @@ pub struct ConfigFile {
     /// The `[upstreams.NAME]` tables, in name order.
     upstreams: Vec<(String, ConfigFile)>,
     default_upstream: Option<String>,
+    /// For a table: its `hosts`, normalized (see [`upstreams::host_name`]).
+    hosts: Vec<String>,
 }
 
 // Not derived: the values may be secrets.
@@ -118,7 +120,23 @@ impl ConfigFile {
             }
         }
         upstreams.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(ConfigFile { path: path.to_owned(), values, table_keys: None, upstreams, default_upstream })
+        let mut routed: HashMap<&str, &str> = HashMap::new();
+        for (name, table) in &upstreams {
+            for host in &table.hosts {
+                if let Some(other) = routed.insert(host, name) {
+                    let message = format!("{host} is also a host of upstream {other}: a host reaches one upstream");
+                    return Err(at(&format!("upstreams.{name}.{HOSTS_KEY}"), message));
+                }
+            }
+        }
+        Ok(ConfigFile {
+            path: path.to_owned(),
+            values,
+            table_keys: None,
+            upstreams,
+            default_upstream,
+            hosts: Vec::new(),
+        })
     }
 
     /// One `[upstreams.NAME]` table (`here` is `upstreams.NAME`), as a layer over the rest.
@@ -126,13 +144,16 @@ impl ConfigFile {
         let at = |key: &str, message: String| ConfigError { variable: format!("{path}: {here}.{key}"), message };
         let mut values = HashMap::new();
         let mut table_keys = HashMap::new();
+        let mut hosts = Vec::new();
         for (key, value) in table {
-            if LATER_UPSTREAM_KEYS.contains(&key.as_str()) {
-                return Err(at(&key, "not supported yet (a later version enforces it)".to_owned()));
+            if key == HOSTS_KEY {
+                hosts = host_names(value, &|m| at(&key, m))?;
+                continue;
             }
             let Some((name, setting)) = UPSTREAM_KEYS.iter().find(|(name, _)| *name == key) else {
                 let known: Vec<&str> = UPSTREAM_KEYS.iter().map(|(name, _)| *name).collect();
-                return Err(at(&key, format!("unknown upstream setting (known: {})", known.join(", "))));
+                let known = format!("{}, {HOSTS_KEY}", known.join(", "));
+                return Err(at(&key, format!("unknown upstream setting (known: {known})")));
             };
             values.insert(setting.name, raw_value(value, &|m| at(&key, m))?);
             table_keys.insert(setting.name, *name);
@@ -141,7 +162,14 @@ impl ConfigFile {
             return Err(at("url", "is required".to_owned()));
         }
         let path = format!("{path}: {here}");
-        Ok(ConfigFile { path, values, table_keys: Some(table_keys), upstreams: Vec::new(), default_upstream: None })
+        Ok(ConfigFile {
+            path,
+            values,
+            table_keys: Some(table_keys),
+            upstreams: Vec::new(),
+            default_upstream: None,
+            hosts,
+        })
     }
 
     /// The `[upstreams.NAME]` tables, in name order; empty without any.
@@ -153,6 +181,28 @@ impl ConfigFile {
     pub fn default_upstream(&self) -> Option<&str> {
         self.default_upstream.as_deref()
     }
+
+    /// A table's `hosts`, normalized; each reaches one upstream (checked).
+    pub fn hosts(&self) -> &[String] {
+        &self.hosts
+    }
+}
+
+/// A table's `hosts`: a list of host names, each normalized (lower case, no trailing dot).
+fn host_names(value: toml::Value, error: &dyn Fn(String) -> ConfigError) -> Result<Vec<String>, ConfigError> {
+    let toml::Value::Array(items) = value else { return Err(error("expected a list of host names".to_owned())) };
+    let mut hosts: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let toml::Value::String(text) = item else { return Err(error("expected a list of host names".to_owned())) };
+        let Some(host) = upstreams::host_name(&text) else {
+            return Err(error(format!("{text:?} is not a host name (letters, digits, - and . only, no port)")));
+        };
+        if hosts.contains(&host) {
+            return Err(error(format!("{host} is listed twice")));
+        }
+        hosts.push(host);
+    }
+    Ok(hosts)
 }
 
 /// A TOML value as the text its variable would hold; `error` builds the error for this key.

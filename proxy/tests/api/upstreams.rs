@@ -7,7 +7,7 @@ use base64::Engine as _;
 use mock_idp::RunningMockIdp;
 
 use crate::helpers::{
-    ROOT_SECRET, RedisServer, TestProxy, burst, client, config_with, eventually, http, post_basic, spawn_pool,
+    ROOT_SECRET, RedisServer, TestProxy, burst, client, config_with, eventually, http, post_basic, read, spawn_pool,
 };
 
 const SECRET: &str = "the-same-secret-at-both-pools";
@@ -256,4 +256,42 @@ async fn wrong_secrets_do_not_spend_a_clients_budget() {
         assert_eq!(reply.status, 200, "the budget is still whole: {}", reply.raw);
     }
     assert_eq!(post_basic(partners, "shared-client", SECRET, None).await.status, 429, "and then spent");
+}
+
+/// A token request for `shared-client` to `url` with `Host: host` (a client that cannot change
+/// its path names the upstream by the host it calls).
+async fn post_at_host(url: &str, host: &str) -> crate::helpers::TokenReply {
+    let response = http()
+        .post(url)
+        .header("host", host)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("authorization", shared::basic::encode("shared-client", SECRET))
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap();
+    read(response).await
+}
+
+#[tokio::test]
+async fn a_listed_host_routes_the_default_path_to_its_upstream_and_any_other_to_the_default() {
+    let pools = TwoPools::start_with(2, "hosts = [\"login.partners.test\"]\n").await;
+    let (first, second) = (pools.replicas[0].token_url(), pools.replicas[1].token_url());
+    let by_host = post_at_host(&first, "login.partners.test").await;
+    assert_eq!(by_host.status, 200, "{}", by_host.raw);
+    assert_eq!(issuer(by_host.access_token()), PARTNERS_ISSUER, "the listed host reaches partners");
+    // The same entry as /partners/oauth2/token, on any replica, whatever the case or the port.
+    for host in ["LOGIN.Partners.Test:8443", "login.partners.test."] {
+        let again = post_at_host(&second, host).await;
+        assert_eq!((again.access_token(), again.x_cache()), (by_host.access_token(), "HIT"), "{host}");
+    }
+    let by_path = post_basic(&pools.urls("partners")[1], "shared-client", SECRET, None).await;
+    assert_eq!(by_path.access_token(), by_host.access_token());
+
+    // Any other host reaches the default; a named path ignores the host.
+    let other = post_at_host(&first, "orders.test").await;
+    assert_eq!(issuer(other.access_token()), ORDERS_ISSUER);
+    let named = post_at_host(&pools.urls("orders")[0], "login.partners.test").await;
+    assert_eq!(named.access_token(), other.access_token(), "/orders/oauth2/token stays orders");
+    assert_eq!((pools.orders.idp.requests_total(), pools.partners.idp.requests_total()), (1, 1));
 }
