@@ -14,17 +14,23 @@
 // architecture (arm64 | x86_64), originVerifyRotation (steady | accept-next | send-next),
 // upstreams (several token endpoints instead of upstreamUrl, as JSON:
 // '{"orders":{"url":"https://..."},"partners":{"url":"https://...","clientCallBudget":500,
-// "clientCallBudgetWindow":3600}}', the window in seconds)
-// and defaultUpstream (the one /oauth2/token reaches).
+// "clientCallBudgetWindow":3600}}', the window in seconds; with userPoolId, mark the protected
+// pool "originVerify":true) and defaultUpstream (the one /oauth2/token reaches).
 import * as path from 'path';
 import { App, CfnOutput, Duration, Stack, StackProps, Validations, aws_ecr_assets as ecrAssets, aws_ecs as ecs } from 'aws-cdk-lib';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { Construct } from 'constructs';
 import { TokenProxyCluster, UpstreamProps } from '../lib';
 
-/** The `upstreams` context: JSON, with the budget's window in seconds. */
-function parseUpstreams(json: string): Record<string, UpstreamProps> {
-  const parsed = JSON.parse(json) as Record<string, { url: string; clientCallBudget?: number; clientCallBudgetWindow?: number; rateLimit?: number }>;
+/** The `upstreams` context (JSON from -c, or an object in cdk.json), the budget's window in seconds. */
+function parseUpstreams(context: unknown): Record<string, UpstreamProps> {
+  const parsed = (typeof context === 'string' ? JSON.parse(context) : context) as Record<
+    string,
+    { url: string; clientCallBudget?: number; clientCallBudgetWindow?: number; rateLimit?: number; originVerify?: boolean }
+  >;
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
+    throw new Error('the upstreams context must be an object: {"NAME": {"url": "https://..."}, ...}');
+  }
   return Object.fromEntries(
     Object.entries(parsed).map(([name, { clientCallBudgetWindow, ...rest }]) => [
       name,
@@ -44,7 +50,7 @@ export class TokenProxyExampleStack extends Stack {
     const arch = ctx('architecture', 'arm64');
     const userPoolId = ctx('userPoolId', 'none');
     const rotation = ctx('originVerifyRotation', 'steady') as 'steady' | 'accept-next' | 'send-next';
-    const upstreams = this.node.tryGetContext('upstreams') as string | undefined;
+    const upstreams: unknown = this.node.tryGetContext('upstreams');
 
     this.proxy = new TokenProxyCluster(this, 'TokenProxy', {
       image: image
@@ -68,10 +74,19 @@ export class TokenProxyExampleStack extends Stack {
             },
     });
 
-    new CfnOutput(this, 'TokenEndpoint', {
-      description: 'What your services call instead of Cognito (inside the VPC)',
-      value: `http://${this.proxy.loadBalancer.loadBalancerDnsName}/oauth2/token`,
-    });
+    // What your services call instead of Cognito (inside the VPC): /oauth2/token for one upstream
+    // (or the default one), /NAME/oauth2/token for each named upstream.
+    const base = `http://${this.proxy.loadBalancer.loadBalancerDnsName}`;
+    const defaultUpstream = this.node.tryGetContext('defaultUpstream');
+    if (!upstreams || defaultUpstream) {
+      new CfnOutput(this, 'TokenEndpoint', {
+        description: 'What your services call instead of Cognito (inside the VPC)',
+        value: `${base}/oauth2/token`,
+      });
+    }
+    for (const name of upstreams ? Object.keys(parseUpstreams(upstreams)) : []) {
+      new CfnOutput(this, `TokenEndpoint-${name}`, { description: `Upstream ${name}`, value: `${base}/${name}/oauth2/token` });
+    }
     new CfnOutput(this, 'RootSecretArn', { value: this.proxy.rootSecret.secretArn });
     new CfnOutput(this, 'AdminTokenSecretArn', { value: this.proxy.adminTokenSecret.secretArn });
     if (this.proxy.originVerifySecret) {

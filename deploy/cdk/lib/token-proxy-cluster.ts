@@ -82,6 +82,12 @@ export interface UpstreamProps {
   readonly clientCallBudgetWindow?: Duration;
   /** Upstream calls per second at this upstream, cluster-wide. Default: the proxy's (no cap). */
   readonly rateLimit?: number;
+  /**
+   * With the construct's `originVerify`: this upstream is the user pool the web ACL protects, and
+   * the only one sent the origin-verify header (every other upstream gets no extra header, so
+   * the secret never reaches another IdP). Exactly one upstream must say so. Default: false.
+   */
+  readonly originVerify?: boolean;
 }
 
 export interface TokenProxyClusterProps {
@@ -141,7 +147,7 @@ export interface TokenProxyClusterProps {
    * secret holding them (base64, comma-separated), handed over as TOKEN_PROXY_PREVIOUS_SECRETS.
    */
   readonly previousSecrets?: secretsmanager.ISecret;
-  /** The WAF origin-verify pattern on a Cognito user pool. Default: off. */
+  /** The WAF origin-verify pattern on a Cognito user pool (with `upstreams`: the one marked `originVerify`). Default: off. */
   readonly originVerify?: OriginVerifyProps;
   /** Who may call the load balancer. Default: the VPC's CIDR block. */
   readonly clientPeer?: ec2.IPeer;
@@ -479,6 +485,9 @@ export class TokenProxyCluster extends Construct {
       ...(props.environment ?? {}),
     };
     for (const name of Object.keys(props.environment ?? {})) {
+      if (UPSTREAM_VARIABLES.includes(name)) {
+        throw new Error(`TokenProxyCluster: ${name} comes from the upstreamUrl or upstreams prop, not environment`);
+      }
       if (/SECRET|TOKEN$|PASSWORD|HEADERS$/.test(name) && !name.endsWith('_FILE')) {
         throw new Error(`TokenProxyCluster: ${name} looks secret: it must not be a plain environment value`);
       }
@@ -799,12 +808,18 @@ export function cloudWatchAgentConfig(namespace: string, logGroupName: string) {
   };
 }
 
+/** The variables `upstreamEnvironment` sets: `environment` may not. */
+const UPSTREAM_VARIABLES = ['TOKEN_PROXY_UPSTREAM_URL', 'TOKEN_PROXY_CONFIG', 'TOKEN_PROXY_CONFIG_TOML'];
+
 /**
  * Where the tasks' upstreams come from: TOKEN_PROXY_UPSTREAM_URL for one, or for several the
  * text of a configuration file with one `[upstreams.NAME]` table each (ECS hands a container
- * environment variables, not files). Every mistake is refused at synthesis.
+ * environment variables, not files). Values must be known at synthesis (no tokens): the text is
+ * checked here, not at deploy time. Every mistake is refused at synthesis.
  */
-export function upstreamEnvironment(props: Pick<TokenProxyClusterProps, 'upstreamUrl' | 'upstreams' | 'defaultUpstream'>): Record<string, string> {
+export function upstreamEnvironment(
+  props: Pick<TokenProxyClusterProps, 'upstreamUrl' | 'upstreams' | 'defaultUpstream' | 'originVerify'>,
+): Record<string, string> {
   const fail = (message: string): never => {
     throw new Error(`TokenProxyCluster: ${message}`);
   };
@@ -820,6 +835,15 @@ export function upstreamEnvironment(props: Pick<TokenProxyClusterProps, 'upstrea
   if (props.defaultUpstream !== undefined && !names.includes(props.defaultUpstream)) {
     fail(`defaultUpstream "${props.defaultUpstream}" is not one of upstreams (${names.join(', ')})`);
   }
+  const literal = (what: string, value: unknown) => {
+    if (Token.isUnresolved(value)) fail(`${what} must be known at synthesis, not a deploy-time token`);
+  };
+  const verified = names.filter((name) => props.upstreams![name].originVerify);
+  if (props.originVerify !== undefined && verified.length !== 1) {
+    fail(`with originVerify, exactly one of upstreams must be the protected user pool (originVerify: true); found ${verified.length}`);
+  }
+  if (props.originVerify === undefined && verified.length > 0) fail('an upstream has originVerify, but the construct has no originVerify');
+  literal('defaultUpstream', props.defaultUpstream);
   // A TOML basic string: JSON's escapes are TOML's. Unresolved tokens stay placeholders here and
   // are joined into the value by CloudFormation.
   const str = (value: string) => JSON.stringify(value);
@@ -828,15 +852,20 @@ export function upstreamEnvironment(props: Pick<TokenProxyClusterProps, 'upstrea
   for (const name of names) {
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(name)) fail(`upstream name "${name}": letters, digits, - and _ only, at most 64`);
     const upstream = props.upstreams![name];
+    literal(`upstreams.${name}.url`, upstream.url);
     lines.push('', `[upstreams.${name}]`, `url = ${str(upstream.url)}`);
+    // The origin-verify header (TOKEN_PROXY_UPSTREAM_HEADERS) goes to the protected pool only.
+    if (props.originVerify !== undefined && !upstream.originVerify) lines.push('headers = ""');
     const count = (key: string, value: number | undefined) => {
       if (value === undefined) return;
+      literal(`upstreams.${name}.${key}`, value);
       if (!Number.isInteger(value) || value < 0) fail(`upstreams.${name}.${key} must be a whole number`);
       lines.push(`${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} = ${value}`);
     };
     count('clientCallBudget', upstream.clientCallBudget);
     count('rateLimit', upstream.rateLimit);
     if (upstream.clientCallBudgetWindow !== undefined) {
+      if (upstream.clientCallBudgetWindow.isUnresolved()) fail(`upstreams.${name}.clientCallBudgetWindow must be known at synthesis, not a deploy-time token`);
       lines.push(`client_call_budget_window = "${upstream.clientCallBudgetWindow.toSeconds()}s"`);
     }
   }

@@ -1,6 +1,6 @@
 import * as fs from 'fs';
 import * as path from 'path';
-import { App, Duration, Stack, Validations, aws_ec2 as ec2, aws_ecs as ecs, aws_secretsmanager as secretsmanager } from 'aws-cdk-lib';
+import { App, Duration, Stack, Token, Validations, aws_ec2 as ec2, aws_ecs as ecs, aws_secretsmanager as secretsmanager } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { TokenProxyCluster, TokenProxyClusterProps, checkRedisUrl } from '../lib';
@@ -300,6 +300,7 @@ describe('TokenProxyCluster', () => {
   test('several upstreams travel as the text of a configuration file, one table each', () => {
     const { template } = synth({
       upstreamUrl: undefined,
+      originVerify: undefined,
       upstreams: {
         orders: { url: UPSTREAM },
         'partners_2': { url: 'https://login.example.com/oauth2/v2.0/token', clientCallBudget: 500, clientCallBudgetWindow: Duration.hours(1), rateLimit: 20 },
@@ -326,16 +327,45 @@ describe('TokenProxyCluster', () => {
     );
   });
 
+  test('with origin verify, only the protected pool is sent the header', () => {
+    const { template } = synth({
+      upstreamUrl: undefined,
+      upstreams: { orders: { url: UPSTREAM, originVerify: true }, partners: { url: 'https://login.example.com/oauth2/v2.0/token' } },
+    });
+    const vars = env(proxyContainer(template));
+    const text = vars.TOKEN_PROXY_CONFIG_TOML as string;
+    // The global TOKEN_PROXY_UPSTREAM_HEADERS (the secret) is unset for every other upstream.
+    expect(text).toContain('[upstreams.partners]\nurl = "https://login.example.com/oauth2/v2.0/token"\nheaders = ""\n');
+    expect(text).toContain(`[upstreams.orders]\nurl = "${UPSTREAM}"\n`);
+    expect(text.match(/headers = ""/g)).toHaveLength(1);
+    const secrets = (proxyContainer(template).Secrets as any[]).map((x) => x.Name);
+    expect(secrets).toContain('TOKEN_PROXY_UPSTREAM_HEADERS');
+  });
+
   test('upstreams are refused at synthesis when inconsistent', () => {
     const one = { url: UPSTREAM };
+    // Upstreams without origin verify, unless a case sets it.
+    const named = (upstreams: Record<string, any>, extra: Partial<TokenProxyClusterProps> = {}): Partial<TokenProxyClusterProps> => ({
+      upstreamUrl: undefined,
+      originVerify: undefined,
+      upstreams,
+      ...extra,
+    });
     const cases: [Partial<TokenProxyClusterProps>, RegExp][] = [
       [{ upstreams: { orders: one } }, /either upstreamUrl .* or upstreams/],
       [{ upstreamUrl: undefined }, /either upstreamUrl .* or upstreams/],
-      [{ upstreamUrl: undefined, upstreams: {} }, /names no upstream/],
-      [{ upstreamUrl: undefined, upstreams: { 'a b': one } }, /upstream name "a b"/],
-      [{ upstreamUrl: undefined, upstreams: { orders: one }, defaultUpstream: 'partners' }, /defaultUpstream "partners" is not one of upstreams \(orders\)/],
+      [named({}), /names no upstream/],
+      [named({ 'a b': one }), /upstream name "a b"/],
+      [named({ orders: one }, { defaultUpstream: 'partners' }), /defaultUpstream "partners" is not one of upstreams \(orders\)/],
       [{ defaultUpstream: 'orders' }, /defaultUpstream needs upstreams/],
-      [{ upstreamUrl: undefined, upstreams: { orders: { ...one, clientCallBudget: -1 } } }, /clientCallBudget must be a whole number/],
+      [named({ orders: { ...one, clientCallBudget: -1 } }), /clientCallBudget must be a whole number/],
+      [named({ orders: one }, { originVerify: { userPoolArn: POOL } }), /exactly one of upstreams must be the protected user pool .* found 0/],
+      [named({ a: { ...one, originVerify: true }, b: { ...one, originVerify: true } }, { originVerify: { userPoolArn: POOL } }), /found 2/],
+      [named({ orders: { ...one, originVerify: true } }), /the construct has no originVerify/],
+      [named({ orders: { url: Token.asString({ Ref: 'Url' }) } }), /upstreams.orders.url must be known at synthesis/],
+      [named({ orders: { ...one, rateLimit: Token.asNumber({ Ref: 'N' }) } }), /upstreams.orders.rateLimit must be known/],
+      [{ environment: { TOKEN_PROXY_CONFIG_TOML: 'x = 1' } }, /TOKEN_PROXY_CONFIG_TOML comes from the upstreamUrl or upstreams prop/],
+      [{ environment: { TOKEN_PROXY_UPSTREAM_URL: UPSTREAM } }, /TOKEN_PROXY_UPSTREAM_URL comes from/],
     ];
     for (const [props, message] of cases) {
       expect(() => synth(props)).toThrow(message);

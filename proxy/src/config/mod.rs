@@ -494,6 +494,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError
             .copied()
             .find(|s| s.flag() == flag)
             .ok_or_else(|| flag_error("unknown flag (see --help)"))?;
+        if std::ptr::eq(setting, &CONFIG_TOML) {
+            // The whole file, secrets included, would be readable by anyone in `ps`.
+            return Err(flag_error("not a flag: give TOKEN_PROXY_CONFIG_TOML in the environment, or --config FILE"));
+        }
         let value = match inline_value {
             Some(v) => v,
             None => args.next().ok_or_else(|| flag_error("needs a value"))?,
@@ -520,7 +524,9 @@ pub fn help() -> String {
          \x20 --version                      print the version\n\n",
     );
     for s in FILE_SETTINGS.iter().chain(SETTINGS).copied() {
-        out.push_str(&format!("  --{:<28} {}\n", s.flag(), s.name));
+        let flag =
+            if std::ptr::eq(s, &CONFIG_TOML) { "(environment only)".to_owned() } else { format!("--{}", s.flag()) };
+        out.push_str(&format!("  {flag:<30} {}\n", s.name));
         out.push_str(&format!("      {}", s.help));
         if let Some(default) = s.default {
             out.push_str(&format!(" [default: {default}]"));
@@ -867,6 +873,11 @@ rate_limit = 20
             |c: &Config| c.endpoints.iter().map(|e| (e.name.clone(), e.upstream.url.clone())).collect::<Vec<_>>();
         assert_eq!(routes(&via_text), routes(&via_file));
         assert_eq!((via_text.default_upstream.as_deref(), routes(&via_text).len()), (Some("orders-prod"), 2));
+
+        let flag = parse_args(["--config-toml".to_owned(), TWO_UPSTREAMS.to_owned()]).unwrap_err();
+        assert_eq!(flag.variable, "--config-toml");
+        assert!(!flag.to_string().contains("orders"), "the value is never echoed: {flag}");
+        assert!(help().contains("(environment only)             TOKEN_PROXY_CONFIG_TOML"), "{}", help());
 
         let both = [("TOKEN_PROXY_CONFIG", path), ("TOKEN_PROXY_CONFIG_TOML", TWO_UPSTREAMS)];
         let error = Config::from_lookup(lookup(&both)).unwrap_err();
