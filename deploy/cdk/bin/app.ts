@@ -48,6 +48,8 @@ export class TokenProxyExampleStack extends Stack {
               userPoolArn: this.formatArn({ service: 'cognito-idp', resource: 'userpool', resourceName: userPoolId }),
               rotation,
             },
+      // The cache is opened with IAM tokens (context redisIamAuth=false: TLS and security groups only).
+      redisIamAuth: ctx('redisIamAuth', 'true') !== 'false',
     });
 
     new CfnOutput(this, 'TokenEndpoint', {
