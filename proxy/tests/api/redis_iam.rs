@@ -351,7 +351,7 @@ async fn a_refused_token_and_missing_credentials_are_each_one_clear_line_and_red
         let redis = TlsRedis::start(&tls, "no", &[]).await;
         // Redis expects a token of other credentials than those the replica gets.
         set_password(&redis, &token(&credentials(5)));
-        let (_aws, aws_url) = FakeAws::start((case == "refused").then(|| credentials(6))).await;
+        let (aws, aws_url) = FakeAws::start((case == "refused").then(|| credentials(6))).await;
         let settings = [
             ("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("{aws_url}/ecs/credentials")),
             ("AWS_CONTAINER_AUTHORIZATION_TOKEN", CONTAINER_AUTHORIZATION.to_owned()),
@@ -371,6 +371,10 @@ async fn a_refused_token_and_missing_credentials_are_each_one_clear_line_and_red
         eprintln!("{case}, as logged: {}", lines[0]);
         assert_eq!(lines.len(), 1, "{case}: said once: {lines:#?}");
         assert!(lines[0].contains(cause), "{case}: {}", lines[0]);
+        // The cause goes away (the role gets its credentials; the right ones): Redis is used
+        // again, without a restart.
+        aws.set(Some(credentials(5)));
+        eventually(Duration::from_secs(15), "Redis up again", async || readyz(&proxy).await["redis"] == "up").await;
     }
 }
 
