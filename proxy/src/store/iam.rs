@@ -38,6 +38,8 @@ pub const REAUTH_EVERY: Duration = Duration::from_secs(10 * 60);
 pub const CONNECTION_MAX_AGE: Duration = Duration::from_secs(11 * 3600);
 /// Credentials are fetched again this long before they expire (as the AWS SDKs do).
 const CREDENTIALS_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// While no token can be made, how often it is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
 /// Deadline of one exchange with a credentials endpoint.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -513,9 +515,22 @@ impl IamAuth {
         &self.source
     }
 
-    /// Where failures are reported: the store's refusals.
-    pub(crate) fn report_to(&self, refusals: Arc<Refusals>) {
+    /// Where failures are reported: the store's refusals. While a failure lasts, a token is
+    /// tried again every [`RETRY_EVERY`]: a failure met by the re-authentication timer would
+    /// otherwise be reported until the timer's next turn, minutes later.
+    pub(crate) fn report_to(self: &Arc<Self>, refusals: Arc<Refusals>) {
         let _ = self.refusals.set(refusals);
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RETRY_EVERY).await;
+                let Some(iam) = weak.upgrade() else { return };
+                let failing = iam.failing.lock().unwrap_or_else(PoisonError::into_inner).is_some();
+                if failing {
+                    let _ = iam.token().await;
+                }
+            }
+        });
     }
 
     /// A token signed now, with credentials that are not about to expire.

@@ -292,6 +292,18 @@ async fn iam_tokens_follow_rotated_credentials_on_every_login_and_on_reauthentic
     eventually(Duration::from_secs(10), "the new entry in Redis", async || redis_entries(&redis).await == 2).await;
     assert_eq!(failed_logins(&redis), 0);
     assert!(refusal_lines(redis.tls_port).is_empty(), "{:?}", refusal_lines(redis.tls_port));
+
+    // The credentials endpoint fails: the next re-authentication finds no token, and readiness
+    // says so (a new connection could not log in); once it answers again, readiness follows.
+    aws.set(None);
+    eventually(Duration::from_secs(10), "no IAM token in /readyz", async || {
+        readyz(&proxy).await["redis_refusal"].as_str().is_some_and(|r| r.contains("no IAM token"))
+    })
+    .await;
+    assert_eq!(readyz(&proxy).await["redis"], "down");
+    aws.set(Some(second.clone()));
+    eventually(Duration::from_secs(15), "Redis up again", async || readyz(&proxy).await["redis"] == "up").await;
+    assert_eq!(refusal_lines(redis.tls_port).len(), 1, "said once: {:?}", refusal_lines(redis.tls_port));
 }
 
 /// EC2 instance metadata (IMDSv2: a session token, the role, its credentials) and EKS web
