@@ -199,7 +199,17 @@ async fn iam_replica(
     aws: &[(&str, String)],
     reauth_every: Duration,
 ) -> TestProxy {
-    let url = redis.url();
+    iam_replica_on(idp, tls, redis.url(), aws, reauth_every).await
+}
+
+/// [`iam_replica`] on any TLS URL.
+async fn iam_replica_on(
+    idp: &RunningMockIdp,
+    tls: &RedisTls,
+    url: String,
+    aws: &[(&str, String)],
+    reauth_every: Duration,
+) -> TestProxy {
     let mut settings: Vec<(&str, String)> = vec![
         ("TOKEN_PROXY_REDIS_URL", url),
         ("TOKEN_PROXY_SECRET", ROOT_SECRET.to_owned()),
@@ -444,4 +454,50 @@ fn iam_misconfiguration_is_one_line_naming_the_setting() {
         assert!(!message.contains("canary") && !message.contains(":pw@"), "{message}");
         assert_eq!(message.lines().count(), 1, "{message}");
     }
+}
+
+/// ElastiCache Serverless is always cluster mode: on a TLS Redis Cluster every master's
+/// connection logs in with the token, entries land on several masters, and re-authentication
+/// reaches every master (fred sends `AUTH` to every node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_tls_cluster_every_node_logs_in_and_reauthenticates_with_the_token() {
+    let cluster = TlsRedisCluster::start("iam-cluster").await;
+    let (first, second) = (credentials(7), credentials(8));
+    let password = format!(">{}", token(&first));
+    for port in cluster.ports() {
+        let set = cluster.tls.cli(port, &["ACL", "SETUSER", USER, "on", &password, "~*", "&*", "+@all"]);
+        assert!(set.status.success());
+    }
+    let (aws, aws_url) = FakeAws::start(Some(first)).await;
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let settings = [
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("{aws_url}/ecs/credentials")),
+        ("AWS_CONTAINER_AUTHORIZATION_TOKEN", CONTAINER_AUTHORIZATION.to_owned()),
+        ("TOKEN_PROXY_REDIS_TIMEOUT", "2s".to_owned()),
+    ];
+    let proxy = iam_replica_on(&idp, &cluster.tls, cluster.url(), &settings, Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(15), "Redis up", async || readyz(&proxy).await["redis"] == "up").await;
+    for n in 0..12 {
+        let reply =
+            post_basic_with(&proxy.token_url(), "app", SECRET, &[("aws_client_metadata", &format!("k{n}"))]).await;
+        assert_eq!((reply.status, reply.x_cache()), (200, "MISS"));
+    }
+    let counts = cluster.key_counts();
+    // A master and its replica hold the same keys: three nodes or more means two masters or more.
+    assert!(counts.iter().filter(|&&n| n > 0).count() >= 3, "entries on more than one master: {counts:?}");
+
+    // Rotated credentials, Redis still expecting the old token: every master sees the
+    // re-authentication with the new one (and refuses it).
+    aws.set(Some(second));
+    let refused_on = |cluster: &TlsRedisCluster| {
+        cluster
+            .ports()
+            .into_iter()
+            .filter(|&port| {
+                let log = cluster.tls.cli(port, &["ACL", "LOG"]);
+                String::from_utf8_lossy(&log.stdout).lines().any(|line| line.trim() == USER)
+            })
+            .count()
+    };
+    eventually(Duration::from_secs(10), "re-authentication on every master", async || refused_on(&cluster) >= 3).await;
 }
