@@ -21,6 +21,8 @@ ALNUM = string.ascii_letters + string.digits
 DEPLOY_TIME = {
     "TOKEN_PROXY_REDIS_URL": "rediss://token-proxy.serverless.euw1.cache.amazonaws.com:6379",
     "TOKEN_PROXY_TRUSTED_PROXIES": "10.0.0.0/16",
+    # With redisIamAuth: the stack's region (AWS::Region).
+    "TOKEN_PROXY_REDIS_IAM_REGION": "eu-west-1",
 }
 # Stand-ins for secrets, as the platform would hand them over.
 SECRET_VALUES = {

@@ -13,8 +13,11 @@
 //! are still checked.) Scripts, locks and pub/sub stay with fred.
 //!
 //! A single server is read this way, over plain TCP or TLS (rustls, with the store's trust
-//! settings and client certificate), with AUTH and SELECT as the URL asks; Sentinel and Cluster
-//! reads go through fred.
+//! settings and client certificate), with AUTH and SELECT as the URL asks (or with the user and
+//! password a credential provider gives for each connection: IAM tokens); Sentinel and Cluster
+//! reads go through fred. With a maximum age (IAM: AWS closes a connection after 12 hours), a
+//! connection stops taking new batches when it reaches it, answers those written, and is made
+//! again: no read fails for it.
 //!
 //! Failures: a connection is made (and checked with one round trip) when there is work. When an
 //! established connection breaks (an idle timeout, a restart, an I/O or protocol error), the
@@ -30,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use fred::types::config::CredentialProvider;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -53,6 +57,11 @@ pub struct Target {
     pub database: Option<u8>,
     /// TLS (`rediss://`), or plain TCP when `None`.
     pub tls: Option<Arc<ClientConfig>>,
+    /// Asked for the user and password on every connection, in place of `username` and
+    /// `password` (an IAM token is good for one login within 15 minutes).
+    pub credentials: Option<Arc<dyn CredentialProvider>>,
+    /// A connection is retired (without failing a read) and made again at this age.
+    pub max_age: Option<Duration>,
 }
 
 impl std::fmt::Debug for Target {
@@ -90,6 +99,11 @@ pub enum ReadError {
     Protocol,
     #[error("not connected to redis (reconnecting)")]
     Disconnected,
+    /// The credential provider had nothing to log in with (it reports why itself).
+    #[error("no credentials to log in to redis with")]
+    NoCredentials,
+    #[error("the connection reached its maximum age")]
+    Retired,
 }
 
 impl From<std::io::Error> for ReadError {
@@ -263,9 +277,10 @@ async fn drive(shared: Arc<Shared>, target: Target, connect_timeout: Duration, u
                 }
                 // Requests queued while connecting are written at once.
                 shared.queued.notify_one();
-                let error = serve(&shared, stream, unresponsive).await;
+                let error = serve(&shared, stream, unresponsive, target.max_age.map(|age| since + age)).await;
                 shared.fail_in_flight(&error);
-                if since.elapsed() >= SHORTEST_WORKING_LIFE {
+                // A retired connection worked to the end: no backoff, whatever its age.
+                if since.elapsed() >= SHORTEST_WORKING_LIFE || error == ReadError::Retired {
                     tracing::debug!(%error, "redis read connection lost; connecting again");
                     backoff = BACKOFF_MIN;
                     shared.queued.notify_one();
@@ -320,8 +335,12 @@ async fn connect(target: &Target) -> Result<(Connection, bool), ReadError> {
 async fn login<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, target: &Target) -> Result<bool, ReadError> {
     let mut login = Vec::new();
     let mut logins = 0;
-    if let Some(password) = &target.password {
-        match &target.username {
+    let (username, password) = match &target.credentials {
+        Some(provider) => provider.fetch(None).await.map_err(|_| ReadError::NoCredentials)?,
+        None => (target.username.clone(), target.password.clone()),
+    };
+    if let Some(password) = &password {
+        match &username {
             Some(user) => encode_command(&mut login, &[b"AUTH", user.as_bytes(), password.as_bytes()]),
             None => encode_command(&mut login, &[b"AUTH", password.as_bytes()]),
         }
@@ -364,15 +383,22 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, target: &Targe
 }
 
 /// Writes queued requests and answers written ones until the connection fails.
-async fn serve(shared: &Shared, connection: Connection, unresponsive: Duration) -> ReadError {
+/// Writes queued requests and answers written ones until the connection fails, or until
+/// `retire_at` once what was written is answered.
+async fn serve(
+    shared: &Shared,
+    connection: Connection,
+    unresponsive: Duration,
+    retire_at: Option<Instant>,
+) -> ReadError {
     match connection {
         Connection::Plain(stream) => {
             let (reader, writer) = stream.into_split();
-            serve_halves(shared, reader, writer, unresponsive).await
+            serve_halves(shared, reader, writer, unresponsive, retire_at).await
         }
         Connection::Tls(stream) => {
             let (reader, writer) = tokio::io::split(*stream);
-            serve_halves(shared, reader, writer, unresponsive).await
+            serve_halves(shared, reader, writer, unresponsive, retire_at).await
         }
     }
 }
@@ -382,17 +408,35 @@ async fn serve_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     reader: R,
     writer: W,
     unresponsive: Duration,
+    retire_at: Option<Instant>,
 ) -> ReadError {
     tokio::select! {
-        error = write_queued(shared, writer) => error,
+        error = write_queued(shared, writer, retire_at) => error,
         error = read_replies(shared, reader, unresponsive) => error,
     }
 }
 
-async fn write_queued<W: AsyncWrite + Unpin>(shared: &Shared, mut writer: W) -> ReadError {
+async fn write_queued<W: AsyncWrite + Unpin>(shared: &Shared, mut writer: W, retire_at: Option<Instant>) -> ReadError {
     let mut batch = Vec::with_capacity(4096);
+    let retire = async {
+        match retire_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(retire);
     loop {
-        shared.queued.notified().await;
+        tokio::select! {
+            () = shared.queued.notified() => {}
+            () = &mut retire => {
+                // New requests stay queued for the next connection; the written ones are
+                // answered here first (the reader's watchdog bounds the wait).
+                while !shared.lock().in_flight.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                return ReadError::Retired;
+            }
+        }
         // Let every task that is ready run first: the ones about to queue a read join this
         // write instead of needing one of their own.
         tokio::task::yield_now().await;
@@ -896,6 +940,8 @@ mod tests {
             password: Some("hunter2-canary".into()),
             database: Some(1),
             tls: None,
+            credentials: None,
+            max_age: None,
         };
         let shown = format!("{target:?}");
         assert!(shown.contains("redis.internal") && !shown.contains("hunter2"), "{shown}");

@@ -72,6 +72,8 @@ export class TokenProxyExampleStack extends Stack {
               userPoolArn: this.formatArn({ service: 'cognito-idp', resource: 'userpool', resourceName: userPoolId }),
               rotation,
             },
+      // The cache is opened with IAM tokens (context redisIamAuth=false: TLS and security groups only).
+      redisIamAuth: ctx('redisIamAuth', 'true') !== 'false',
     });
 
     // What your services call instead of Cognito (inside the VPC): /oauth2/token for one upstream

@@ -31,6 +31,12 @@ export const DEFAULT_CLOUDWATCH_AGENT_IMAGE = 'public.ecr.aws/cloudwatch-agent/c
 /** The load balancer's idle timeout; the replicas keep idle connections 5 s longer. */
 const LOAD_BALANCER_IDLE_TIMEOUT_SECONDS = 30;
 /** ElastiCache Serverless: the primary endpoint port and the reader endpoint port. */
+/**
+ * The proxy's least-privilege Redis access string: the README's "Redis ACL" line without its
+ * password (a test keeps the two in step).
+ */
+export const REDIS_ACCESS_STRING =
+  'on resetkeys ~tp:* resetchannels &tp:* -@all +evalsha +script|load +get +set +del +type +strlen +pttl +pexpire +time +publish +hget +hset +hdel +hexists +hgetall +hincrby +zadd +zremrangebyscore +zcard +zrange +zrem +subscribe +getrange +echo +ping +info +client|id +cluster|info +cluster|slots';
 const SERVERLESS_CACHE_PORT = 6379;
 const SERVERLESS_CACHE_READER_PORT = 6380;
 
@@ -136,10 +142,13 @@ export interface TokenProxyClusterProps {
   readonly cacheMaxDataStorageGb?: number;
   readonly cacheMaxEcpuPerSecond?: number;
   /**
-   * IAM authentication to ElastiCache. TODO(issue 14, production Redis): the binary does not
-   * have `TOKEN_PROXY_REDIS_IAM` yet; setting this to true is refused at synthesis until it
-   * does, rather than pretending. Today the cache is reached over TLS and guarded by security
-   * groups only (ElastiCache Serverless's default user, no password).
+   * IAM authentication to the serverless cache this construct creates
+   * (`TOKEN_PROXY_REDIS_IAM=elasticache-serverless`): an ElastiCache user with IAM
+   * authentication and the proxy's least-privilege access string, a user group holding it (and
+   * a disabled `default` user, which a user group needs), and `elasticache:Connect` on the cache
+   * and the user for the task role. Without it the cache is reached over TLS and guarded by
+   * security groups only (Serverless's default user, no password). Not with `existingRedis`.
+   * Default: false.
    */
   readonly redisIamAuth?: boolean;
   /**
@@ -199,6 +208,9 @@ export class TokenProxyCluster extends Construct {
   readonly serviceSecurityGroup: ec2.SecurityGroup;
   readonly loadBalancerSecurityGroup: ec2.SecurityGroup;
   readonly cache?: elasticache.CfnServerlessCache;
+  /** With `redisIamAuth`: the proxy's IAM-authenticated ElastiCache user and its user group. */
+  readonly redisIamUser?: elasticache.CfnUser;
+  readonly redisUserGroup?: elasticache.CfnUserGroup;
   readonly cacheSecurityGroup?: ec2.SecurityGroup;
   readonly redisUrl: string;
   readonly rootSecret: secretsmanager.Secret;
@@ -214,12 +226,10 @@ export class TokenProxyCluster extends Construct {
   constructor(scope: Construct, id: string, props: TokenProxyClusterProps) {
     super(scope, id);
 
-    if (props.redisIamAuth) {
-      // TODO(issue 14, production Redis): wire TOKEN_PROXY_REDIS_IAM=true, the ElastiCache user
-      // and user group, and elasticache:Connect on the task role once the binary supports it.
+    if (props.redisIamAuth && props.existingRedis) {
       throw new Error(
-        'TokenProxyCluster: redisIamAuth is not supported yet: token-proxy does not have TOKEN_PROXY_REDIS_IAM. ' +
-          'Leave it unset (TLS + security groups) until it ships.',
+        'TokenProxyCluster: redisIamAuth applies to the cache the construct creates; for existingRedis, set ' +
+          'TOKEN_PROXY_REDIS_IAM and its settings through `environment` and grant elasticache:Connect yourself.',
       );
     }
     const drainDelay = props.drainDelay ?? Duration.seconds(5);
@@ -320,11 +330,37 @@ export class TokenProxyCluster extends Construct {
                 props.cacheMaxEcpuPerSecond !== undefined ? { maximum: props.cacheMaxEcpuPerSecond } : undefined,
             }
           : undefined;
+      const cacheName = `${Stack.of(this).stackName}-${id}`.toLowerCase().replace(/[^a-z0-9-]+/g, '-').slice(0, 40).replace(/-+$/, '');
+      if (props.redisIamAuth) {
+        // IAM users need user id = user name; ids are lower case, at most 40 characters.
+        const userId = `${cacheName.slice(0, 34)}-proxy`;
+        this.redisIamUser = new elasticache.CfnUser(this, 'CacheUser', {
+          engine: 'valkey',
+          userId,
+          userName: userId,
+          authenticationMode: { Type: 'iam' },
+          accessString: REDIS_ACCESS_STRING,
+        });
+        // A user group must hold a user named `default`: this one is switched off.
+        const defaultUser = new elasticache.CfnUser(this, 'CacheDefaultUser', {
+          engine: 'valkey',
+          userId: `${cacheName.slice(0, 32)}-default`,
+          userName: 'default',
+          authenticationMode: { Type: 'no-password-required' },
+          accessString: 'off -@all',
+        });
+        this.redisUserGroup = new elasticache.CfnUserGroup(this, 'CacheUserGroup', {
+          engine: 'valkey',
+          userGroupId: `${cacheName.slice(0, 34)}-users`,
+          userIds: [this.redisIamUser.ref, defaultUser.ref],
+        });
+      }
       this.cache = new elasticache.CfnServerlessCache(this, 'Cache', {
+        userGroupId: this.redisUserGroup?.ref,
         // Serverless caches always use TLS (in transit) and encrypt at rest.
         engine: 'valkey',
         majorEngineVersion: '8',
-        serverlessCacheName: `${Stack.of(this).stackName}-${id}`.toLowerCase().replace(/[^a-z0-9-]+/g, '-').slice(0, 40).replace(/-+$/, ''),
+        serverlessCacheName: cacheName,
         description: 'token-proxy shared cache (sealed token responses, locks, announcements)',
         subnetIds: this.vpc.selectSubnets(subnets).subnetIds,
         securityGroupIds: [this.cacheSecurityGroup.securityGroupId],
@@ -465,6 +501,15 @@ export class TokenProxyCluster extends Construct {
         operatingSystemFamily: ecs.OperatingSystemFamily.LINUX,
       },
     });
+    if (this.redisIamUser && this.cache) {
+      // The token the replicas sign opens this cache as this user, and nothing else.
+      this.taskDefinition.addToTaskRolePolicy(
+        new iam.PolicyStatement({
+          actions: ['elasticache:Connect'],
+          resources: [this.cache.attrArn, this.redisIamUser.attrArn],
+        }),
+      );
+    }
     const environment: Record<string, string> = {
       ...upstreamEnvironment(props),
       TOKEN_PROXY_LISTEN: `0.0.0.0:${PROXY_PORT}`,
@@ -482,6 +527,14 @@ export class TokenProxyCluster extends Construct {
       // header-read timeout, 5 s by default), or a request sent on a closing connection is a 502.
       // The load balancer reads whole headers itself, so the slow-header defence loses nothing.
       TOKEN_PROXY_HEADER_READ_TIMEOUT: `${LOAD_BALANCER_IDLE_TIMEOUT_SECONDS + 5}s`,
+      ...(this.redisIamUser && this.cache
+        ? {
+            TOKEN_PROXY_REDIS_IAM: 'elasticache-serverless',
+            TOKEN_PROXY_REDIS_IAM_USER: this.redisIamUser.userId,
+            TOKEN_PROXY_REDIS_IAM_CACHE: this.cache.serverlessCacheName,
+            TOKEN_PROXY_REDIS_IAM_REGION: Stack.of(this).region,
+          }
+        : {}),
       ...(props.environment ?? {}),
     };
     for (const name of Object.keys(props.environment ?? {})) {

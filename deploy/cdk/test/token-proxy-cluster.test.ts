@@ -3,7 +3,7 @@ import * as path from 'path';
 import { App, Duration, Stack, Token, Validations, aws_ec2 as ec2, aws_ecs as ecs, aws_secretsmanager as secretsmanager } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
-import { TokenProxyCluster, TokenProxyClusterProps, checkRedisUrl } from '../lib';
+import { REDIS_ACCESS_STRING, TokenProxyCluster, TokenProxyClusterProps, checkRedisUrl } from '../lib';
 
 const UPSTREAM = 'https://example.auth.eu-west-1.amazoncognito.com/oauth2/token';
 const POOL = 'arn:aws:cognito-idp:eu-west-1:111111111111:userpool/eu-west-1_EXAMPLE';
@@ -126,8 +126,45 @@ describe('TokenProxyCluster', () => {
     expect(() => checkRedisUrl('http://redis.internal:6379', true)).toThrow();
   });
 
-  test('IAM authentication to ElastiCache is refused until the binary has it', () => {
-    expect(() => synth({ redisIamAuth: true })).toThrow(/TOKEN_PROXY_REDIS_IAM/);
+  test('IAM authentication: an IAM user in the cache\'s user group, elasticache:Connect, the settings', () => {
+    const t = synth({ redisIamAuth: true }).template;
+    const users = Object.values(t.findResources('AWS::ElastiCache::User')) as any[];
+    const proxyUser = users.find((u) => u.Properties.AuthenticationMode.Type === 'iam');
+    expect(proxyUser).toBeDefined();
+    expect(proxyUser.Properties.UserId).toBe(proxyUser.Properties.UserName);
+    expect(proxyUser.Properties.AccessString).toBe(REDIS_ACCESS_STRING);
+    const defaultUser = users.find((u) => u.Properties.UserName === 'default');
+    expect(defaultUser.Properties.AccessString).toMatch(/^off /);
+    t.resourceCountIs('AWS::ElastiCache::UserGroup', 1);
+    const cache = Object.values(t.findResources('AWS::ElastiCache::ServerlessCache'))[0] as any;
+    expect(cache.Properties.UserGroupId).toEqual({ Ref: Object.keys(t.findResources('AWS::ElastiCache::UserGroup'))[0] });
+    const e = env(proxyContainer(t));
+    expect(e.TOKEN_PROXY_REDIS_IAM).toBe('elasticache-serverless');
+    expect(e.TOKEN_PROXY_REDIS_IAM_USER).toBe(proxyUser.Properties.UserId);
+    expect(e.TOKEN_PROXY_REDIS_IAM_CACHE).toBe(cache.Properties.ServerlessCacheName);
+    expect(e.TOKEN_PROXY_REDIS_IAM_REGION).toBeDefined();
+    const connect = Object.values(t.findResources('AWS::IAM::Policy'))
+      .flatMap((p: any) => p.Properties.PolicyDocument.Statement)
+      .filter((st: any) => st.Action === 'elasticache:Connect');
+    expect(connect).toHaveLength(1);
+    const [cacheId, userId] = [
+      Object.keys(t.findResources('AWS::ElastiCache::ServerlessCache'))[0],
+      Object.keys(t.findResources('AWS::ElastiCache::User')).find((k) => (t.findResources('AWS::ElastiCache::User') as any)[k].Properties.AuthenticationMode.Type === 'iam'),
+    ];
+    expect(connect[0].Resource).toEqual([{ 'Fn::GetAtt': [cacheId, 'ARN'] }, { 'Fn::GetAtt': [userId, 'Arn'] }]);
+    // Without the option: none of it.
+    template.resourceCountIs('AWS::ElastiCache::User', 0);
+    expect(env(proxyContainer(template)).TOKEN_PROXY_REDIS_IAM).toBeUndefined();
+    expect(() => synth({ redisIamAuth: true, existingRedis: { url: 'rediss://redis.internal:6379', port: 6379 } })).toThrow(
+      /redisIamAuth/,
+    );
+  });
+
+  test('the IAM user\'s access string is the README\'s least-privilege ACL', () => {
+    const readme = fs.readFileSync(path.join(__dirname, '..', '..', '..', '..', 'README.md'), 'utf8');
+    const line = readme.split('\n').find((l) => l.startsWith('ACL SETUSER token-proxy on >PASSWORD '));
+    expect(line).toBeDefined();
+    expect(REDIS_ACCESS_STRING).toBe(line!.replace('ACL SETUSER token-proxy ', '').replace(' >PASSWORD', ''));
   });
 
   test('secrets reach the task only as ECS secrets from Secrets Manager', () => {

@@ -9,6 +9,7 @@ use secrecy::SecretString;
 
 use super::{ConfigError, Setting, Source};
 use crate::metrics::Metrics;
+use crate::store::iam::{CredentialSource, IamAuth, IamService, IamTarget};
 use crate::store::{Endpoint, EndpointError, RedisStore, Scheme, Sealing, StoreSettings, client_config};
 
 pub static REDIS_URL: Setting = Setting {
@@ -36,6 +37,28 @@ pub static REDIS_PASSWORD_FILE: Setting = Setting {
     name: "TOKEN_PROXY_REDIS_PASSWORD_FILE",
     default: None,
     help: "file holding the Redis password, for a URL without one (the user, if any, stays in the URL)",
+};
+pub static REDIS_IAM: Setting = Setting {
+    name: "TOKEN_PROXY_REDIS_IAM",
+    default: None,
+    help: "elasticache-serverless, elasticache or memorydb: log in with IAM tokens signed with the AWS credentials \
+           (environment, web identity, ECS task role, instance metadata) instead of a password",
+};
+pub static REDIS_IAM_USER: Setting = Setting {
+    name: "TOKEN_PROXY_REDIS_IAM_USER",
+    default: None,
+    help: "with TOKEN_PROXY_REDIS_IAM: the ElastiCache or MemoryDB user id (ElastiCache: equal to its user name)",
+};
+pub static REDIS_IAM_CACHE: Setting = Setting {
+    name: "TOKEN_PROXY_REDIS_IAM_CACHE",
+    default: None,
+    help: "with TOKEN_PROXY_REDIS_IAM: the serverless cache's name, the replication group id, or the MemoryDB \
+           cluster's name (lower case)",
+};
+pub static REDIS_IAM_REGION: Setting = Setting {
+    name: "TOKEN_PROXY_REDIS_IAM_REGION",
+    default: None,
+    help: "with TOKEN_PROXY_REDIS_IAM: the cache's region; unset = AWS_REGION, else AWS_DEFAULT_REGION",
 };
 pub static REDIS_TIMEOUT: Setting = Setting {
     name: "TOKEN_PROXY_REDIS_TIMEOUT",
@@ -82,8 +105,13 @@ impl RedisSettings {
         }
         let breaker_cooldown = source.duration(&REDIS_BREAKER_COOLDOWN)?;
         let tls_files = [&REDIS_CA_FILE, &REDIS_CLIENT_CERT_FILE, &REDIS_CLIENT_KEY_FILE];
+        let iam_settings = [&REDIS_IAM, &REDIS_IAM_USER, &REDIS_IAM_CACHE, &REDIS_IAM_REGION];
         let Some(url) = source.get(&REDIS_URL) else {
-            if let Some(setting) = tls_files.into_iter().chain([&REDIS_PASSWORD_FILE]).find(|s| source.get(s).is_some())
+            if let Some(setting) = tls_files
+                .into_iter()
+                .chain([&REDIS_PASSWORD_FILE])
+                .chain(iam_settings)
+                .find(|s| source.get(s).is_some())
             {
                 return Err(source.error(setting, format!("is set, but {} is not", REDIS_URL.name)));
             }
@@ -111,12 +139,32 @@ impl RedisSettings {
                 .error(&REDIS_PASSWORD_FILE, format!("{} has a password too; keep one of the two", REDIS_URL.name)),
             other => source.error(&REDIS_URL, other.to_string()),
         })?;
+        let endpoint = match iam(source)? {
+            Some(iam) => endpoint.with_iam(Arc::new(iam)).map_err(|e| source.error(&REDIS_IAM, e.to_string()))?,
+            None => {
+                if let Some(setting) = iam_settings.into_iter().find(|s| source.get(s).is_some()) {
+                    return Err(source.error(setting, format!("is set, but {} is not", REDIS_IAM.name)));
+                }
+                endpoint
+            }
+        };
         Ok(Some(RedisSettings { endpoint, timeout, breaker_threshold, breaker_cooldown }))
     }
 
     /// The store, sealing its entries with `sealing`: its clients start connecting in the
     /// background.
     pub fn store(&self, sealing: Sealing, metrics: Arc<Metrics>) -> Result<RedisStore, ConfigError> {
+        if let Some(iam) = self.endpoint.iam() {
+            let target = iam.target();
+            tracing::info!(
+                service = ?target.service,
+                user = %target.user,
+                cache = %target.cache,
+                region = %target.region,
+                credentials = iam.source().describe(),
+                "Redis logins use IAM tokens"
+            );
+        }
         let settings = StoreSettings {
             command_timeout: self.timeout,
             breaker_threshold: self.breaker_threshold,
@@ -125,6 +173,36 @@ impl RedisSettings {
         };
         RedisStore::connect_to(&self.endpoint, settings, sealing, metrics).map_err(|e| REDIS_URL.error(e.to_string()))
     }
+}
+
+/// IAM authentication, when `TOKEN_PROXY_REDIS_IAM` asks for it: what the token opens and
+/// where the AWS credentials come from (the AWS variables, read through the same lookup).
+fn iam(source: &Source) -> Result<Option<IamAuth>, ConfigError> {
+    let Some(kind) = source.get(&REDIS_IAM) else { return Ok(None) };
+    let service = match kind.trim() {
+        "elasticache-serverless" => IamService::ElastiCacheServerless,
+        "elasticache" => IamService::ElastiCache,
+        "memorydb" => IamService::MemoryDb,
+        other => {
+            return Err(source.error(
+                &REDIS_IAM,
+                format!("expected elasticache-serverless, elasticache or memorydb, got {other:?}"),
+            ));
+        }
+    };
+    let user = source.required(&REDIS_IAM_USER)?.trim().to_owned();
+    let cache = source.required(&REDIS_IAM_CACHE)?.trim().to_owned();
+    let aws = |name: &str| (source.lookup)(name).filter(|v| !v.trim().is_empty());
+    let region = source
+        .get(&REDIS_IAM_REGION)
+        .or_else(|| aws("AWS_REGION"))
+        .or_else(|| aws("AWS_DEFAULT_REGION"))
+        .map(|r| r.trim().to_owned())
+        .ok_or_else(|| source.error(&REDIS_IAM_REGION, "is required (or AWS_REGION, or AWS_DEFAULT_REGION)"))?;
+    let credentials = CredentialSource::from_environment(aws, &region)
+        .map_err(|cause| source.error(&REDIS_IAM, format!("no usable AWS credentials: {cause}")))?;
+    let target = IamTarget { service, region, cache, user };
+    Ok(Some(IamAuth::new(target, credentials)))
 }
 
 /// The TLS client configuration: the CA file's roots (the system's without one), and the

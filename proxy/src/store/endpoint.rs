@@ -1,6 +1,7 @@
 //! Where Redis is and how to reach it: the URL's scheme (one server, Cluster or Sentinel; with
 //! or without TLS), the password when it does not sit in the URL, and the TLS client
-//! configuration (the CAs trusted, the client certificate for mTLS).
+//! configuration (the CAs trusted, the client certificate for mTLS), or IAM authentication in
+//! place of a password (`iam.rs`).
 //!
 //! fred parses the URL; this module only maps the accepted schemes onto fred's and gives fred
 //! a rustls configuration of our own instead of its default (which reads the system's roots on
@@ -11,10 +12,12 @@
 use std::sync::Arc;
 
 use fred::prelude::Config;
-use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
+use fred::types::config::{CredentialProvider, TlsConfig, TlsConnector, TlsHostMapping};
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
+
+use super::iam::{IamAuth, IamLogin};
 
 /// The URL schemes accepted, for messages.
 pub const SCHEMES: &str = "redis://, rediss://, redis-cluster://, rediss-cluster://, redis-sentinel:// or \
@@ -81,6 +84,12 @@ pub enum EndpointError {
     NoSystemRoots,
     #[error("{0}")]
     Tls(String),
+    #[error("IAM authentication needs a TLS URL (rediss://, rediss-cluster://): AWS refuses IAM tokens in the clear")]
+    IamWithoutTls,
+    #[error("IAM authentication replaces the password: the URL must carry no user nor password, and no password file")]
+    IamWithPassword,
+    #[error("IAM authentication is for ElastiCache and MemoryDB, which have no Sentinel")]
+    IamWithSentinel,
 }
 
 /// How to reach Redis: a URL, a password given apart (optional), and TLS.
@@ -90,12 +99,18 @@ pub struct Endpoint {
     scheme: Scheme,
     password: Option<SecretString>,
     tls: Option<Arc<ClientConfig>>,
+    /// IAM authentication: a fresh token as the password of every login.
+    iam: Option<Arc<IamAuth>>,
 }
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the URL, nor the password.
-        f.debug_struct("Endpoint").field("scheme", &self.scheme).field("tls", &self.tls.is_some()).finish()
+        f.debug_struct("Endpoint")
+            .field("scheme", &self.scheme)
+            .field("tls", &self.tls.is_some())
+            .field("iam", &self.iam.is_some())
+            .finish()
     }
 }
 
@@ -120,12 +135,40 @@ impl Endpoint {
             (true, None) => Some(Arc::new(client_config(None, None)?)),
             (_, tls) => tls,
         };
-        let endpoint = Endpoint { url: SecretString::from(url.to_owned()), scheme, password, tls };
+        let endpoint = Endpoint { url: SecretString::from(url.to_owned()), scheme, password, tls, iam: None };
         let parsed = endpoint.plain_config()?;
         if parsed.password.is_some() && endpoint.password.is_some() {
             return Err(EndpointError::PasswordTwice);
         }
         Ok(endpoint)
+    }
+
+    /// The same endpoint logging in with IAM tokens: over TLS, and with no password nor user
+    /// of its own (the token's user is the login's).
+    pub fn with_iam(mut self, iam: Arc<IamAuth>) -> Result<Endpoint, EndpointError> {
+        if !self.scheme.tls {
+            return Err(EndpointError::IamWithoutTls);
+        }
+        if self.scheme.topology == Topology::Sentinel {
+            return Err(EndpointError::IamWithSentinel);
+        }
+        let parsed = self.plain_config()?;
+        if self.password.is_some() || parsed.password.is_some() || parsed.username.is_some() {
+            return Err(EndpointError::IamWithPassword);
+        }
+        self.iam = Some(iam);
+        Ok(self)
+    }
+
+    /// IAM authentication, when the endpoint uses it.
+    pub fn iam(&self) -> Option<&Arc<IamAuth>> {
+        self.iam.as_ref()
+    }
+
+    /// IAM authentication, to adjust before the store is built (tests fix its clock and
+    /// shorten its intervals); `None` once it is shared, or without IAM.
+    pub fn iam_mut(&mut self) -> Option<&mut IamAuth> {
+        self.iam.as_mut().and_then(Arc::get_mut)
     }
 
     pub fn scheme(&self) -> Scheme {
@@ -159,6 +202,8 @@ impl Endpoint {
         if let Some(password) = &self.password {
             config.password = Some(password.expose_secret().to_owned());
         }
+        config.credential_provider =
+            self.iam.as_ref().map(|iam| Arc::new(IamLogin(Arc::clone(iam))) as Arc<dyn CredentialProvider>);
         config.tls = self.tls.as_ref().map(|tls| TlsConfig {
             connector: TlsConnector::Rustls(tokio_rustls::TlsConnector::from(Arc::clone(tls))),
             hostnames: TlsHostMapping::None,

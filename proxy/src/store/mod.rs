@@ -7,7 +7,8 @@
 //! the explicit settings. On a single server (`redis://` or `rediss://`) the hit path's read
 //! goes over a connection of its own, [`ReadPipeline`], held to the same deadline and breaker.
 //! Where Redis is and how to reach it (URL schemes, TLS, a password given apart) is
-//! [`endpoint`]; Redis refusing us (TLS, login), said once and seen by readiness, [`refusals`].
+//! [`endpoint`]; ElastiCache and MemoryDB IAM tokens in place of a password, [`iam`]; Redis
+//! refusing us (TLS, login, no IAM credentials), said once and seen by readiness, [`refusals`].
 //!
 //! The store speaks in entries: sealing and opening happen here ([`sealing`]), and callers
 //! get tokens. Key layout (docs/architecture.md, "Redis layout"), all in one Redis Cluster slot
@@ -39,6 +40,7 @@ use crate::redis_clock::RedisTime;
 
 mod counters;
 mod endpoint;
+pub mod iam;
 mod purges;
 mod refusals;
 pub mod sealing;
@@ -218,11 +220,14 @@ impl RedisStore {
         let config = endpoint.fred_config()?;
         let server = config.server.hosts().first().map(ToString::to_string).unwrap_or_default();
         let refusals = Arc::new(Refusals::new(server));
+        if let Some(iam) = endpoint.iam() {
+            iam.report_to(Arc::clone(&refusals));
+        }
         let timeout = settings.command_timeout;
         let unresponsive = (timeout * 4).max(Duration::from_secs(1));
         let sentinels = sentinel_watch(&config);
         let single_server = matches!(config.server, ServerConfig::Centralized { .. });
-        let reads = pipeline_target(&config, endpoint.tls())
+        let reads = pipeline_target(&config, endpoint)
             .filter(|_| settings.pipelined_reads)
             .map(|target| Arc::new(ReadPipeline::start(target, Duration::from_secs(1).max(timeout), unresponsive)));
         if let Some(reads) = &reads {
@@ -491,9 +496,10 @@ fn entry_name(key: &CacheKey) -> [u8; ENTRY_NAME_LEN] {
     name
 }
 
-/// Where the [`ReadPipeline`] connects: a single server, over TLS when `tls` is given, or
-/// `None` for Sentinel and Cluster, whose reads go through fred.
-fn pipeline_target(config: &Config, tls: Option<&Arc<rustls::ClientConfig>>) -> Option<Target> {
+/// Where the [`ReadPipeline`] connects: a single server, over TLS when the endpoint says so,
+/// logging in as fred does (the IAM token included), or `None` for Sentinel and Cluster, whose
+/// reads go through fred.
+fn pipeline_target(config: &Config, endpoint: &Endpoint) -> Option<Target> {
     let ServerConfig::Centralized { server } = &config.server else { return None };
     Some(Target {
         // fred keeps a URL's IPv6 literal in its brackets, which a socket address has not.
@@ -502,7 +508,9 @@ fn pipeline_target(config: &Config, tls: Option<&Arc<rustls::ClientConfig>>) -> 
         username: config.username.clone(),
         password: config.password.clone(),
         database: config.database,
-        tls: tls.cloned(),
+        tls: endpoint.tls().cloned(),
+        credentials: config.credential_provider.clone(),
+        max_age: endpoint.iam().map(|iam| iam.connection_max_age),
     })
 }
 
@@ -794,7 +802,7 @@ mod tests {
     fn only_a_single_server_is_read_through_the_pipeline() {
         let target = |url: &str| {
             let endpoint = Endpoint::new(url, None, None).unwrap();
-            pipeline_target(&endpoint.fred_config().unwrap(), endpoint.tls())
+            pipeline_target(&endpoint.fred_config().unwrap(), &endpoint)
         };
         let plain = target("redis://proxy:pw@cache.internal:6380/2").expect("a plain server");
         assert_eq!((plain.host.as_str(), plain.port, plain.database), ("cache.internal", 6380, Some(2)));
@@ -805,12 +813,12 @@ mod tests {
         assert_eq!(target("redis://127.0.0.1").map(|t| (t.port, t.password, t.database)), Some((6379, None, None)));
         assert_eq!(target("redis://[fd00::1]:6390").map(|t| (t.host, t.port)), Some(("fd00::1".to_owned(), 6390)));
         let apart = Endpoint::new("valkey://proxy@cache:6379", Some("from-a-file".to_owned().into()), None).unwrap();
-        let apart = pipeline_target(&apart.fred_config().unwrap(), apart.tls()).unwrap();
+        let apart = pipeline_target(&apart.fred_config().unwrap(), &apart).unwrap();
         assert_eq!((apart.username.as_deref(), apart.password.as_deref()), (Some("proxy"), Some("from-a-file")));
         // Over TLS with the endpoint's own configuration (here: trusting no one).
         let tls = Arc::new(client_config(Some(Vec::new()), None).unwrap());
         let endpoint = Endpoint::new("rediss://cache.internal:6380", None, Some(Arc::clone(&tls))).unwrap();
-        let over_tls = pipeline_target(&endpoint.fred_config().unwrap(), endpoint.tls()).expect("a TLS server");
+        let over_tls = pipeline_target(&endpoint.fred_config().unwrap(), &endpoint).expect("a TLS server");
         assert!(over_tls.tls.is_some_and(|t| Arc::ptr_eq(&t, &tls)));
         for through_fred in ["redis-cluster://a:6379?node=b:6379", "redis-sentinel://s1:26379?sentinelServiceName=main"]
         {

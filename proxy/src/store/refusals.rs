@@ -25,6 +25,8 @@ pub(crate) enum Link {
     Commands,
     Subscription,
     Reads,
+    /// The IAM token's credentials (`iam.rs`): without them no connection can log in.
+    Credentials,
 }
 
 /// Why Redis refuses us. Carries no secret: a TLS error's kind or an error code.
@@ -34,13 +36,21 @@ pub enum Refusal {
     Tls(String),
     /// The login was refused: `WRONGPASS`, `NOAUTH`.
     Auth(String),
+    /// No IAM token could be made: no AWS credentials, or their source failed (the cause, which
+    /// names no secret).
+    Credentials(String),
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::Tls(cause) => write!(f, "TLS failed: {}", tls_hint(cause)),
-            Refusal::Auth(code) => write!(f, "the login was refused ({code}): wrong user or password"),
+            Refusal::Auth(code) => write!(
+                f,
+                "the login was refused ({code}): wrong user or password (with IAM: the user, cache name or region, \
+                 or the role lacks elasticache:Connect / memorydb:Connect on the cache and the user)"
+            ),
+            Refusal::Credentials(cause) => write!(f, "no IAM token: {cause}"),
         }
     }
 }
@@ -135,10 +145,16 @@ impl Refusals {
         self.commands.store(current.contains_key(&Link::Commands), Ordering::Relaxed);
         drop(current);
         if !known {
-            tracing::error!(
-                server = %self.server,
-                "Redis refuses this replica's connections: {refusal}; requests go on without Redis until it accepts them"
-            );
+            match refusal {
+                Refusal::Credentials(_) => tracing::error!(
+                    server = %self.server,
+                    "Redis cannot be logged in to: {refusal}; requests go on without Redis until a token can be made"
+                ),
+                _ => tracing::error!(
+                    server = %self.server,
+                    "Redis refuses this replica's connections: {refusal}; requests go on without Redis until it accepts them"
+                ),
+            }
         }
     }
 
@@ -157,7 +173,9 @@ impl Refusals {
     /// What Redis refuses now, if anything.
     pub(crate) fn current(&self) -> Option<Refusal> {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        [Link::Commands, Link::Subscription, Link::Reads].iter().find_map(|link| current.get(link).cloned())
+        [Link::Credentials, Link::Commands, Link::Subscription, Link::Reads]
+            .iter()
+            .find_map(|link| current.get(link).cloned())
     }
 }
 

@@ -19,6 +19,7 @@ mod purge;
 mod raw_socket;
 mod read_pipeline;
 mod redis_faults;
+mod redis_iam;
 mod redis_tls;
 mod relay;
 mod rotation;

@@ -17,7 +17,16 @@ use crate::helpers::*;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn target(port: u16) -> Target {
-    Target { host: "127.0.0.1".into(), port, username: None, password: None, database: None, tls: None }
+    Target {
+        host: "127.0.0.1".into(),
+        port,
+        username: None,
+        password: None,
+        database: None,
+        tls: None,
+        credentials: None,
+        max_age: None,
+    }
 }
 
 async fn set(client: &Client, key: &str, value: &str, ttl_ms: i64) {
@@ -279,4 +288,56 @@ async fn net_output_bytes(client: &Client) -> u64 {
     let info: String = client.custom(fred::cmd!("INFO"), vec!["stats"]).await.unwrap();
     let line = info.lines().find_map(|l| l.strip_prefix("total_net_output_bytes:")).expect("INFO stats");
     line.trim().parse().unwrap()
+}
+
+/// A connection with a maximum age (IAM: AWS closes connections after 12 hours) is made again
+/// when it reaches it, asking its credential provider for the login each time, and no read
+/// fails for it: those written are answered first, those queued go out on the next connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_its_maximum_age_is_replaced_without_failing_a_read() {
+    #[derive(Debug)]
+    struct Logins(std::sync::atomic::AtomicUsize);
+    impl fred::types::config::CredentialProvider for Logins {
+        fn fetch<'a, 'b, 'c>(
+            &'a self,
+            _server: Option<&'b fred::types::config::Server>,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Result<(Option<String>, Option<String>), fred::error::Error>> + Send + 'c>,
+        >
+        where
+            'a: 'c,
+            'b: 'c,
+            Self: 'c,
+        {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok((Some("aged".to_owned()), Some("aged-password-0042".to_owned()))) })
+        }
+    }
+    let redis = RedisServer::start().await;
+    redis.call(&["ACL", "SETUSER", "aged", "on", ">aged-password-0042", "~*", "&*", "+@all"]).unwrap();
+    set(&redis.client().await, "aged-key", "aged-value", 60_000).await;
+    let logins = Arc::new(Logins(std::sync::atomic::AtomicUsize::new(0)));
+    let target = Target {
+        credentials: Some(Arc::clone(&logins) as Arc<dyn fred::types::config::CredentialProvider>),
+        max_age: Some(Duration::from_millis(200)),
+        ..target(redis.port)
+    };
+    let pipeline = Arc::new(ReadPipeline::start(target, CONNECT_TIMEOUT, Duration::from_secs(2)));
+    // Until three connections were made (bounded: each lives 200 ms), every read succeeds.
+    for _ in 0..3_000 {
+        if logins.0.load(std::sync::atomic::Ordering::SeqCst) >= 3 {
+            break;
+        }
+        let reads = (0..20).map(|_| {
+            let pipeline = Arc::clone(&pipeline);
+            tokio::spawn(async move { pipeline.read(b"aged-key").await })
+        });
+        for read in reads {
+            let reply = tokio::time::timeout(Duration::from_secs(5), read).await.expect("answered").unwrap();
+            assert_eq!(reply.expect("no read fails").value.as_deref(), Some(&b"aged-value"[..]));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let made = logins.0.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(made >= 3, "connections made again with a fresh login: {made}");
 }

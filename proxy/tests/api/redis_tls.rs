@@ -314,6 +314,8 @@ async fn the_store_reads_the_same_through_the_tls_pipeline_as_through_fred() {
         password: None,
         database: None,
         tls: Some(client_tls(())),
+        credentials: None,
+        max_age: None,
     };
     let pipeline = Arc::new(ReadPipeline::start(target.clone(), Duration::from_secs(1), Duration::from_secs(2)));
     let reads: Vec<_> = (0..500)

@@ -203,6 +203,11 @@ impl TlsRedisCluster {
         format!("rediss-cluster://127.0.0.1:{}?node=127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
     }
 
+    /// The nodes' TLS ports (masters and replicas).
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|node| node.port).collect()
+    }
+
     /// The number of keys on every node (masters and replicas).
     pub fn key_counts(&self) -> Vec<u64> {
         self.nodes

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::free_port;
 use super::redis::{RedisServer, Reply, RespConnection};
+use super::tls_redis::RedisTls;
 
 /// How long a topology may take to form or to converge after a change.
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -358,26 +359,56 @@ impl Drop for SentinelProcess {
 /// The name of the monitored master.
 pub const SENTINEL_SERVICE: &str = "tp-main";
 
-/// One master, one replica, three sentinels (quorum 2) on loopback.
+/// One master, one replica, three sentinels (quorum 2) on loopback; with TLS, the data nodes
+/// replicate and the sentinels talk over TLS, and clients reach both over TLS only (the plain
+/// ports stay for the harness's checks).
 pub struct SentinelSetup {
     /// The data nodes: `[0]` starts as the master, `[1]` as its replica.
     pub nodes: Vec<RedisServer>,
     pub sentinels: Vec<SentinelProcess>,
+    /// The port the sentinels name each data node by (its TLS port with TLS).
+    announced: Vec<u16>,
+    /// With TLS: the sentinels' TLS ports, which the URL names.
+    sentinel_tls_ports: Option<Vec<u16>>,
 }
 
 impl SentinelSetup {
     /// `extra_args` to both data nodes.
     pub async fn start(extra_args: &[&str]) -> SentinelSetup {
-        let master = RedisServer::start_with(extra_args).await;
-        let master_port = master.port.to_string();
-        let mut replica_args = vec!["--replicaof", "127.0.0.1", &master_port];
-        replica_args.extend_from_slice(extra_args);
-        let replica = RedisServer::start_with(&replica_args).await;
+        SentinelSetup::start_on(extra_args, None).await
+    }
+
+    /// Everything over TLS, with `tls`'s CA and server certificate (`rediss-sentinel://`).
+    pub async fn start_tls(tls: &RedisTls) -> SentinelSetup {
+        SentinelSetup::start_on(&[], Some(tls)).await
+    }
+
+    async fn start_on(extra_args: &[&str], tls: Option<&RedisTls>) -> SentinelSetup {
+        let tls_ports = [free_port(), free_port()];
+        let node_args = |i: usize| -> Vec<String> {
+            let mut args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
+            if let Some(tls) = tls {
+                args.extend(tls.server_args(tls_ports[i], "no"));
+                args.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
+            }
+            args
+        };
+        let master_args = node_args(0);
+        let master = RedisServer::start_with(&master_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let master_announced = if tls.is_some() { tls_ports[0] } else { master.port };
+        let mut replica_args = vec!["--replicaof".to_owned(), "127.0.0.1".to_owned(), master_announced.to_string()];
+        replica_args.extend(node_args(1));
+        let replica = RedisServer::start_with(&replica_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let announced = if tls.is_some() { tls_ports.to_vec() } else { vec![master.port, replica.port] };
         let mut sentinels = Vec::new();
+        let mut sentinel_tls_ports = Vec::new();
         for _ in 0..3 {
-            sentinels.push(spawn_sentinel(master.port).await);
+            let tls = tls.map(|tls| (tls, free_port()));
+            sentinel_tls_ports.extend(tls.map(|(_, port)| port));
+            sentinels.push(spawn_sentinel(master_announced, tls).await);
         }
-        let setup = SentinelSetup { nodes: vec![master, replica], sentinels };
+        let sentinel_tls_ports = tls.is_some().then_some(sentinel_tls_ports);
+        let setup = SentinelSetup { nodes: vec![master, replica], sentinels, announced, sentinel_tls_ports };
         until(CONVERGE, "the replica to sync and every sentinel to know it and its peers", || {
             let synced = call(setup.nodes[1].port, &["INFO", "replication"])
                 .map(text)
@@ -397,14 +428,15 @@ impl SentinelSetup {
         setup
     }
 
-    /// A `redis-sentinel://` URL naming the three sentinels.
+    /// A `redis-sentinel://` URL naming the three sentinels (`rediss-sentinel://` and their
+    /// TLS ports with TLS).
     pub fn url(&self) -> String {
-        let others: Vec<String> = self.sentinels[1..].iter().map(|s| format!("node=127.0.0.1:{}", s.port)).collect();
-        format!(
-            "redis-sentinel://127.0.0.1:{}?{}&sentinelServiceName={SENTINEL_SERVICE}",
-            self.sentinels[0].port,
-            others.join("&")
-        )
+        let (scheme, ports) = match &self.sentinel_tls_ports {
+            Some(ports) => ("rediss-sentinel", ports.clone()),
+            None => ("redis-sentinel", self.sentinels.iter().map(|s| s.port).collect()),
+        };
+        let others: Vec<String> = ports[1..].iter().map(|port| format!("node=127.0.0.1:{port}")).collect();
+        format!("{scheme}://127.0.0.1:{}?{}&sentinelServiceName={SENTINEL_SERVICE}", ports[0], others.join("&"))
     }
 
     /// The index of the master as the first sentinel that answers names it.
@@ -414,7 +446,7 @@ impl SentinelSetup {
                 continue;
             };
             let port: u16 = String::from_utf8_lossy(&reply.flatten()[1]).parse().unwrap();
-            return self.nodes.iter().position(|n| n.port == port).expect("a node of this setup");
+            return self.announced.iter().position(|&p| p == port).expect("a node of this setup");
         }
         panic!("no sentinel answers");
     }
@@ -438,15 +470,25 @@ impl SentinelSetup {
     }
 }
 
-async fn spawn_sentinel(master_port: u16) -> SentinelProcess {
+/// A sentinel watching the master at `master_port`; with `tls`, it also listens on the given
+/// TLS port and speaks TLS to the data nodes and the other sentinels.
+async fn spawn_sentinel(master_port: u16, tls: Option<(&RedisTls, u16)>) -> SentinelProcess {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("tp-sentinel-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("sentinel.conf");
+    let tls_lines = match tls {
+        Some((tls, tls_port)) => format!(
+            "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes\n",
+            tls.server_cert, tls.server_key, tls.ca_file
+        ),
+        None => String::new(),
+    };
     std::fs::write(
         &config,
         format!(
-            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+            "port {port}\nbind 127.0.0.1\ndir {dir}\n{tls_lines}\
              sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 2\n\
              sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n\
              sentinel failover-timeout {SENTINEL_SERVICE} 10000\n\
