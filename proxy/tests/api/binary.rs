@@ -443,6 +443,50 @@ async fn the_access_log_is_one_json_line_per_token_request() {
     assert!(!logs.contains(miss.access_token()), "a token is logged");
 }
 
+/// The access log is a layer of its own: JSON lines even when the other logs are text, and
+/// shown even when the filter lets nothing else through.
+#[tokio::test]
+async fn the_access_log_is_json_whatever_the_log_format_and_filter() {
+    const SECRET: &str = "access-log-text-canary-secret";
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    // Text logs carry no "listening" line to wait for: the client port is chosen here.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let client = format!("127.0.0.1:{port}");
+    let child = Command::new(BIN)
+        .env_clear()
+        .envs([
+            ("TOKEN_PROXY_UPSTREAM_URL", idp.token_url().as_str()),
+            ("TOKEN_PROXY_LISTEN", client.as_str()),
+            ("TOKEN_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
+            ("TOKEN_PROXY_ACCESS_LOG", "true"),
+            ("TOKEN_PROXY_LOG_FORMAT", "text"),
+            ("TOKEN_PROXY_LOG", "error"),
+            ("TOKEN_PROXY_DRAIN_DELAY", "0"),
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://{client}/oauth2/token");
+    eventually(Duration::from_secs(20), "the proxy listening", async || {
+        tokio::net::TcpStream::connect(&client).await.is_ok()
+    })
+    .await;
+    let miss = post_basic(&url, "app", SECRET, None).await;
+    assert_eq!(miss.x_cache(), "MISS");
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await.unwrap().unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    // `error` lets no other line through: the access log's is the only one, and it is JSON.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert_eq!((line["client_id"].as_str(), line["outcome"].as_str()), (Some("app"), Some("miss")), "{line}");
+    assert!(!stdout.contains(SECRET) && !stdout.contains(miss.access_token()));
+}
+
 /// A rolling deploy fails no request: on SIGTERM `/readyz` turns 503 at once, so the load
 /// balancer takes the replica out, while both listeners keep serving new connections for the
 /// drain delay; a request still in flight when they stop accepting is answered; then exit 0.
