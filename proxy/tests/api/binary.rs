@@ -443,6 +443,42 @@ async fn the_access_log_is_one_json_line_per_token_request() {
     assert!(!logs.contains(miss.access_token()), "a token is logged");
 }
 
+/// With named upstreams the access log names the one each request reached; a route to no
+/// upstream is one `rejected` 404 line that repeats nothing of the request but its source.
+#[tokio::test]
+async fn the_access_log_names_the_upstream_and_logs_a_route_to_none() {
+    const SECRET: &str = "access-log-named-canary-secret";
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let file = ConfigFile::new(
+        "access-named",
+        &format!(
+            "access_log = true\ndrain_delay = \"0s\"\ndefault_upstream = \"orders\"\n[upstreams.orders]\nurl = \"{}\"\n",
+            idp.token_url()
+        ),
+    );
+    let process = Process::start("", &[("TOKEN_PROXY_CONFIG", file.path())]).await;
+    let named = format!("http://{}/orders/oauth2/token", process.client);
+    let nowhere = format!("http://{}/no-such-pool/oauth2/token", process.client);
+    assert_eq!(post_basic(&named, "app", SECRET, None).await.x_cache(), "MISS");
+    assert_eq!(post_basic(&process.token_url(), "app", SECRET, None).await.x_cache(), "HIT");
+    assert_eq!(post_basic(&nowhere, "app", SECRET, None).await.status, 404);
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["target"] == "token_proxy::access")
+        .collect();
+    let seen: Vec<(&str, &str, u64)> = access
+        .iter()
+        .map(|l| (l["upstream"].as_str().unwrap_or("-"), l["outcome"].as_str().unwrap(), l["status"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(seen, [("orders", "miss", 200), ("orders", "hit", 200), ("-", "rejected", 404)], "{logs}");
+    assert!(access[2]["client_id"].is_null() && access[2]["source"] == "127.0.0.1", "{}", access[2]);
+    assert!(!logs.contains("no-such-pool"), "the caller's route is repeated in the logs");
+}
+
 /// The access log is a layer of its own: JSON lines even when the other logs are text, and
 /// shown even when the filter lets nothing else through.
 #[tokio::test]
