@@ -1,33 +1,70 @@
 # syntax=docker/dockerfile:1
 #
-# token-proxy and mock-idp in one small image. The default command is token-proxy; the compose
-# file runs mock-idp from the same image with `entrypoint: ["mock-idp"]`.
+# token-proxy's image, and apart from it (a target of its own) mock-idp's, a test double that
+# never ships in the proxy's image.
 #
-#   docker build -t token-proxy .
+#   docker build -t token-proxy .                                 # the proxy (the last stage)
+#   docker build --target mock-idp -t token-proxy-mock-idp .      # the mock, NOT FOR PRODUCTION
 #   docker run --rm -p 8080:8080 -e TOKEN_PROXY_UPSTREAM_URL=https://DOMAIN.auth.REGION.amazoncognito.com/oauth2/token token-proxy
+#
+# Both architectures at once (BuildKit, with QEMU or native builders for the other one):
+#
+#   docker buildx build --platform linux/amd64,linux/arm64 \
+#     --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse --short=12 HEAD)" \
+#     --build-arg SOURCE=https://github.com/ORG/token-proxy \
+#     -t REGISTRY/token-proxy:0.1.0 --push .
+#
+# REVISION becomes the commit `token-proxy --version` and `token_proxy_build_info` report (the
+# build context has no .git) and, with VERSION, the image's OCI labels.
 
 # ---- build ---------------------------------------------------------------------------------
 FROM rust:1-bookworm AS builder
+ARG REVISION=unknown
 WORKDIR /src
 COPY . .
 # The cache mounts keep the registry and the build directory between builds (BuildKit, the
-# default builder of current Docker); the binaries are copied out of the cached target/.
+# default builder of current Docker); the binary is copied out of the cached target/.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p token-proxy -p mock-idp \
+    TOKEN_PROXY_BUILD_COMMIT="$REVISION" cargo build --release --locked -p token-proxy \
     && mkdir -p /out \
-    && cp target/release/token-proxy target/release/mock-idp /out/
+    && cp target/release/token-proxy /out/
 
-# ---- run -----------------------------------------------------------------------------------
-FROM debian:bookworm-slim
-# ca-certificates: TLS to Cognito. curl: the health check.
+FROM builder AS mock-idp-builder
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p mock-idp \
+    && cp target/release/mock-idp /out/
+
+# ---- mock-idp (docker-compose.yml and the development overlay only) ------------------------
+FROM debian:bookworm-slim AS mock-idp
+# curl: docker-compose.yml's health check of the mock.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
-    && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 token-proxy \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin token-proxy
-COPY --from=builder /out/token-proxy /out/mock-idp /usr/local/bin/
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=mock-idp-builder /out/mock-idp /usr/local/bin/
+LABEL org.opencontainers.image.title="mock-idp" \
+      org.opencontainers.image.description="A Cognito-compatible token server for tests. NOT FOR PRODUCTION."
+USER 10001:10001
+EXPOSE 9000
+ENTRYPOINT ["mock-idp"]
+
+# ---- run: token-proxy (the default target) -------------------------------------------------
+# Distroless: glibc, CA certificates (TLS to Cognito) and nothing else: no shell, no package
+# manager, no curl. The binary checks its own health (`token-proxy --health`).
+FROM gcr.io/distroless/cc-debian12 AS runtime
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+# Where the source lives, e.g. --build-arg SOURCE=https://github.com/ORG/token-proxy.
+ARG SOURCE=""
+LABEL org.opencontainers.image.title="token-proxy" \
+      org.opencontainers.image.description="A caching proxy for OAuth2 client-credentials token endpoints (Amazon Cognito first)" \
+      org.opencontainers.image.source="$SOURCE" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="$VERSION" \
+      org.opencontainers.image.revision="$REVISION"
+COPY --from=builder /out/token-proxy /usr/local/bin/token-proxy
+# The uid the Kubernetes manifests and the ECS task run as; no passwd entry is needed.
 USER 10001:10001
 
 # Client-facing: POST /oauth2/token (TOKEN_PROXY_LISTEN, default 0.0.0.0:8080).
@@ -36,11 +73,12 @@ EXPOSE 8080
 # reachable inside the container; set 0.0.0.0:9090 to let Prometheus and a load balancer in).
 EXPOSE 9090
 
-# Alive = the admin listener answers /healthz, on whatever port TOKEN_PROXY_ADMIN_LISTEN names.
+# Alive = the admin listener answers /healthz, at whatever address TOKEN_PROXY_ADMIN_LISTEN
+# names (a wildcard bind is asked on loopback).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD addr="${TOKEN_PROXY_ADMIN_LISTEN:-127.0.0.1:9090}"; curl -fsS -o /dev/null "http://127.0.0.1:${addr##*:}/healthz" || exit 1
+    CMD ["/usr/local/bin/token-proxy", "--health"]
 
 # SIGTERM (docker stop) makes /readyz answer 503, stops accepting and lets in-flight requests
 # finish.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["token-proxy"]
+ENTRYPOINT ["/usr/local/bin/token-proxy"]

@@ -69,6 +69,40 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
 
+/// `token-proxy --health`: asks the admin listener at `address` for `/healthz` over plain
+/// HTTP/1.1, the whole exchange within `timeout`. Blocking: it runs before any runtime.
+pub fn probe_healthz(address: std::net::SocketAddr, timeout: std::time::Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    let left =
+        || deadline.saturating_duration_since(std::time::Instant::now()).max(std::time::Duration::from_millis(1));
+    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)
+        .map_err(|e| format!("cannot connect to the admin listener at {address}: {e}"))?;
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream
+        .set_write_timeout(Some(left()))
+        .and_then(|()| stream.write_all(request.as_bytes()))
+        .map_err(|e| format!("{address}: {e}"))?;
+    // The status line is all that matters; the answer is a few bytes.
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 256];
+    while !answer.contains(&b'\n') && answer.len() < 4096 {
+        stream.set_read_timeout(Some(left())).map_err(|e| format!("{address}: {e}"))?;
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            Err(e) => return Err(format!("no answer from {address}: {e}")),
+        }
+    }
+    let status_line = String::from_utf8_lossy(&answer);
+    let status_line = status_line.lines().next().unwrap_or("").trim();
+    match status_line.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        _ if status_line.is_empty() => Err(format!("{address} closed the connection without answering")),
+        _ => Err(format!("{address}/healthz answered {status_line:?}")),
+    }
+}
+
 /// SHA-256 of an admin token. Comparing digests keeps the comparison's time independent of
 /// where, or whether, the presented token differs, and of its length.
 pub fn digest(token: &str) -> [u8; 32] {

@@ -116,6 +116,7 @@ impl Application {
             sources,
             admission: Arc::new(config.inbound.admission()),
             accept_failures,
+            access_log: config.log.access_log,
             shutting_down: Arc::default(),
         };
         let drain = Drain { delay: config.listeners.drain_delay, in_flight_bound: config.inbound.request_timeout };

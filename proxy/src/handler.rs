@@ -5,7 +5,7 @@
 //! upstream's token service, and records the outcome.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -14,9 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http::StatusCode;
 
+use crate::access_log::{self, AccessEntry};
 use crate::listener::Occupancy;
 use crate::metrics::{Outcome, Throttle};
-use crate::normalize::{body_too_large, check_head, normalize};
+use crate::normalize::{TokenRequest, body_too_large, check_head, normalize};
 use crate::response::{CacheStatus, ErrorCode, ProxyError, Rejection, Reply};
 use crate::state::AppState;
 use crate::token_service::TokenService;
@@ -71,6 +72,11 @@ async fn token_at(
     request: Request,
 ) -> Response {
     let Some(service) = state.upstreams.named_service(&name).cloned() else {
+        if state.access_log {
+            // The name is the caller's: not repeated in the log.
+            let source = Some(state.sources.source(peer.ip(), request.headers()));
+            AccessEntry { source, ..AccessEntry::default() }.write(Outcome::Rejected, 404, Duration::ZERO);
+        }
         return unknown_upstream(&state, "no upstream has that name");
     };
     serve(state, &service, peer, request).await
@@ -78,7 +84,7 @@ async fn token_at(
 
 /// 404 for a route to no upstream: nothing is read or forwarded.
 fn unknown_upstream(state: &AppState, description: &'static str) -> Response {
-    state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
+    state.metrics.request(Outcome::Rejected, Duration::ZERO);
     ProxyError::Rejected(Rejection::new(StatusCode::NOT_FOUND, ErrorCode::InvalidRequest, description)).into_response()
 }
 
@@ -87,8 +93,17 @@ async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, reques
     // Counted per upstream when the deployment names them.
     let metrics = service.metrics();
     let timeout = state.admission.request_timeout;
-    let (outcome, response) = match tokio::time::timeout(timeout, answer(&state, service, peer.ip(), request)).await {
-        Ok(Ok(reply)) => (outcome_of(&reply), reply.into_response()),
+    // Filled in as the request is read, for the access log; `None` when it is off.
+    let mut entry =
+        state.access_log.then(|| AccessEntry { upstream: service.name().map(str::to_owned), ..AccessEntry::default() });
+    let answered = tokio::time::timeout(timeout, answer(&state, service, peer.ip(), request, entry.as_mut())).await;
+    let (outcome, response) = match answered {
+        Ok(Ok(reply)) => {
+            if let Some(entry) = entry.as_mut() {
+                entry.upstream_status = access_log::upstream_status(&reply);
+            }
+            (outcome_of(&reply), reply.into_response())
+        }
         Ok(Err(Refused::Rejected(rejection))) => (Outcome::Rejected, ProxyError::Rejected(rejection).into_response()),
         Ok(Err(Refused::Overloaded)) => {
             metrics.throttled(Throttle::Overload);
@@ -121,7 +136,11 @@ async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, reques
             (Outcome::Rejected, ProxyError::Rejected(rejection).into_response())
         }
     };
-    metrics.request(outcome, started.elapsed());
+    let elapsed = started.elapsed();
+    metrics.request(outcome, elapsed);
+    if let Some(entry) = entry {
+        entry.write(outcome, response.status().as_u16(), elapsed);
+    }
     response
 }
 
@@ -131,9 +150,19 @@ fn retry_shortly(rejection: Rejection) -> Response {
     response
 }
 
-async fn answer(state: &AppState, service: &TokenService, peer: IpAddr, request: Request) -> Result<Reply, Refused> {
+/// `entry`, when the access log is on, learns the source and the client as they are known.
+async fn answer(
+    state: &AppState,
+    service: &TokenService,
+    peer: IpAddr,
+    request: Request,
+    mut entry: Option<&mut AccessEntry>,
+) -> Result<Reply, Refused> {
     let (parts, body) = request.into_parts();
     let source = state.sources.source(peer, &parts.headers);
+    if let Some(entry) = entry.as_deref_mut() {
+        entry.source = Some(source);
+    }
     if !state.sources.allows(source) {
         return Err(
             Rejection::new(StatusCode::FORBIDDEN, ErrorCode::AccessDenied, "this source address may not call").into()
@@ -172,6 +201,12 @@ async fn answer(state: &AppState, service: &TokenService, peer: IpAddr, request:
         }
     };
     let request = normalize(parts.uri.query(), &parts.headers, &body, &state.limits)?;
+    if let Some(entry) = entry {
+        entry.client_id = match &request {
+            TokenRequest::Cacheable(request) => Some(request.client_id.clone()),
+            TokenRequest::PassThrough(request) => request.client_id.clone(),
+        };
+    }
     let Some(_slot) = state.admission.try_admit() else { return Err(Refused::Overloaded) };
     Ok(service.handle(request, source).await)
 }
@@ -190,7 +225,7 @@ fn outcome_of(reply: &Reply) -> Outcome {
 }
 
 async fn method_not_allowed(State(state): State<AppState>) -> Response {
-    state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
+    state.metrics.request(Outcome::Rejected, Duration::ZERO);
     let mut response = ProxyError::Rejected(Rejection::new(
         StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::InvalidRequest,
@@ -202,7 +237,7 @@ async fn method_not_allowed(State(state): State<AppState>) -> Response {
 }
 
 async fn not_found(State(state): State<AppState>, _body: Body) -> Response {
-    state.metrics.request(Outcome::Rejected, std::time::Duration::ZERO);
+    state.metrics.request(Outcome::Rejected, Duration::ZERO);
     ProxyError::Rejected(Rejection::new(
         StatusCode::NOT_FOUND,
         ErrorCode::InvalidRequest,

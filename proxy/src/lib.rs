@@ -39,6 +39,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod app;
@@ -55,6 +56,7 @@ pub mod local_flight;
 pub mod metrics;
 pub mod normalize;
 pub mod outcome;
+pub mod process_metrics;
 pub mod purge;
 pub mod quota;
 pub mod read_pipeline;

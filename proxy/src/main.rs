@@ -1,10 +1,14 @@
-//! The `token-proxy` binary: configuration, logging, then [`token_proxy::app::Application`].
+//! The `token-proxy` binary: configuration, logging, then [`token_proxy::app::Application`]; or
+//! `--help`, `--version`, `--check`, `--health`.
 
 use std::process::ExitCode;
 
 use token_proxy::app::Application;
 use token_proxy::config::{self, Command};
 use token_proxy::shutdown;
+
+/// How long `--health` waits for the whole exchange; a health check's own timeout is longer.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let command = match config::Config::from_env_and_args(std::env::args().skip(1)) {
@@ -21,6 +25,16 @@ fn main() -> ExitCode {
         Command::Version => {
             print!("{}", config::version());
             return ExitCode::SUCCESS;
+        }
+        Command::Health(admin) => {
+            // For a container's HEALTHCHECK: no curl in the image.
+            return match token_proxy::admin::probe_healthz(admin, HEALTH_TIMEOUT) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("token-proxy: unhealthy: {error}");
+                    ExitCode::from(1)
+                }
+            };
         }
     };
     token_proxy::install_tls_provider();

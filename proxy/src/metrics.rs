@@ -3,13 +3,15 @@
 //! Each replica owns its recorder rather than installing a global one, so several replicas can
 //! run in one process (the integration tests do) without mixing their numbers. Every handle is
 //! registered once up front: recording is an atomic add, with no name lookup per request.
-//! Labels are fixed enums; nothing derived from a request ever becomes a label.
+//! Labels are fixed enums; nothing derived from a request ever becomes a label. Every family has
+//! a `# HELP` line (`FAMILIES`), and the process's own (`process_*`, read from `/proc` at each
+//! scrape by [`crate::process_metrics`], which imports nothing either) follow the replica's.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 const BREAKER_STATES: [BreakerState; 3] = [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen];
@@ -198,6 +200,66 @@ impl Refusal {
     }
 }
 
+/// The version `--version` prints, and the commit the binary was built from (`build.rs`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("TOKEN_PROXY_COMMIT");
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every family the replica registers, with its `# HELP` text: a scrape explains itself, and a
+/// test fails on a family missing here.
+const FAMILIES: &[(&str, Kind, &str)] = &[
+    ("token_proxy_build_info", Kind::Gauge, "Always 1; the labels say which version and commit run"),
+    (
+        "token_proxy_requests_total",
+        Kind::Counter,
+        "Token requests answered, by outcome (the X-Cache value; rejected, error)",
+    ),
+    ("token_proxy_request_duration_seconds", Kind::Histogram, "Time to answer a token request, by outcome"),
+    ("token_proxy_upstream_requests_total", Kind::Counter, "Calls made to the token endpoint, by status class"),
+    ("token_proxy_upstream_request_duration_seconds", Kind::Histogram, "Time of one call to the token endpoint"),
+    (
+        "token_proxy_upstream_calls_avoided_total",
+        Kind::Counter,
+        "Token responses served without an upstream call (hit, coalesced, stale)",
+    ),
+    ("token_proxy_throttled_total", Kind::Counter, "Requests or upstream calls the proxy refused itself, by reason"),
+    ("token_proxy_redis_errors_total", Kind::Counter, "Redis commands that failed or timed out"),
+    ("token_proxy_redis_bad_entries_total", Kind::Counter, "Redis entries found unusable (treated as misses)"),
+    ("token_proxy_redis_breaker_open", Kind::Gauge, "1 while the Redis circuit breaker is open or half open"),
+    ("token_proxy_redis_breaker_transitions_total", Kind::Counter, "Redis circuit breaker changes, by new state"),
+    (
+        "token_proxy_coalesced_waiters_total",
+        Kind::Counter,
+        "Requests that waited for an identical one in flight on this replica",
+    ),
+    ("token_proxy_lock_acquisitions_total", Kind::Counter, "Cluster-wide single-flight locks this replica took"),
+    ("token_proxy_lock_takeovers_total", Kind::Counter, "Locks taken over after their holder let them expire"),
+    (
+        "token_proxy_notification_misses_total",
+        Kind::Counter,
+        "Followers that learned an outcome by polling, not by notification",
+    ),
+    ("token_proxy_refreshes_total", Kind::Counter, "Background refreshes (refresh-ahead) that called the upstream"),
+    (
+        "token_proxy_upstream_held_back_total",
+        Kind::Counter,
+        "Upstream calls not made because the upstream asked to wait (429 with Retry-After)",
+    ),
+    ("token_proxy_auth_failures_total", Kind::Counter, "invalid_client answers to credentials nobody had proven"),
+    ("token_proxy_accept_errors_total", Kind::Counter, "Failed accepts on a listener (e.g. out of file descriptors)"),
+    (
+        "token_proxy_connections_refused_total",
+        Kind::Counter,
+        "Connections a listener dropped before serving them, by reason",
+    ),
+];
+
 /// Seconds; from a sub-millisecond cache hit to an upstream timeout.
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -258,6 +320,16 @@ impl Metrics {
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
+        for (name, kind, help) in FAMILIES {
+            let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
+            match kind {
+                Kind::Counter => recorder.describe_counter(name, None, help),
+                Kind::Gauge => recorder.describe_gauge(name, None, help),
+                Kind::Histogram => recorder.describe_histogram(name, None, help),
+            }
+        }
+        let build = [Label::new("version", VERSION), Label::new("commit", COMMIT)];
+        recorder.register_gauge(&Key::from_parts("token_proxy_build_info", build.to_vec()), &META).set(1.0);
         let scoped = Scoped::register(&recorder, None);
         let counter =
             |name: &'static str, labels: Vec<Label>| recorder.register_counter(&Key::from_parts(name, labels), &META);
@@ -367,10 +439,12 @@ impl Metrics {
         self.shared.handle.run_upkeep();
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition: the replica's families, then the process's.
     pub fn render(&self) -> String {
         self.shared.handle.run_upkeep();
-        self.shared.handle.render()
+        let mut text = self.shared.handle.render();
+        crate::process_metrics::render(&mut text);
+        text
     }
 
     /// The recorder, for registering further metrics.
@@ -499,6 +573,51 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+    }
+
+    /// The families of the samples in `text` that lack a `# HELP` or a `# TYPE` line.
+    fn undescribed(text: &str) -> Vec<String> {
+        let samples = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty());
+        let mut missing: Vec<String> = samples
+            .map(|line| line.split(['{', ' ']).next().unwrap_or(line))
+            .map(|name| {
+                let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s));
+                // A histogram's series are described under the family's name.
+                match family {
+                    Some(family) if text.contains(&format!("# TYPE {family} histogram")) => family,
+                    _ => name,
+                }
+            })
+            .filter(|family| {
+                !text.contains(&format!("# HELP {family} ")) || !text.contains(&format!("# TYPE {family} "))
+            })
+            .map(str::to_owned)
+            .collect();
+        missing.dedup();
+        missing
+    }
+
+    #[test]
+    fn every_family_has_help_and_type() {
+        let metrics = Metrics::new();
+        metrics.connection_refused(ListenerKind::Client, Refusal::Source);
+        metrics.request(Outcome::Miss, Duration::from_millis(3));
+        let text = metrics.render();
+        assert_eq!(undescribed(&text), Vec::<String>::new(), "{text}");
+        for (name, _, help) in FAMILIES {
+            assert!(text.contains(&format!("# HELP {name} {help}\n")), "{name} is not rendered:\n{text}");
+        }
+        assert!(text.contains("# TYPE process_resident_memory_bytes gauge"), "{text}");
+        // The check itself finds a family without HELP.
+        assert_eq!(undescribed("# TYPE x counter\nx 1\n"), ["x"]);
+    }
+
+    #[test]
+    fn build_info_names_the_version_and_the_commit() {
+        let text = Metrics::new().render();
+        let line = format!("token_proxy_build_info{{version=\"{VERSION}\",commit=\"{COMMIT}\"}} 1");
+        assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        assert!(!COMMIT.is_empty());
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct AppState {
     pub admission: Arc<Admission>,
     /// When each listener last failed to accept a connection; `/readyz` reports it.
     pub accept_failures: Arc<AcceptFailures>,
+    /// `TOKEN_PROXY_ACCESS_LOG`: one line per token request (see [`crate::access_log`]).
+    pub access_log: bool,
     /// Set when the replica starts draining (`Application::run_until`); `/readyz` and the
     /// client router read it.
     pub(crate) shutting_down: Arc<AtomicBool>,

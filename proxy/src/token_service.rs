@@ -195,6 +195,11 @@ impl TokenService {
         self.inner.parts.store.is_none() || self.inner.epochs.is_synced()
     }
 
+    /// The upstream's name; `None` for the one upstream of a deployment without names.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.parts.name.as_deref()
+    }
+
     /// Where this upstream's requests and calls are counted.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.parts.metrics

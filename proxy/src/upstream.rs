@@ -72,6 +72,10 @@ pub enum UpstreamSetupError {
     HeadersFile(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error(
+        "no CA certificates found for the https upstream (the system store, or SSL_CERT_FILE / SSL_CERT_DIR when set): install ca-certificates or point SSL_CERT_FILE at a CA bundle"
+    )]
+    NoCaCertificates,
 }
 
 /// The token endpoint client. Cheap to clone.
@@ -93,7 +97,20 @@ impl Upstream {
         headers: ExtraHeadersFrom,
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, UpstreamSetupError> {
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder();
+        let builder = if url.scheme() == "https" {
+            // The platform verifier refuses to start without roots, and reqwest says only
+            // "builder error": say what is missing instead.
+            if rustls_native_certs::load_native_certs().certs.is_empty() {
+                return Err(UpstreamSetupError::NoCaCertificates);
+            }
+            builder
+        } else {
+            // Plain HTTP never verifies a certificate: no roots needed (an image without
+            // ca-certificates can still reach a local mock).
+            builder.tls_certs_only(Vec::new())
+        };
+        let client = builder
             .connect_timeout(connect_timeout)
             .timeout(timeout)
             // Never follow a redirect: it would carry the client's credentials elsewhere.

@@ -208,8 +208,10 @@ fn the_services_and_images_are_the_intended_ones() {
     assert!(image("grafana").starts_with("grafana/grafana"), "{}", image("grafana"));
     assert!(image("k6").starts_with("grafana/k6:"), "{}", image("k6"));
 
-    // token-proxy and mock-idp: built from this repository's Dockerfile, one image.
-    for name in ["token-proxy", "mock-idp"] {
+    // token-proxy and mock-idp: built from this repository's Dockerfile, the proxy from its
+    // default (last) stage, the mock from its own target: the proxy's image holds no mock.
+    let stages = dockerfile_stages();
+    for (name, target) in [("token-proxy", None), ("mock-idp", Some("mock-idp"))] {
         let build = &service(&doc, name)["build"];
         let (context, dockerfile) = match build {
             Yaml::String(context) => (context.clone(), "Dockerfile".to_owned()),
@@ -218,9 +220,21 @@ fn the_services_and_images_are_the_intended_ones() {
         assert_eq!(context, ".", "{name} is built from the repository root");
         assert_eq!(dockerfile, "Dockerfile");
         assert!(root().join(&dockerfile).is_file());
+        assert_eq!(text(&build["target"]).as_deref(), target, "{name}: build.target");
+        if let Some(target) = target {
+            assert!(stages.iter().any(|(stage, _)| stage == target), "no stage {target} in the Dockerfile");
+        }
     }
-    assert_eq!(image("token-proxy"), image("mock-idp"), "one image holds both binaries");
-    assert_eq!(strings(&service(&doc, "mock-idp")["entrypoint"]), ["mock-idp"]);
+    assert_ne!(image("token-proxy"), image("mock-idp"), "the mock has an image of its own");
+    // Each image's ENTRYPOINT is its binary: no override needed.
+    assert!(service(&doc, "mock-idp")["entrypoint"].is_badvalue());
+    assert!(service(&doc, "token-proxy")["entrypoint"].is_badvalue());
+    // The mock's health check uses curl: its stage installs it.
+    let mock_check = strings(&service(&doc, "mock-idp")["healthcheck"]["test"]);
+    let mock_stage = &stages.iter().find(|(stage, _)| stage == "mock-idp").expect("a mock-idp stage").1;
+    if mock_check.iter().any(|word| word == "curl") {
+        assert!(mock_stage.contains("curl"), "compose checks mock-idp with curl, which its image lacks");
+    }
 
     let proxy = service(&doc, "token-proxy");
     let replicas = proxy["deploy"]["replicas"].as_i64().expect("token-proxy: deploy.replicas");
@@ -257,20 +271,63 @@ fn every_file_compose_mounts_or_reads_exists() {
     assert!(checked >= 8, "expected the config mounts and env files, found {checked}");
 }
 
+/// The Dockerfile's stages in order: `(name, its instructions without comments)`.
+fn dockerfile_stages() -> Vec<(String, String)> {
+    let mut stages: Vec<(String, String)> = Vec::new();
+    for line in read("Dockerfile").lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+        if let Some(from) = line.strip_prefix("FROM ") {
+            let name = from.split_once(" AS ").map_or("", |(_, name)| name.trim());
+            stages.push((name.to_owned(), String::new()));
+        }
+        if let Some((_, instructions)) = stages.last_mut() {
+            instructions.push_str(line);
+            instructions.push('\n');
+        }
+    }
+    stages
+}
+
 #[test]
-fn the_dockerfile_builds_both_binaries_into_a_small_non_root_image_with_a_health_check() {
-    let dockerfile = read("Dockerfile");
-    let instructions: Vec<&str> = dockerfile.lines().map(str::trim).filter(|l| !l.starts_with('#')).collect();
-    let has = |prefix: &str| instructions.iter().any(|l| l.starts_with(prefix));
-    assert!(has("FROM rust:1-bookworm AS builder"), "multi-stage build from rust:1-bookworm");
-    assert!(has("FROM debian:bookworm-slim"), "debian:bookworm-slim runtime");
-    assert!(dockerfile.contains("cargo build --release --locked -p token-proxy -p mock-idp"));
-    assert!(dockerfile.contains("/usr/local/bin/"));
-    let user = instructions.iter().rev().find_map(|l| l.strip_prefix("USER ")).expect("a USER instruction");
+fn the_dockerfile_builds_a_minimal_non_root_proxy_image_that_checks_its_own_health() {
+    let stages = dockerfile_stages();
+    let names: Vec<&str> = stages.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["builder", "mock-idp-builder", "mock-idp", "runtime"],
+        "the stages, the proxy's last (the default)"
+    );
+    let stage = |name: &str| &stages.iter().find(|(n, _)| n == name).unwrap().1;
+    assert!(stage("builder").starts_with("FROM rust:1-bookworm AS builder"), "{}", stage("builder"));
+    assert!(stage("builder").contains("cargo build --release --locked -p token-proxy "));
+    assert!(!stage("builder").contains("-p mock-idp") && stage("mock-idp-builder").contains("-p mock-idp"));
+    // The commit reaches --version and build_info through proxy/build.rs: there is no .git.
+    assert!(stage("builder").contains("TOKEN_PROXY_BUILD_COMMIT=\"$REVISION\""));
+    assert!(stage("mock-idp").contains("ENTRYPOINT [\"mock-idp\"]"));
+
+    let runtime = stage("runtime");
+    // Distroless cc: glibc and CA certificates (Cognito is https), no shell, no curl.
+    assert!(runtime.starts_with("FROM gcr.io/distroless/cc-debian12"), "{runtime}");
+    assert!(!runtime.contains("curl") && !runtime.contains("apt-get"), "{runtime}");
+    assert!(!runtime.contains("mock-idp"), "the proxy's image holds no mock:\n{runtime}");
+    let user = runtime.lines().rev().find_map(|l| l.strip_prefix("USER ")).expect("a USER instruction");
     assert!(!["root", "0", "0:0"].contains(&user.trim()), "the image must not run as root");
-    let health = instructions.iter().position(|l| l.starts_with("HEALTHCHECK")).expect("a HEALTHCHECK");
-    assert!(instructions[health..].iter().take(3).any(|l| l.contains("/healthz")), "the health check asks /healthz");
-    assert!(has("EXPOSE 8080") && has("EXPOSE 9090"));
+    let health = runtime.lines().position(|l| l.starts_with("HEALTHCHECK")).expect("a HEALTHCHECK");
+    let check: String = runtime.lines().skip(health).take(2).collect();
+    assert!(check.contains("CMD [\"/usr/local/bin/token-proxy\", \"--health\"]"), "{check}");
+    assert!(runtime.contains("ENTRYPOINT [\"/usr/local/bin/token-proxy\"]"));
+    assert!(runtime.contains("EXPOSE 8080") && runtime.contains("EXPOSE 9090"));
+    for label in ["title", "description", "source", "licenses", "version", "revision"] {
+        assert!(runtime.contains(&format!("org.opencontainers.image.{label}=")), "no OCI label {label}");
+    }
+    // The defaults say what Cargo.toml says.
+    let manifest = read("Cargo.toml");
+    let field = |name: &str| {
+        let line = manifest.lines().find(|l| l.starts_with(&format!("{name} = "))).unwrap();
+        line.split('"').nth(1).unwrap().to_owned()
+    };
+    assert!(runtime.contains(&format!("ARG VERSION={}\n", field("version"))), "ARG VERSION is not Cargo's");
+    assert!(runtime.contains(&format!("licenses=\"{}\"", field("license"))));
+    assert!(read("LICENSE").contains("Apache License") && field("license") == "Apache-2.0");
     let ignore = read(".dockerignore");
     assert!(ignore.lines().any(|l| l.trim() == "target/" || l.trim() == "target" || l.trim() == "/target"));
 }

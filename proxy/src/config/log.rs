@@ -9,6 +9,11 @@ pub static LOG: Setting =
     Setting { name: "TOKEN_PROXY_LOG", default: Some("info"), help: "log filter, e.g. info,token_proxy=debug" };
 pub static LOG_FORMAT: Setting =
     Setting { name: "TOKEN_PROXY_LOG_FORMAT", default: Some("json"), help: "json or text" };
+pub static ACCESS_LOG: Setting = Setting {
+    name: "TOKEN_PROXY_ACCESS_LOG",
+    default: Some("false"),
+    help: "true: one JSON line per token request (client_id, upstream, outcome, status, upstream_status, latency_ms, source), whatever the log filter and format",
+};
 
 /// What is logged, and how.
 #[derive(Debug, Clone)]
@@ -17,6 +22,8 @@ pub struct LogSettings {
     pub filter: String,
     /// Default JSON, one object a line.
     pub format: LogFormat,
+    /// One JSON line per token request (see [`crate::access_log`]). Default off.
+    pub access_log: bool,
 }
 
 impl LogSettings {
@@ -31,11 +38,12 @@ impl LogSettings {
             "text" => LogFormat::Text,
             other => return Err(source.error(&LOG_FORMAT, format!("expected json or text, got {other:?}"))),
         };
-        Ok(LogSettings { filter, format })
+        let access_log = source.parse(&ACCESS_LOG, "true or false")?;
+        Ok(LogSettings { filter, format, access_log })
     }
 
     /// Installs the global logger.
     pub fn init(&self) -> Result<(), String> {
-        telemetry::init(&self.filter, self.format)
+        telemetry::init(&self.filter, self.format, self.access_log)
     }
 }

@@ -105,6 +105,7 @@ pub static SETTINGS: &[&Setting] = &[
     &admin::ADMIN_TOKEN_FILE,
     &log::LOG,
     &log::LOG_FORMAT,
+    &log::ACCESS_LOG,
     &upstream::UPSTREAM_CONNECT_TIMEOUT,
     &upstream::UPSTREAM_TIMEOUT,
     &upstream::UPSTREAM_HEADERS_FILE,
@@ -222,6 +223,8 @@ pub enum Command {
     Check(Box<Config>),
     Help,
     Version,
+    /// `--health`: ask the admin listener at this address for `/healthz`.
+    Health(std::net::SocketAddr),
 }
 
 /// Raw values, highest first: `lookup` (flags, then the environment), the file, the default.
@@ -285,9 +288,14 @@ impl Config {
     /// Reads the command-line flags, the process environment and the file they name.
     pub fn from_env_and_args(args: impl IntoIterator<Item = String>) -> Result<Command, ConfigError> {
         let cli = parse_args(args)?;
+        refuse_secret_flags(&cli.flags)?;
         match cli.action {
             Action::Help => Ok(Command::Help),
             Action::Version => Ok(Command::Version),
+            Action::Health => {
+                let lookup = |name: &str| cli.flags.get(name).cloned().or_else(|| std::env::var(name).ok());
+                Ok(Command::Health(health_address(&lookup)?))
+            }
             Action::Run | Action::Check => {
                 let config = Box::new(Config::from_lookup(|name| {
                     cli.flags.get(name).cloned().or_else(|| std::env::var(name).ok())
@@ -458,6 +466,59 @@ enum Action {
     Check,
     Help,
     Version,
+    Health,
+}
+
+/// The settings whose value is a secret, or may hold one: a flag would show it to anyone who
+/// can list processes (`ps`, `/proc/PID/cmdline`), so they come from the environment, the
+/// file, or a `_FILE` of their own.
+const SECRET_FLAGS: [&Setting; 5] =
+    [&secrets::SECRET, &secrets::PREVIOUS_SECRETS, &admin::ADMIN_TOKEN, &upstream::UPSTREAM_HEADERS, &redis::REDIS_URL];
+
+/// Refuses a secret given as a flag, naming the flag and where to put it instead; a Redis URL
+/// only when it carries a password.
+fn refuse_secret_flags(flags: &HashMap<&'static str, String>) -> Result<(), ConfigError> {
+    for setting in SECRET_FLAGS {
+        let Some(value) = flags.get(setting.name) else { continue };
+        // A URL that does not parse may still hold one: refused too.
+        let has_password = |url: &str| reqwest::Url::parse(url).map_or(true, |url| url.password().is_some());
+        if std::ptr::eq(setting, &redis::REDIS_URL) && !has_password(value) {
+            continue;
+        }
+        let instead = match SETTINGS.iter().find(|s| s.name == format!("{}_FILE", setting.name)) {
+            Some(file) => format!("{} (a file) or the variable {}", file.name, setting.name),
+            None if std::ptr::eq(setting, &redis::REDIS_URL) => {
+                format!("{} for the password, or the variable {}", redis::REDIS_PASSWORD_FILE.name, setting.name)
+            }
+            None => format!("the variable {}", setting.name),
+        };
+        return Err(ConfigError {
+            variable: format!("--{}", setting.flag()),
+            message: format!(
+                "a secret on the command line is visible to every user of the machine (ps); use {instead}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Where `--health` finds the admin listener: `TOKEN_PROXY_ADMIN_LISTEN` (flag, variable or
+/// the file), with an unspecified address (`0.0.0.0`, `::`) asked on loopback.
+fn health_address(lookup: &dyn Fn(&str) -> Option<String>) -> Result<std::net::SocketAddr, ConfigError> {
+    let file = match lookup(CONFIG.name).filter(|path| !path.is_empty()) {
+        Some(path) => Some(ConfigFile::read(&path, &CONFIG)?),
+        None => None,
+    };
+    let source = Source { lookup, file: file.as_ref(), table: None };
+    let mut address: std::net::SocketAddr =
+        source.parse(&listeners::ADMIN_LISTEN, "a socket address like 127.0.0.1:9090")?;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(address)
 }
 
 /// The command line: settings by variable name, and what to do.
@@ -476,6 +537,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError
         match arg.as_str() {
             "--help" | "-h" => return Ok(Cli { action: Action::Help, ..cli }),
             "--version" | "-V" => return Ok(Cli { action: Action::Version, ..cli }),
+            "--health" => {
+                cli.action = Action::Health;
+                continue;
+            }
             "--check" => {
                 cli.action = Action::Check;
                 continue;
@@ -511,21 +576,25 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError
     Ok(cli)
 }
 
-/// The `--version` text.
+/// The `--version` text: the version `token_proxy_build_info` labels, and the commit.
 pub fn version() -> String {
-    format!("token-proxy {}\n", env!("CARGO_PKG_VERSION"))
+    format!("token-proxy {} (commit {})\n", crate::metrics::VERSION, crate::metrics::COMMIT)
 }
 
 /// The `--help` text.
 pub fn help() -> String {
     let mut out = String::from(
         "token-proxy: a caching proxy for OAuth2 client-credentials token endpoints\n\n\
-         Usage: token-proxy [--check] [--config FILE] [--SETTING VALUE]...\n\n\
+         Usage: token-proxy [--check | --health] [--config FILE] [--SETTING VALUE]...\n\n\
          Every setting is an environment variable, the matching flag, or a key of the TOML file\n\
          (the variable's name without TOKEN_PROXY_ in lower case, e.g. upstream_url = \"...\").\n\
          Flags win over variables, which win over the file.\n\n\
          \x20 --check                        validate the configuration (files too), bind nothing; exit 0 or 2\n\
-         \x20 --version                      print the version\n\n",
+         \x20 --version                      print the version and the commit\n\
+         \x20 --health                       ask this replica's admin listener for /healthz; exit 0 or 1\n\n\
+         Secrets (secret, previous-secrets, admin-token, upstream-headers, a redis-url with a\n\
+         password) are refused as flags, which any user can read with ps: use the variables or\n\
+         the *_FILE settings.\n\n",
     );
     for s in FILE_SETTINGS.iter().chain(SETTINGS).copied() {
         let flag =

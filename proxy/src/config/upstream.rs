@@ -85,7 +85,7 @@ impl UpstreamSettings {
         };
         Upstream::new(self.url.clone(), self.connect_timeout, self.timeout, headers, metrics).map_err(|e| match e {
             UpstreamSetupError::HeadersFile(message) => UPSTREAM_HEADERS_FILE.error(message),
-            UpstreamSetupError::Client(_) => UPSTREAM_URL.error(e.to_string()),
+            UpstreamSetupError::Client(_) | UpstreamSetupError::NoCaCertificates => UPSTREAM_URL.error(e.to_string()),
         })
     }
 }

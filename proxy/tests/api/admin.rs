@@ -33,6 +33,45 @@ async fn health_readiness_and_metrics() {
     assert_eq!(app.proxy.metric("token_proxy_redis_errors_total").await, 0.0);
 }
 
+/// Every family on `/metrics`, after traffic of every kind, explains itself (`# HELP`) and says
+/// its type; the process's own families are there, and `token_proxy_build_info` names what
+/// `--version` prints.
+#[tokio::test]
+async fn every_metric_family_has_help_and_type_and_the_process_is_measured() {
+    let app = TestApp::with_redis(vec![client("app", SECRET)], &[]).await;
+    app.post_basic("app", SECRET, None).await;
+    app.post_basic("app", SECRET, None).await;
+    app.post_basic("app", "wrong-secret", None).await;
+    app.post_form("grant_type=client_credentials&grant_type=client_credentials").await;
+    let text = app.proxy.metrics().await;
+    let mut undescribed = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let histogram = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|family| text.contains(&format!("# TYPE {family} histogram\n")));
+        let family = histogram.unwrap_or(name);
+        if !text.contains(&format!("# HELP {family} ")) || !text.contains(&format!("# TYPE {family} ")) {
+            undescribed.push(family.to_owned());
+        }
+    }
+    undescribed.dedup();
+    assert!(undescribed.is_empty(), "families without HELP or TYPE: {undescribed:?}\n{text}");
+    assert!(text.contains("# HELP token_proxy_requests_total "), "{text}");
+    // A replica holds sockets open and megabytes resident; CPU time may still round to 0.
+    assert!(app.proxy.metric("process_resident_memory_bytes").await > 1_000_000.0);
+    assert!(app.proxy.metric("process_open_fds").await >= 4.0);
+    assert!(app.proxy.metric("process_max_fds").await >= app.proxy.metric("process_open_fds").await);
+    assert!(app.proxy.metric("process_cpu_seconds_total").await >= 0.0);
+    // `token-proxy 0.1.0 (commit abc)`: the same version and commit as labels, value 1.
+    let version = token_proxy::config::version();
+    let words: Vec<&str> = version.split_whitespace().collect();
+    let (number, commit) = (words[1], words[3].trim_end_matches(')'));
+    let series = format!("token_proxy_build_info{{version=\"{number}\",commit=\"{commit}\"}}");
+    assert_eq!(app.proxy.metric(&series).await, 1.0, "{text}");
+}
+
 #[tokio::test]
 async fn a_stopped_replica_closes_its_listeners() {
     let idp = spawn_idp(vec![client("app", SECRET)]).await;

@@ -77,10 +77,110 @@ impl Drop for ConfigFile {
 }
 
 #[tokio::test]
-async fn version_prints_the_package_version() {
+async fn version_prints_the_package_version_and_the_commit() {
     let (code, stdout, _) = run(&[], &["--version"]).await;
     assert_eq!(code, 0);
-    assert_eq!(stdout.trim(), format!("token-proxy {}", env!("CARGO_PKG_VERSION")));
+    let commit = stdout.trim().strip_prefix(&format!("token-proxy {} (commit ", env!("CARGO_PKG_VERSION")));
+    let commit = commit.and_then(|rest| rest.strip_suffix(')')).unwrap_or_else(|| panic!("{stdout}"));
+    // A git checkout builds with its short hash; a build without git says so.
+    assert!(commit == "unknown" || commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit()), "{stdout}");
+}
+
+/// Secrets as flags would be readable by any user of the machine (`ps`): refused, with one line
+/// naming the flag and where the secret goes instead, never echoing it.
+#[tokio::test]
+async fn secrets_given_as_flags_are_refused_with_one_line_pointing_at_the_environment() {
+    let upstream = [("TOKEN_PROXY_UPSTREAM_URL", "http://127.0.0.1:1/oauth2/token")];
+    let secret = "ZmxhZy1zZWNyZXQtY2FuYXJ5LWZsYWctc2VjcmV0LWNhbmFyeQ==";
+    let inline = format!("--secret={secret}");
+    let cases = [
+        (vec!["--secret", secret], "TOKEN_PROXY_SECRET_FILE"),
+        (vec![inline.as_str()], "TOKEN_PROXY_SECRET_FILE"),
+        (vec!["--previous-secrets", secret], "TOKEN_PROXY_PREVIOUS_SECRETS_FILE"),
+        (vec!["--admin-token", "flag-admin-token-canary"], "TOKEN_PROXY_ADMIN_TOKEN_FILE"),
+        (vec!["--upstream-headers", "X-Origin-Verify: flag-canary"], "TOKEN_PROXY_UPSTREAM_HEADERS"),
+        (vec!["--redis-url", "redis://:flag-password-canary@127.0.0.1:1"], "TOKEN_PROXY_REDIS_PASSWORD_FILE"),
+    ];
+    for (args, instead) in cases {
+        for how in [&[][..], &["--check"][..]] {
+            let all: Vec<&str> = how.iter().chain(&args).copied().collect();
+            let (code, stdout, stderr) = run(&upstream, &all).await;
+            assert_eq!(code, 2, "{args:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            let flag = args[0].split('=').next().unwrap();
+            assert!(stderr.starts_with(&format!("token-proxy: {flag}: ")), "{stderr}");
+            assert!(stderr.contains(instead), "{args:?}: {stderr}");
+            for canary in ["ZmxhZy1zZWNyZXQ", "flag-admin-token-canary", "flag-canary", "flag-password-canary"] {
+                assert!(!stderr.contains(canary) && !stdout.contains(canary), "{canary} printed: {stderr}");
+            }
+        }
+    }
+    // A Redis URL without a password is no secret: accepted as a flag (the missing root
+    // secret is what stops this one).
+    let (code, _, stderr) = run(&upstream, &["--check", "--redis-url", "redis://127.0.0.1:1"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.starts_with("token-proxy: TOKEN_PROXY_SECRET:"), "{stderr}");
+    // The same secrets in the environment are fine.
+    let mut vars = upstream.to_vec();
+    vars.extend([("TOKEN_PROXY_SECRET", secret), ("TOKEN_PROXY_ADMIN_TOKEN", "flag-admin-token-canary")]);
+    let (code, _, stderr) = run(&vars, &["--check"]).await;
+    assert_eq!((code, stderr.as_str()), (0, ""));
+}
+
+/// Without CA certificates an https upstream cannot be verified: start-up (and `--check`) stops
+/// with one line saying so, not reqwest's "builder error". An http upstream needs none.
+#[tokio::test]
+async fn no_ca_certificates_for_an_https_upstream_is_one_clear_line_and_exit_2() {
+    let nowhere = std::env::temp_dir().join(format!("tp-no-ca-{}", std::process::id()));
+    let nowhere = nowhere.to_str().unwrap();
+    // Set, the two variables replace the system's store; pointing nowhere, they leave it empty.
+    let no_roots = [("SSL_CERT_FILE", nowhere), ("SSL_CERT_DIR", nowhere)];
+    let mut https = no_roots.to_vec();
+    https.push(("TOKEN_PROXY_UPSTREAM_URL", "https://example.invalid/oauth2/token"));
+    for how in [&[][..], &["--check"][..]] {
+        let (code, _, stderr) = run(&https, how).await;
+        assert_eq!(code, 2, "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("TOKEN_PROXY_UPSTREAM_URL: no CA certificates found"), "{stderr}");
+        assert!(stderr.contains("install ca-certificates"), "{stderr}");
+    }
+    let mut http = no_roots.to_vec();
+    http.push(("TOKEN_PROXY_UPSTREAM_URL", "http://127.0.0.1:1/oauth2/token"));
+    let (code, _, stderr) = run(&http, &["--check"]).await;
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    // With the system's store (this machine has one), the https upstream is fine.
+    let (code, _, stderr) = run(&[https[2]], &["--check"]).await;
+    assert_eq!((code, stderr.as_str()), (0, ""));
+}
+
+/// `token-proxy --health` asks the admin listener its configuration names (a wildcard bind on
+/// loopback): exit 0 while the replica runs, 1 once it is gone.
+#[tokio::test]
+async fn health_asks_the_admin_listener_and_exits_0_or_1() {
+    let idp = spawn_idp(vec![client("app", "health-canary-secret")]).await;
+    let process = Process::start(&idp.token_url(), &[("TOKEN_PROXY_DRAIN_DELAY", "0")]).await;
+    let port = process.admin.port().to_string();
+    let (loopback, wildcard) = (format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"));
+    for (vars, args) in [
+        (vec![("TOKEN_PROXY_ADMIN_LISTEN", loopback.as_str())], vec!["--health"]),
+        (vec![("TOKEN_PROXY_ADMIN_LISTEN", wildcard.as_str())], vec!["--health"]),
+        (vec![], vec!["--health", "--admin-listen", wildcard.as_str()]),
+    ] {
+        let (code, _, stderr) = run(&vars, &args).await;
+        assert_eq!((code, stderr.as_str()), (0, ""), "{vars:?} {args:?}");
+    }
+    // The client listener is no admin listener: its /healthz is a 404.
+    let client = process.client.to_string();
+    let (code, _, stderr) = run(&[("TOKEN_PROXY_ADMIN_LISTEN", &client)], &["--health"]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("404"), "{stderr}");
+    process.sigterm();
+    let (status, _) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let (code, _, stderr) = run(&[("TOKEN_PROXY_ADMIN_LISTEN", &loopback)], &["--health"]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unhealthy"), "{stderr}");
 }
 
 /// `--check` binds nothing: the addresses it is given are taken, yet it says the configuration
@@ -281,6 +381,146 @@ async fn the_binary_serves_misses_then_hits_and_stops_on_sigterm() {
     assert!(logs.contains("shutting down"), "{logs}");
     assert!(!logs.contains(SECRET), "stdout contains the client secret");
     assert!(!logs.contains(miss.access_token()), "stdout contains a token");
+}
+
+/// `TOKEN_PROXY_ACCESS_LOG=true`: one JSON line per token request, with the client, the
+/// outcome (X-Cache in lower case, or `rejected`), the status the client got, the upstream's
+/// when this request called it, the latency and the source; never a secret or a token, and no
+/// other line says the client, the outcome and the status together.
+#[tokio::test]
+async fn the_access_log_is_one_json_line_per_token_request() {
+    const SECRET: &str = "access-log-canary-secret";
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let process = Process::start(
+        &idp.token_url(),
+        &[("TOKEN_PROXY_ACCESS_LOG", "true"), ("TOKEN_PROXY_LOG", "debug"), ("TOKEN_PROXY_DRAIN_DELAY", "0")],
+    )
+    .await;
+    let url = process.token_url();
+    let miss = post_basic(&url, "app", SECRET, None).await;
+    let hit = post_body(&url, "app", SECRET, None).await;
+    let wrong = post_basic(&url, "app", "access-log-wrong-secret", None).await;
+    let malformed = post_form(&url, "grant_type=client_credentials&grant_type=client_credentials").await;
+    let answers: Vec<u16> = [&miss, &hit, &wrong, &malformed].iter().map(|r| r.status).collect();
+    assert_eq!(answers, [200, 200, 400, 400]);
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+
+    let lines: Vec<serde_json::Value> = logs.lines().map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
+    let access: Vec<&serde_json::Value> = lines.iter().filter(|l| l["target"] == "token_proxy::access").collect();
+    assert_eq!(access.len(), 4, "{logs}");
+    let field = |line: &serde_json::Value, name: &str| line[name].clone();
+    let expected = [
+        (Some("app"), "miss", 200, Some(200)),
+        (Some("app"), "hit", 200, None),
+        // mock-idp answers a wrong secret as Cognito does: 400 invalid_client, relayed.
+        (Some("app"), "miss", 400, Some(400)),
+        // Refused by the proxy before it knew the client.
+        (None, "rejected", 400, None),
+    ];
+    for (line, (client_id, outcome, status, upstream_status)) in access.iter().zip(expected) {
+        assert_eq!(field(line, "client_id"), client_id.map_or(serde_json::Value::Null, Into::into), "{line}");
+        assert_eq!(field(line, "outcome"), outcome, "{line}");
+        assert_eq!(field(line, "status"), status, "{line}");
+        assert_eq!(
+            field(line, "upstream_status"),
+            upstream_status.map_or(serde_json::Value::Null, Into::into),
+            "{line}"
+        );
+        assert_eq!(field(line, "source"), "127.0.0.1", "{line}");
+        assert!(field(line, "latency_ms").as_f64().is_some_and(|ms| ms >= 0.0), "{line}");
+        assert!(field(line, "timestamp").is_string(), "{line}");
+        // One upstream without a name: no upstream field.
+        assert!(field(line, "upstream").is_null(), "{line}");
+    }
+    let others = lines.iter().filter(|l| l["target"] != "token_proxy::access");
+    for line in others {
+        let says = |name: &str| !line[name].is_null();
+        assert!(!(says("client_id") && says("outcome") && says("status")), "not the access log, yet: {line}");
+    }
+    assert!(!logs.contains(SECRET) && !logs.contains("access-log-wrong-secret"), "a secret is logged");
+    assert!(!logs.contains(miss.access_token()), "a token is logged");
+}
+
+/// With named upstreams the access log names the one each request reached; a route to no
+/// upstream is one `rejected` 404 line that repeats nothing of the request but its source.
+#[tokio::test]
+async fn the_access_log_names_the_upstream_and_logs_a_route_to_none() {
+    const SECRET: &str = "access-log-named-canary-secret";
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let file = ConfigFile::new(
+        "access-named",
+        &format!(
+            "access_log = true\ndrain_delay = \"0s\"\ndefault_upstream = \"orders\"\n[upstreams.orders]\nurl = \"{}\"\n",
+            idp.token_url()
+        ),
+    );
+    let process = Process::start("", &[("TOKEN_PROXY_CONFIG", file.path())]).await;
+    let named = format!("http://{}/orders/oauth2/token", process.client);
+    let nowhere = format!("http://{}/no-such-pool/oauth2/token", process.client);
+    assert_eq!(post_basic(&named, "app", SECRET, None).await.x_cache(), "MISS");
+    assert_eq!(post_basic(&process.token_url(), "app", SECRET, None).await.x_cache(), "HIT");
+    assert_eq!(post_basic(&nowhere, "app", SECRET, None).await.status, 404);
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["target"] == "token_proxy::access")
+        .collect();
+    let seen: Vec<(&str, &str, u64)> = access
+        .iter()
+        .map(|l| (l["upstream"].as_str().unwrap_or("-"), l["outcome"].as_str().unwrap(), l["status"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(seen, [("orders", "miss", 200), ("orders", "hit", 200), ("-", "rejected", 404)], "{logs}");
+    assert!(access[2]["client_id"].is_null() && access[2]["source"] == "127.0.0.1", "{}", access[2]);
+    assert!(!logs.contains("no-such-pool"), "the caller's route is repeated in the logs");
+}
+
+/// The access log is a layer of its own: JSON lines even when the other logs are text, and
+/// shown even when the filter lets nothing else through.
+#[tokio::test]
+async fn the_access_log_is_json_whatever_the_log_format_and_filter() {
+    const SECRET: &str = "access-log-text-canary-secret";
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    // Text logs carry no "listening" line to wait for: the client port is chosen here.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let client = format!("127.0.0.1:{port}");
+    let child = Command::new(BIN)
+        .env_clear()
+        .envs([
+            ("TOKEN_PROXY_UPSTREAM_URL", idp.token_url().as_str()),
+            ("TOKEN_PROXY_LISTEN", client.as_str()),
+            ("TOKEN_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
+            ("TOKEN_PROXY_ACCESS_LOG", "true"),
+            ("TOKEN_PROXY_LOG_FORMAT", "text"),
+            ("TOKEN_PROXY_LOG", "error"),
+            ("TOKEN_PROXY_DRAIN_DELAY", "0"),
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://{client}/oauth2/token");
+    eventually(Duration::from_secs(20), "the proxy listening", async || {
+        tokio::net::TcpStream::connect(&client).await.is_ok()
+    })
+    .await;
+    let miss = post_basic(&url, "app", SECRET, None).await;
+    assert_eq!(miss.x_cache(), "MISS");
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await.unwrap().unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    // `error` lets no other line through: the access log's is the only one, and it is JSON.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert_eq!((line["client_id"].as_str(), line["outcome"].as_str()), (Some("app"), Some("miss")), "{line}");
+    assert!(!stdout.contains(SECRET) && !stdout.contains(miss.access_token()));
 }
 
 /// A rolling deploy fails no request: on SIGTERM `/readyz` turns 503 at once, so the load

@@ -267,6 +267,10 @@ async fn a_canary_secret_and_its_tokens_never_leak_through_any_flow() {
     let logs = captured_log_bytes();
     let logged = |needle: &str| logs.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(logged(ID) && logged("token_proxy"), "the proxy's and mock-idp's logs were not captured");
+    // The access log is on (helpers/app.rs): its lines for the canary client are scanned too.
+    let text = String::from_utf8_lossy(&logs);
+    let access = text.lines().filter(|l| l.contains("token_proxy::access") && l.contains(ID)).count();
+    assert!(access >= replies.len() - 4, "only {access} access log lines for `{ID}`");
     canaries.assert_clean("the captured logs", &logs);
     for replica in &cluster.replicas {
         let metrics = replica.metrics().await;

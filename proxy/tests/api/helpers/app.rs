@@ -61,6 +61,8 @@ pub fn config_with(overrides: &[(&str, &str)]) -> Config {
         ("TOKEN_PROXY_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
         // Stopping a test replica need not wait for a load balancer: binary.rs tests the delay.
         ("TOKEN_PROXY_DRAIN_DELAY".into(), "0".into()),
+        // On in every test, so the whole suite's leak checks scan the access log's lines too.
+        ("TOKEN_PROXY_ACCESS_LOG".into(), "true".into()),
     ]);
     for (name, value) in overrides {
         if is_secret_setting(name) {
