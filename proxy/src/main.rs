@@ -6,11 +6,6 @@ use token_proxy::app::Application;
 use token_proxy::config::{self, Command};
 use token_proxy::shutdown;
 
-/// mimalloc rather than the system's malloc: a cache hit's allocations are small and short-lived,
-/// and it serves them in a fraction of glibc's instructions (bench/README.md, issue 15).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let command = match config::Config::from_env_and_args(std::env::args().skip(1)) {
         Ok(command) => command,
