@@ -9,8 +9,10 @@
 # instructions the proxy executed per request. Every request must be a 200 HIT.
 #
 # Environment (defaults in brackets):
-#   BENCH_MODE [redis]        redis: TOKEN_PROXY_L1_CAPACITY=0, every hit reads Redis; l1: hits
-#                             answered from the in-process cache
+#   BENCH_MODE [redis]        redis: TOKEN_PROXY_L1_CAPACITY=0, every hit reads Redis; rediss:
+#                             the same over TLS (a throw-away CA); l1: hits answered from the
+#                             in-process cache; baseline: proxy/examples/baseline.rs, the bare
+#                             axum server of bench/throughput.sh (the floor: HTTP alone)
 #   BENCH_REQUESTS [2000]     measured requests
 #   BENCH_KEYS [100]          distinct warm keys the requests cycle through
 #   BENCH_SKIP_BUILD [0]      1 = use the release binaries already built (CARGO_TARGET_DIR)
@@ -30,30 +32,43 @@ MAX_SECONDS=300
 
 source "$ROOT/bench/lib.sh"
 
-[[ $MODE == redis || $MODE == l1 ]] || die "BENCH_MODE must be redis or l1, got '$MODE'"
+[[ $MODE =~ ^(redis|rediss|l1|baseline)$ ]] || die "BENCH_MODE must be redis, rediss, l1 or baseline, got '$MODE'"
 [[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || die "BENCH_REQUESTS must be a positive integer"
 [[ $KEYS =~ ^[1-9][0-9]*$ ]] || die "BENCH_KEYS must be a positive integer"
 command -v valgrind >/dev/null || die "valgrind is needed (apt-get install valgrind)"
 command -v callgrind_control >/dev/null || die "callgrind_control is needed (it comes with valgrind)"
 
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    cargo build --release -p token-proxy -p mock-idp --bins
+    cargo build --release -p token-proxy -p mock-idp --bins --example baseline
 fi
 
 bench_begin token-proxy-instructions
-read -r P_REDIS P_IDP P_PROXY P_ADMIN <<<"$(free_ports 4)"
+read -r P_REDIS P_REDIS_TLS P_IDP P_PROXY P_ADMIN <<<"$(free_ports 5)"
+[[ $MODE == rediss ]] || P_REDIS_TLS=
 start_redis_and_idp
 
 L1_CAPACITY=100000
-[[ $MODE == redis ]] && L1_CAPACITY=0
-log "starting token-proxy under callgrind ($MODE hits) on 127.0.0.1:$P_PROXY"
-TOKEN_PROXY_LISTEN=127.0.0.1:$P_PROXY TOKEN_PROXY_ADMIN_LISTEN=127.0.0.1:$P_ADMIN \
-    TOKEN_PROXY_UPSTREAM_URL=http://127.0.0.1:$P_IDP/oauth2/token \
-    TOKEN_PROXY_REDIS_URL=redis://127.0.0.1:$P_REDIS TOKEN_PROXY_SECRET=$(openssl rand -base64 32) \
-    TOKEN_PROXY_LOG=warn TOKEN_PROXY_L1_CAPACITY=$L1_CAPACITY \
-    start proxy valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" \
-    "$TARGET_DIR/release/token-proxy"
-wait_until proxy curl -sf --max-time 2 "http://127.0.0.1:$P_ADMIN/readyz"
+REDIS_URL=redis://127.0.0.1:$P_REDIS
+case $MODE in
+    redis) L1_CAPACITY=0 ;;
+    rediss) L1_CAPACITY=0 REDIS_URL=rediss://127.0.0.1:$P_REDIS_TLS ;;
+esac
+CALLGRIND=(valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out")
+if [[ $MODE == baseline ]]; then
+    log "starting baseline under callgrind on 127.0.0.1:$P_PROXY"
+    start proxy "${CALLGRIND[@]}" "$TARGET_DIR/release/examples/baseline" "127.0.0.1:$P_PROXY"
+    wait_until proxy curl -sf --max-time 2 -X POST "http://127.0.0.1:$P_PROXY/oauth2/token"
+else
+    log "starting token-proxy under callgrind ($MODE hits) on 127.0.0.1:$P_PROXY"
+    # Under valgrind everything is tens of times slower: the default Redis deadline (250ms)
+    # would turn hits into misses on a busy machine.
+    TOKEN_PROXY_REDIS_TIMEOUT=10s TOKEN_PROXY_LISTEN=127.0.0.1:$P_PROXY TOKEN_PROXY_ADMIN_LISTEN=127.0.0.1:$P_ADMIN \
+        TOKEN_PROXY_UPSTREAM_URL=http://127.0.0.1:$P_IDP/oauth2/token \
+        TOKEN_PROXY_REDIS_URL=$REDIS_URL TOKEN_PROXY_REDIS_CA_FILE=${P_REDIS_TLS:+$WORK/tls/ca.pem} \
+        TOKEN_PROXY_SECRET=$(openssl rand -base64 32) TOKEN_PROXY_LOG=warn TOKEN_PROXY_L1_CAPACITY=$L1_CAPACITY \
+        start proxy "${CALLGRIND[@]}" "$TARGET_DIR/release/token-proxy"
+    wait_until proxy curl -sf --max-time 2 "http://127.0.0.1:$P_ADMIN/readyz"
+fi
 
 # send N FIRST_KEY: N requests over one keep-alive connection, cycling through the keys; fails
 # unless every answer is 200 with X-Cache HIT (after the warm-up round).

@@ -14,8 +14,12 @@ wrk.headers["Authorization"] = "Basic ZGVtby1jbGllbnQ6ZGVtby1zZWNyZXQ="
 local keys = tonumber(os.getenv("BENCH_KEYS") or "1") or 1
 if keys > 1 then
     local requests = {}
-    for k = 1, keys do
-        requests[k] = wrk.format(nil, nil, nil, "grant_type=client_credentials&aws_client_metadata=" .. k)
+    -- Built in init, not when the script loads: only then is wrk.host known, and without it
+    -- wrk.format sends no Host header (which hyper accepts and nginx rightly refuses).
+    function init(args)
+        for k = 1, keys do
+            requests[k] = wrk.format(nil, nil, nil, "grant_type=client_credentials&aws_client_metadata=" .. k)
+        end
     end
     local i = 0
     function request()
