@@ -18,8 +18,12 @@ async fn previous_secrets_are_read_and_removed_ones_are_misses() {
     let idp = spawn_idp(vec![client(ID, SECRET)]).await;
     let redis_url = redis.url();
     let replica = |secret: &'static str, previous: Option<&'static str>| {
-        // Every read goes to Redis, so what is shown is Redis's content, not L1's.
-        let mut overrides = vec![("TOKEN_PROXY_SECRET", secret), ("TOKEN_PROXY_L1_CAPACITY", "0")];
+        // Every read goes to Redis, so what is shown is Redis's content, not L1's. A generous
+        // Redis deadline: on a loaded machine the default 250 ms can drop the write this test
+        // then looks for (seen once: "one sealed entry", 0 found, while the suite ran beside
+        // other builds).
+        let mut overrides =
+            vec![("TOKEN_PROXY_SECRET", secret), ("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_REDIS_TIMEOUT", "2s")];
         overrides.extend(previous.map(|previous| ("TOKEN_PROXY_PREVIOUS_SECRETS", previous)));
         let (redis_url, idp) = (&redis_url, &idp);
         async move { TestCluster::replica(redis_url, idp, &overrides).await }
