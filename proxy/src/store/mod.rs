@@ -221,7 +221,7 @@ impl RedisStore {
         let server = config.server.hosts().first().map(ToString::to_string).unwrap_or_default();
         let refusals = Arc::new(Refusals::new(server));
         if let Some(iam) = endpoint.iam() {
-            iam.report_to(Arc::clone(&refusals));
+            iam.start(Arc::clone(&refusals));
         }
         let timeout = settings.command_timeout;
         let unresponsive = (timeout * 4).max(Duration::from_secs(1));
