@@ -7,9 +7,10 @@
 //! ([`IamAuth::start`]), before they expire and again after a failure, never inside a login: a
 //! login only signs with the cached ones (or waits briefly for the first), so a slow endpoint
 //! cannot make fred's login deadline cancel the fetch, and a failed refresh leaves credentials
-//! that are still valid in use. fred asks for one on each connection (`credential-provider`) and sends `AUTH` again
-//! with a new one every [`IamAuth::reauth_every`] on every open connection: AWS closes an IAM
-//! connection after 12 hours unless it re-authenticates. The hit-read connection, which logs in
+//! that are still valid in use. fred asks for a token on each connection (`credential-provider`),
+//! and the store sends `AUTH` again with a new one every [`IamAuth::reauth_every`] on every open
+//! connection (`store::reauthenticate`, which reports a refusal): AWS closes an IAM connection
+//! after 12 hours unless it re-authenticates. The hit-read connection, which logs in
 //! on its own, asks on each connection too and is made again after
 //! [`IamAuth::connection_max_age`].
 //!
@@ -496,7 +497,7 @@ pub struct IamAuth {
     credentials: watch::Sender<Option<AwsCredentials>>,
     /// The clock tokens are signed at (the system's; a test fixes it to know the token).
     pub clock: fn() -> SystemTime,
-    /// How often fred sends `AUTH` with a new token on each connection. Default
+    /// How often the store sends `AUTH` with a new token on each connection. Default
     /// [`REAUTH_EVERY`].
     pub reauth_every: Duration,
     /// Age at which the hit-read connection is made again. Default [`CONNECTION_MAX_AGE`].
@@ -679,8 +680,7 @@ async fn refresh(iam: Weak<IamAuth>) {
     }
 }
 
-/// [`IamAuth`] as fred's credential provider: a token for every login, and `AUTH` again every
-/// [`IamAuth::reauth_every`].
+/// [`IamAuth`] as fred's credential provider: a token for every login.
 #[derive(Debug, Clone)]
 pub(crate) struct IamLogin(pub(crate) Arc<IamAuth>);
 
@@ -704,8 +704,10 @@ impl CredentialProvider for IamLogin {
         })
     }
 
+    /// None: the store re-authenticates itself (`store::reauthenticate`), so that a refusal
+    /// is seen.
     fn refresh_interval(&self) -> Option<Duration> {
-        Some(self.0.reauth_every)
+        None
     }
 }
 

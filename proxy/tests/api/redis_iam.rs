@@ -281,8 +281,8 @@ async fn redis_entries(redis: &TlsRedis) -> usize {
 // ---------------------------------------------------------------------------------------------
 
 /// The ECS task role: every login presents a token signed with the credentials of that moment,
-/// and fred sends `AUTH` again on its timer with a new one. Rotated credentials show first as
-/// failed re-authentications (Redis still expects the old token), then, once Redis expects the
+/// and the store sends `AUTH` again on its timer with a new one. Rotated credentials show first
+/// as refused re-authentications (Redis still expects the old token), then, once Redis expects the
 /// new token, every connection made again (the hit reads' included) logs in with it.
 #[tokio::test]
 async fn iam_tokens_follow_rotated_credentials_on_every_login_and_on_reauthentication() {
@@ -326,7 +326,9 @@ async fn iam_tokens_follow_rotated_credentials_on_every_login_and_on_reauthentic
     .await;
     eventually(Duration::from_secs(10), "the new entry in Redis", async || redis_entries(&redis).await == 2).await;
     assert_eq!(failed_logins(&redis), 0);
-    assert!(refusal_lines(redis.tls_port).is_empty(), "{:?}", refusal_lines(redis.tls_port));
+    // The refused re-authentications were a refusal, said once.
+    let lines = refusal_lines(redis.tls_port);
+    assert!(lines.len() == 1 && lines[0].contains("WRONGPASS"), "{lines:#?}");
 
     // The credentials endpoint fails: once the cached credentials are too close to their
     // expiry to sign with (40 s valid, used until 30 s before), no token can be made, and
@@ -342,7 +344,7 @@ async fn iam_tokens_follow_rotated_credentials_on_every_login_and_on_reauthentic
     assert_eq!(readyz(&proxy).await["redis"], "down");
     aws.set(Some(second.clone()));
     eventually(Duration::from_secs(15), "Redis up again", async || readyz(&proxy).await["redis"] == "up").await;
-    assert_eq!(refusal_lines(redis.tls_port).len(), 1, "said once: {:?}", refusal_lines(redis.tls_port));
+    assert_eq!(refusal_lines(redis.tls_port).len(), 2, "each said once: {:?}", refusal_lines(redis.tls_port));
 }
 
 /// EC2 instance metadata (IMDSv2: a session token, the role, its credentials) and EKS web
@@ -577,9 +579,8 @@ async fn a_slow_credentials_endpoint_still_logs_in_and_valid_credentials_are_fet
     *aws.delay.lock().unwrap() = Duration::from_millis(1500);
     let idp = spawn_idp(vec![client("app", SECRET)]).await;
     let proxy = iam_replica(&idp, &tls, &redis, &ecs_settings(&aws_url), Duration::from_millis(300)).await;
+    // Up: the command connection logged in and answers.
     eventually(Duration::from_secs(20), "Redis up", async || readyz(&proxy).await["redis"] == "up").await;
-    assert_eq!(proxy.post_basic("app", SECRET, None).await.x_cache(), "MISS");
-    assert_eq!(redis_entries(&redis).await, 1, "the entry went to Redis");
     every_connection_logs_in_again(&proxy, &redis).await;
     assert_eq!(failed_logins(&redis), 0);
     assert_eq!(aws.fetches(), 1, "credentials valid for an hour are fetched once");
@@ -609,4 +610,32 @@ async fn a_failed_refresh_keeps_using_credentials_that_are_still_valid() {
     assert_eq!(warnings.len(), 1, "one warning: {warnings:#?}");
     assert!(warnings[0].contains("the cached ones are used"), "{}", warnings[0]);
     assert!(warnings[0].contains("container credentials endpoint answered 403"), "{}", warnings[0]);
+}
+
+/// A re-authentication Redis refuses (here the user's password changes under the replica): one
+/// line naming the cause, and `/readyz` says Redis is down (a new connection could not log in)
+/// until a re-authentication is accepted again.
+#[tokio::test]
+async fn a_refused_reauthentication_is_one_clear_line_and_redis_down_until_accepted() {
+    let tls = RedisTls::new("iam-reauth");
+    let redis = TlsRedis::start(&tls, "no", &[]).await;
+    let first = credentials(11);
+    set_password(&redis, &token(&first));
+    let (aws, aws_url) = FakeAws::start(Some(first.clone())).await;
+    aws.set_valid_for(Duration::from_secs(3600));
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let proxy = iam_replica(&idp, &tls, &redis, &ecs_settings(&aws_url), Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(10), "Redis up", async || readyz(&proxy).await["redis"] == "up").await;
+    set_password(&redis, &token(&credentials(12)));
+    eventually(Duration::from_secs(10), "the refused re-authentication in /readyz", async || {
+        readyz(&proxy).await["redis_refusal"].as_str().is_some_and(|r| r.contains("WRONGPASS"))
+    })
+    .await;
+    assert_eq!(readyz(&proxy).await["redis"], "down");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lines = refusal_lines(redis.tls_port);
+    assert_eq!(lines.len(), 1, "said once: {lines:#?}");
+    assert!(lines[0].contains("WRONGPASS"), "{}", lines[0]);
+    set_password(&redis, &token(&first));
+    eventually(Duration::from_secs(10), "Redis up again", async || readyz(&proxy).await["redis"] == "up").await;
 }
