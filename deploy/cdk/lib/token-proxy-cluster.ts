@@ -43,7 +43,7 @@ const SERVERLESS_CACHE_READER_PORT = 6380;
 /** An existing Redis (or Valkey) instead of the ElastiCache Serverless cache the construct makes. */
 export interface ExistingRedisProps {
   /**
-   * `rediss://HOST:PORT` (or `redis-sentinel://`, `redis-cluster://`). It is handed to the tasks
+   * `rediss://HOST:PORT` (or `rediss-cluster://`, `rediss-sentinel://`, and their plain forms). It is handed to the tasks
    * as a plain environment value, so it must not carry a password: the construct refuses a URL
    * with credentials in it. A plain `redis://` URL is refused unless `allowPlaintext` is set.
    */
@@ -367,7 +367,8 @@ export class TokenProxyCluster extends Construct {
         cacheUsageLimits: limits,
       });
       // No password in the URL: Serverless's default user, reached over TLS from the tasks only.
-      this.redisUrl = `rediss://${this.cache.attrEndpointAddress}:${this.cache.attrEndpointPort}`;
+      // Serverless is cluster mode only (its keys are spread over slots), so a cluster URL.
+      this.redisUrl = `rediss-cluster://${this.cache.attrEndpointAddress}:${this.cache.attrEndpointPort}`;
     }
 
     // ---- secrets ---------------------------------------------------------------------------
@@ -801,8 +802,12 @@ function fillZero(metric: cloudwatch.Metric, id: string): cloudwatch.IMetric {
 /** Refuses a Redis URL that carries credentials (it is a plain environment value) or no TLS. */
 export function checkRedisUrl(url: string, allowPlaintext: boolean): void {
   const m = /^([a-z-]+):\/\/([^/?#]*)/.exec(url);
-  if (!m || !['redis', 'rediss', 'redis-sentinel', 'redis-cluster'].includes(m[1])) {
-    throw new Error('TokenProxyCluster: existingRedis.url must start with rediss://, redis-sentinel:// or redis-cluster://');
+  const schemes = ['redis', 'rediss', 'redis-sentinel', 'rediss-sentinel', 'redis-cluster', 'rediss-cluster'];
+  if (!m || !schemes.includes(m[1])) {
+    throw new Error(
+      'TokenProxyCluster: existingRedis.url must start with rediss://, rediss-cluster:// or rediss-sentinel:// ' +
+        '(or their plain redis forms)',
+    );
   }
   if (m[2].includes('@')) {
     throw new Error(

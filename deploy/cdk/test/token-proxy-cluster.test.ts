@@ -110,7 +110,8 @@ describe('TokenProxyCluster', () => {
     template.hasResourceProperties('AWS::ElastiCache::ServerlessCache', { Engine: 'valkey' });
     const url = env(proxyContainer(template)).TOKEN_PROXY_REDIS_URL as any;
     const text = JSON.stringify(url);
-    expect(url['Fn::Join'][1][0]).toBe('rediss://');
+    // ElastiCache Serverless is cluster mode only: the proxy must follow its slots.
+    expect(url['Fn::Join'][1][0]).toBe('rediss-cluster://');
     expect(text).toContain('Endpoint.Address');
     expect(text).not.toContain('@');
   });
@@ -120,6 +121,8 @@ describe('TokenProxyCluster', () => {
     t.resourceCountIs('AWS::ElastiCache::ServerlessCache', 0);
     expect(env(proxyContainer(t)).TOKEN_PROXY_REDIS_URL).toBe('rediss://redis.internal:6379');
     expect(() => checkRedisUrl('rediss://:hunter2@redis.internal:6379', false)).toThrow(/credentials/);
+    expect(() => checkRedisUrl('rediss-cluster://redis.internal:6379', false)).not.toThrow();
+    expect(() => checkRedisUrl('rediss-sentinel://s1:26379?sentinelServiceName=m', false)).not.toThrow();
     expect(() => checkRedisUrl('rediss://user:pw@redis.internal:6379', false)).toThrow(/credentials/);
     expect(() => checkRedisUrl('redis://redis.internal:6379', false)).toThrow(/TLS/);
     expect(() => checkRedisUrl('redis://redis.internal:6379', true)).not.toThrow();

@@ -191,7 +191,9 @@ fn iam(source: &Source) -> Result<Option<IamAuth>, ConfigError> {
         }
     };
     let user = source.required(&REDIS_IAM_USER)?.trim().to_owned();
-    let cache = source.required(&REDIS_IAM_CACHE)?.trim().to_owned();
+    // ElastiCache and MemoryDB keep names in lowercase and sign the host so (as botocore
+    // does): `My-Group` must sign as `my-group`. The user id is a query value, compared as is.
+    let cache = source.required(&REDIS_IAM_CACHE)?.trim().to_ascii_lowercase();
     let aws = |name: &str| (source.lookup)(name).filter(|v| !v.trim().is_empty());
     let region = source
         .get(&REDIS_IAM_REGION)

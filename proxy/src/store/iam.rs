@@ -2,11 +2,15 @@
 //! `GET http://CACHE/?Action=connect&User=USER` (plus `ResourceType=ServerlessCache` for an
 //! ElastiCache Serverless cache), valid 15 minutes, made from AWS credentials.
 //!
-//! A token is signed afresh for every login (signing is a few HMACs; only the credentials are
-//! cached, until shortly before they expire), so every (re)connect presents a token minted that
-//! moment. fred asks for one on each connection (`credential-provider`) and sends `AUTH` again
-//! with a new one every [`IamAuth::reauth_every`] on every open connection: AWS closes an IAM
-//! connection after 12 hours unless it re-authenticates. The hit-read connection, which logs in
+//! A token is signed afresh for every login (signing is a few HMACs), so every (re)connect
+//! presents a token minted that moment. The credentials are fetched by a task of their own
+//! ([`IamAuth::start`]), before they expire and again after a failure, never inside a login: a
+//! login only signs with the cached ones (or waits briefly for the first), so a slow endpoint
+//! cannot make fred's login deadline cancel the fetch, and a failed refresh leaves credentials
+//! that are still valid in use. fred asks for a token on each connection (`credential-provider`),
+//! and the store sends `AUTH` again with a new one every [`IamAuth::reauth_every`] on every open
+//! connection (`store::reauthenticate`, which reports a refusal): AWS closes an IAM connection
+//! after 12 hours unless it re-authenticates. The hit-read connection, which logs in
 //! on its own, asks on each connection too and is made again after
 //! [`IamAuth::connection_max_age`].
 //!
@@ -18,7 +22,8 @@
 //! Secrets: the secret key, the session token and every token are `SecretString`s; no error
 //! here quotes one, nor an answer body (it may hold credentials).
 
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::error::{Error as FredError, ErrorKind as FredErrorKind};
@@ -26,6 +31,7 @@ use fred::types::config::{CredentialProvider, Server};
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use super::refusals::{Link, Refusal, Refusals};
 
@@ -38,8 +44,18 @@ pub const REAUTH_EVERY: Duration = Duration::from_secs(10 * 60);
 pub const CONNECTION_MAX_AGE: Duration = Duration::from_secs(11 * 3600);
 /// Credentials are fetched again this long before they expire (as the AWS SDKs do).
 const CREDENTIALS_MARGIN: Duration = Duration::from_secs(5 * 60);
-/// While no token can be made, how often it is tried again.
-const RETRY_EVERY: Duration = Duration::from_secs(5);
+/// How often credentials that a source gives with less than [`CREDENTIALS_MARGIN`] left are
+/// fetched again.
+const REFRESH_INSIDE_MARGIN: Duration = Duration::from_secs(5);
+/// Credentials sign logins until this close to their expiry, also after a failed refresh.
+const STILL_VALID_FOR: Duration = Duration::from_secs(30);
+/// After a failed fetch the next is tried after this, doubling up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(500);
+/// The longest wait between fetches while they fail: a recovered endpoint is seen this soon.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a login waits for credentials when none are usable: well inside fred's one-second
+/// connection deadline, so that the login fails with this module's cause rather than a timeout.
+const FIRST_CREDENTIALS_WAIT: Duration = Duration::from_millis(500);
 /// Deadline of one exchange with a credentials endpoint.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -182,12 +198,20 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// An ISO 8601 UTC time as AWS writes credential expiries (`2026-12-06T09:00:00Z`, with or
-/// without fractions of a second).
+/// An ISO 8601 UTC time as AWS writes credential expiries: `2026-12-06T09:00:00Z`, with or
+/// without fractions of a second. Any other offset (`+02:00`) is refused rather than misread
+/// as UTC.
 fn parse_expiry(text: &str) -> Option<SystemTime> {
     let text = text.trim();
     let b = text.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let zone = match text[19..].strip_prefix('.') {
+        Some(fraction) => fraction.trim_start_matches(|c: char| c.is_ascii_digit()),
+        None => &text[19..],
+    };
+    if zone != "Z" || (b[19] == b'.' && !b[20].is_ascii_digit()) {
         return None;
     }
     let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<u32>().ok();
@@ -199,6 +223,12 @@ fn parse_expiry(text: &str) -> Option<SystemTime> {
     let days = days_from_civil(i64::from(year), month, day);
     let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second);
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+/// The STS endpoint of `region`: the China regions are in their own partition's domain.
+fn sts_url(region: &str) -> String {
+    let suffix = if region.starts_with("cn-") { "amazonaws.com.cn" } else { "amazonaws.com" };
+    format!("https://sts.{region}.{suffix}")
 }
 
 /// Where credentials come from: the first the environment names.
@@ -222,8 +252,9 @@ impl std::fmt::Debug for CredentialSource {
 }
 
 impl CredentialSource {
-    /// The source the AWS variables (read through `env`) name, in the SDKs' order. Errors
-    /// name the variable; they never quote a secret.
+    /// The source the AWS variables (read through `env`) name, in the SDKs' order. STS is
+    /// the one of `AWS_REGION`, as in the SDKs, else of `region` (the cache's). Errors name the
+    /// variable; they never quote a secret.
     pub fn from_environment(env: impl Fn(&str) -> Option<String>, region: &str) -> Result<CredentialSource, String> {
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
@@ -243,7 +274,7 @@ impl CredentialSource {
             let role_arn = env("AWS_ROLE_ARN").ok_or("AWS_WEB_IDENTITY_TOKEN_FILE is set, but AWS_ROLE_ARN is not")?;
             let sts_url = env("AWS_ENDPOINT_URL_STS")
                 .or_else(|| env("AWS_ENDPOINT_URL"))
-                .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
+                .unwrap_or_else(|| sts_url(env("AWS_REGION").as_deref().map_or(region, str::trim)));
             let session_name = env("AWS_ROLE_SESSION_NAME").unwrap_or_else(|| "token-proxy".to_owned());
             return Ok(CredentialSource::WebIdentity { token_file, role_arn, session_name, sts_url });
         }
@@ -323,7 +354,10 @@ impl CredentialSource {
                     access_key_id: field("AccessKeyId")?.to_owned(),
                     secret_access_key: SecretString::from(field("SecretAccessKey")?.to_owned()),
                     session_token: Some(SecretString::from(field("SessionToken")?.to_owned())),
-                    expires: Some(parse_expiry(field("Expiration")?).ok_or("STS: an unreadable Expiration")?),
+                    expires: Some(
+                        parse_expiry(field("Expiration")?)
+                            .ok_or("STS: an Expiration that is not a UTC time (YYYY-MM-DDTHH:MM:SSZ)")?,
+                    ),
                 })
             }
             CredentialSource::Container { url, authorization, authorization_file } => {
@@ -438,7 +472,10 @@ async fn json_credentials(what: &str, answer: reqwest::Response) -> Result<AwsCr
     // serde's message could quote the body: only say that it did not parse.
     let json: Json = serde_json::from_slice(&body).map_err(|_| format!("{what}: not a credentials document"))?;
     let expires = match json.expiration {
-        Some(text) => Some(parse_expiry(&text).ok_or_else(|| format!("{what}: an unreadable Expiration"))?),
+        Some(text) => Some(
+            parse_expiry(&text)
+                .ok_or_else(|| format!("{what}: an Expiration that is not a UTC time (YYYY-MM-DDTHH:MM:SSZ)"))?,
+        ),
         None => None,
     };
     Ok(AwsCredentials {
@@ -449,23 +486,29 @@ async fn json_credentials(what: &str, answer: reqwest::Response) -> Result<AwsCr
     })
 }
 
-/// Signs the tokens of one deployment: its target, its credential source and cached
-/// credentials. Reports failures to the store's refusals (once per cause, and readiness).
+/// Signs the tokens of one deployment: its target, its credential source and the credentials
+/// that [`IamAuth::start`]'s refresher keeps. Reports failures to the store's refusals (once
+/// per cause, and readiness).
 pub struct IamAuth {
     target: IamTarget,
     source: CredentialSource,
     http: OnceLock<reqwest::Client>,
-    credentials: tokio::sync::Mutex<Option<AwsCredentials>>,
+    /// The credentials logins sign with: set by the refresher alone, read by every login.
+    credentials: watch::Sender<Option<AwsCredentials>>,
     /// The clock tokens are signed at (the system's; a test fixes it to know the token).
     pub clock: fn() -> SystemTime,
-    /// How often fred sends `AUTH` with a new token on each connection. Default
+    /// How often the store sends `AUTH` with a new token on each connection. Default
     /// [`REAUTH_EVERY`].
     pub reauth_every: Duration,
     /// Age at which the hit-read connection is made again. Default [`CONNECTION_MAX_AGE`].
     pub connection_max_age: Duration,
     refusals: OnceLock<Arc<Refusals>>,
-    /// The last failure's cause, so that a failure is told once.
+    /// Why the last fetch failed, while no usable credentials are cached: the refusal, told
+    /// once, and what a login that finds no credentials answers.
     failing: Mutex<Option<String>>,
+    /// A failed refresh was warned about while the cached credentials still served: one
+    /// warning until a fetch succeeds again.
+    warned: AtomicBool,
 }
 
 impl std::fmt::Debug for IamAuth {
@@ -480,12 +523,13 @@ impl IamAuth {
             target,
             source,
             http: OnceLock::new(),
-            credentials: tokio::sync::Mutex::new(None),
+            credentials: watch::Sender::new(None),
             clock: SystemTime::now,
             reauth_every: REAUTH_EVERY,
             connection_max_age: CONNECTION_MAX_AGE,
             refusals: OnceLock::new(),
             failing: Mutex::new(None),
+            warned: AtomicBool::new(false),
         }
     }
 
@@ -515,64 +559,128 @@ impl IamAuth {
         &self.source
     }
 
-    /// Where failures are reported: the store's refusals. While a failure lasts, a token is
-    /// tried again every [`RETRY_EVERY`]: a failure met by the re-authentication timer would
-    /// otherwise be reported until the timer's next turn, minutes later.
-    pub(crate) fn report_to(self: &Arc<Self>, refusals: Arc<Refusals>) {
+    /// Starts the refresher, reporting failures to `refusals`. The credentials are fetched in
+    /// this task and nowhere else: fred runs the credential provider inside its connection
+    /// setup, under a one-second deadline, and a fetch (up to three exchanges of up to
+    /// [`FETCH_TIMEOUT`] each) made there was cancelled whenever the endpoint took longer,
+    /// every time, with nothing cached and nothing said (issue 12).
+    pub(crate) fn start(self: &Arc<Self>, refusals: Arc<Refusals>) {
         let _ = self.refusals.set(refusals);
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(RETRY_EVERY).await;
-                let Some(iam) = weak.upgrade() else { return };
-                let failing = iam.failing.lock().unwrap_or_else(PoisonError::into_inner).is_some();
-                if failing {
-                    let _ = iam.token().await;
-                }
-            }
-        });
+        tokio::spawn(refresh(Arc::downgrade(self)));
     }
 
-    /// A token signed now, with credentials that are not about to expire.
+    /// A token signed now. Waits at most [`FIRST_CREDENTIALS_WAIT`] for credentials when
+    /// none are usable (at start-up, or after they expired).
     pub async fn token(&self) -> Result<SecretString, String> {
-        let result = self.credentials().await.map(|credentials| presign(&self.target, &credentials, (self.clock)()));
-        let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
-        match &result {
-            Ok(_) if failing.take().is_some() => {
-                if let Some(refusals) = self.refusals.get() {
-                    refusals.accepted(Link::Credentials);
-                }
-            }
-            Ok(_) => {}
-            Err(cause) if failing.as_deref() != Some(cause) => {
-                *failing = Some(cause.clone());
-                match self.refusals.get() {
-                    Some(refusals) => refusals.refused(Link::Credentials, Refusal::Credentials(cause.clone())),
-                    None => tracing::error!("no IAM token for Redis: {cause}"),
-                }
-            }
-            Err(_) => {}
+        let mut updates = self.credentials.subscribe();
+        let wait = updates.wait_for(|c| c.as_ref().is_some_and(|c| still_valid(c, SystemTime::now())));
+        let credentials = match tokio::time::timeout(FIRST_CREDENTIALS_WAIT, wait).await {
+            Ok(Ok(credentials)) => credentials.clone(),
+            _ => None,
+        };
+        match credentials {
+            Some(credentials) => Ok(presign(&self.target, &credentials, (self.clock)())),
+            None => Err(self
+                .failing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+                .unwrap_or_else(|| format!("no credentials from {} yet", self.source.describe()))),
         }
-        result
     }
 
-    async fn credentials(&self) -> Result<AwsCredentials, String> {
-        let mut cached = self.credentials.lock().await;
-        let usable = |c: &AwsCredentials| c.expires.is_none_or(|at| SystemTime::now() + CREDENTIALS_MARGIN < at);
-        if let Some(credentials) = cached.as_ref().filter(|c| usable(c)) {
-            return Ok(credentials.clone());
-        }
+    /// One fetch from the source.
+    async fn fetch(&self) -> Result<AwsCredentials, String> {
         let fresh = self.source.fetch(self.http()?).await?;
         if fresh.expires.is_some_and(|at| at <= SystemTime::now()) {
             return Err(format!("the credentials from {} have already expired", self.source.describe()));
         }
-        *cached = Some(fresh.clone());
         Ok(fresh)
+    }
+
+    fn fetched(&self, fresh: AwsCredentials) {
+        self.credentials.send_replace(Some(fresh));
+        self.warned.store(false, Ordering::Relaxed);
+        if self.failing.lock().unwrap_or_else(PoisonError::into_inner).take().is_some()
+            && let Some(refusals) = self.refusals.get()
+        {
+            refusals.accepted(Link::Credentials);
+        }
+    }
+
+    /// A fetch failed: the cached credentials go on serving while they are still valid (one
+    /// warning); without them no login can be made, which is the refusal.
+    fn fetch_failed(&self, cause: String) {
+        let now = SystemTime::now();
+        let cached = self.credentials.borrow().clone().filter(|c| still_valid(c, now));
+        if let Some(cached) = cached {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                let left = cached.expires.and_then(|at| at.duration_since(now).ok()).unwrap_or_default();
+                tracing::warn!(
+                    access_key_id = %cached.access_key_id,
+                    "the AWS credentials could not be refreshed ({cause}); the cached ones are used while they \
+                     are valid ({} s left), and the refresh is retried",
+                    left.as_secs()
+                );
+            }
+            return;
+        }
+        let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        if failing.as_deref() == Some(cause.as_str()) {
+            return;
+        }
+        *failing = Some(cause.clone());
+        drop(failing);
+        match self.refusals.get() {
+            Some(refusals) => refusals.refused(Link::Credentials, Refusal::Credentials(cause)),
+            None => tracing::error!("no IAM token for Redis: {cause}"),
+        }
     }
 }
 
-/// [`IamAuth`] as fred's credential provider: a token for every login, and `AUTH` again every
-/// [`IamAuth::reauth_every`].
+/// Whether `credentials` may still sign a login at `now`: not within [`STILL_VALID_FOR`] of
+/// their expiry (a token signed later would outlive them).
+fn still_valid(credentials: &AwsCredentials, now: SystemTime) -> bool {
+    credentials.expires.is_none_or(|at| now + STILL_VALID_FOR < at)
+}
+
+/// When credentials fetched at `now` are fetched again: [`CREDENTIALS_MARGIN`] before they
+/// expire, as the AWS SDKs do, or every [`REFRESH_INSIDE_MARGIN`] when the source gives less
+/// than that; never for long-term keys.
+fn refresh_after(credentials: &AwsCredentials, now: SystemTime) -> Option<Duration> {
+    let left = credentials.expires?.duration_since(now).unwrap_or_default();
+    Some(left.saturating_sub(CREDENTIALS_MARGIN).max(REFRESH_INSIDE_MARGIN))
+}
+
+/// The refresher: fetches, then sleeps until the next refresh is due, or after a failure
+/// retries with a backoff. Ends with its [`IamAuth`], or after fetching long-term keys.
+async fn refresh(iam: Weak<IamAuth>) {
+    let mut backoff = RETRY_MIN;
+    loop {
+        let Some(auth) = iam.upgrade() else { return };
+        let wait = match auth.fetch().await {
+            Ok(fresh) => {
+                backoff = RETRY_MIN;
+                let next = refresh_after(&fresh, SystemTime::now());
+                auth.fetched(fresh);
+                match next {
+                    Some(next) => next,
+                    None => return,
+                }
+            }
+            Err(cause) => {
+                auth.fetch_failed(cause);
+                let wait = backoff;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                wait
+            }
+        };
+        drop(auth);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// [`IamAuth`] as fred's credential provider: a token for every login.
 #[derive(Debug, Clone)]
 pub(crate) struct IamLogin(pub(crate) Arc<IamAuth>);
 
@@ -596,8 +704,10 @@ impl CredentialProvider for IamLogin {
         })
     }
 
+    /// None: the store re-authenticates itself (`store::reauthenticate`), so that a refusal
+    /// is seen.
     fn refresh_interval(&self) -> Option<Duration> {
-        Some(self.0.reauth_every)
+        None
     }
 }
 
@@ -669,6 +779,18 @@ mod tests {
     }
 
     #[test]
+    fn credentials_are_refreshed_before_the_margin_and_used_until_shortly_before_expiry() {
+        let now = signing_time();
+        let valid_for =
+            |secs| AwsCredentials { expires: Some(now + Duration::from_secs(secs)), ..example_credentials(None) };
+        assert_eq!(refresh_after(&valid_for(3600), now), Some(Duration::from_secs(3300)));
+        assert_eq!(refresh_after(&valid_for(240), now), Some(REFRESH_INSIDE_MARGIN), "inside the margin");
+        assert_eq!(refresh_after(&example_credentials(None), now), None, "long-term keys");
+        assert!(still_valid(&valid_for(240), now), "a failed refresh leaves these in use");
+        assert!(!still_valid(&valid_for(20), now));
+    }
+
+    #[test]
     fn dates_round_trip_through_the_calendar() {
         assert_eq!(amz_date(signing_time()), "20261206T080000Z");
         assert_eq!(amz_date(UNIX_EPOCH), "19700101T000000Z");
@@ -676,7 +798,17 @@ mod tests {
         assert_eq!(parse_expiry("2026-12-06T08:00:00Z"), Some(signing_time()));
         assert_eq!(parse_expiry("2026-12-06T08:00:00.123Z"), Some(signing_time()));
         assert_eq!(parse_expiry("2000-02-29T00:00:00Z"), Some(UNIX_EPOCH + Duration::from_secs(951_782_400)));
-        for bad in ["", "2026-13-06T08:00:00Z", "yesterday", "2026-12-06 08:00:00"] {
+        for bad in [
+            "",
+            "2026-13-06T08:00:00Z",
+            "yesterday",
+            "2026-12-06 08:00:00",
+            "2026-12-06T08:00:00",
+            "2026-12-06T10:00:00+02:00",
+            "2026-12-06T10:00:00.5+02:00",
+            "2026-12-06T08:00:00.Z",
+            "2026-12-06T08:00:00ZZ",
+        ] {
             assert_eq!(parse_expiry(bad), None, "{bad}");
         }
     }
@@ -700,6 +832,18 @@ mod tests {
             matches!(web, Ok(CredentialSource::WebIdentity { ref sts_url, .. }) if sts_url == "https://sts.eu-west-1.amazonaws.com")
         );
         assert!(source(&[("AWS_WEB_IDENTITY_TOKEN_FILE", "/t")]).unwrap_err().contains("AWS_ROLE_ARN"));
+        // STS is AWS_REGION's, as in the SDKs, in its partition's domain.
+        let sts_of = |region: &str| match source(&[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/t"),
+            ("AWS_ROLE_ARN", "arn:aws:iam::1:role/r"),
+            ("AWS_REGION", region),
+        ]) {
+            Ok(CredentialSource::WebIdentity { sts_url, .. }) => sts_url,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(sts_of("us-east-2"), "https://sts.us-east-2.amazonaws.com");
+        assert_eq!(sts_of("cn-north-1"), "https://sts.cn-north-1.amazonaws.com.cn");
+        assert_eq!(sts_url("cn-northwest-1"), "https://sts.cn-northwest-1.amazonaws.com.cn");
         let ecs = source(&[("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "/v2/credentials/x")]);
         assert!(
             matches!(ecs, Ok(CredentialSource::Container { ref url, .. }) if url == "http://169.254.170.2/v2/credentials/x")

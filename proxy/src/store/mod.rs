@@ -19,7 +19,7 @@
 //! scripts are in [`purges`], the quota's counters in [`counters`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -47,10 +47,12 @@ pub mod sealing;
 
 pub use counters::{AuthCounters, Verdict};
 pub use endpoint::{Endpoint, EndpointError, SCHEMES, Scheme, Topology, client_config};
+use iam::IamAuth;
 pub use purges::{EPOCHS_KEY, PurgeState};
 pub use refusals::Refusal;
 use refusals::{Link, Refusals};
 pub use sealing::Sealing;
+use secrecy::ExposeSecret;
 
 /// The channel every replica subscribes to for flight outcomes.
 pub const CHANNEL: &str = "tp:flights";
@@ -221,7 +223,7 @@ impl RedisStore {
         let server = config.server.hosts().first().map(ToString::to_string).unwrap_or_default();
         let refusals = Arc::new(Refusals::new(server));
         if let Some(iam) = endpoint.iam() {
-            iam.report_to(Arc::clone(&refusals));
+            iam.start(Arc::clone(&refusals));
         }
         let timeout = settings.command_timeout;
         let unresponsive = (timeout * 4).max(Duration::from_secs(1));
@@ -261,6 +263,15 @@ impl RedisStore {
         watch_connections(&client, Link::Commands, tls, Arc::clone(&refusals));
         watch_connections(&subscriber, Link::Subscription, tls, Arc::clone(&refusals));
         let health = Arc::new(Health { single_server, ..Health::default() });
+        if let Some(iam) = endpoint.iam() {
+            tokio::spawn(reauthenticate(
+                (client.clone(), subscriber.clone()),
+                Arc::downgrade(iam),
+                Arc::downgrade(&health),
+                Arc::clone(&refusals),
+                tls,
+            ));
+        }
         // fred's connection task may end (it does on an ASK): it is started again rather than
         // leaving the client dead behind a "connected" state.
         tokio::spawn(keep_connected(client.clone(), client.connect(), "commands", Arc::downgrade(&health), None));
@@ -760,6 +771,51 @@ fn watch_connections(client: &impl EventInterface, link: Link, tls: bool, refusa
             }
         }
     });
+}
+
+/// Sends `AUTH` with a new IAM token on every connection of both fred clients every
+/// [`IamAuth::reauth_every`]: AWS closes an IAM connection after 12 hours unless it
+/// re-authenticates. Done here rather than by fred's own timer, which tells a refused
+/// re-authentication only through the `log` crate, outside this process's log, and never to
+/// readiness (issue 12): a refusal here is one line and makes `/readyz` say Redis is down (a new
+/// connection could not log in), while the connections, still logged in, go on serving.
+async fn reauthenticate(
+    (client, subscriber): (Client, SubscriberClient),
+    iam: Weak<IamAuth>,
+    health: Weak<Health>,
+    refusals: Arc<Refusals>,
+    tls: bool,
+) {
+    loop {
+        let Some(every) = iam.upgrade().map(|iam| iam.reauth_every) else { return };
+        tokio::time::sleep(every).await;
+        let (Some(iam), Some(health)) = (iam.upgrade(), health.upgrade()) else { return };
+        if health.quitting.load(Ordering::Relaxed) {
+            return;
+        }
+        drop(health);
+        let outcomes = [reauthenticate_one(&client, &iam).await, reauthenticate_one(&subscriber, &iam).await];
+        let refusal = outcomes.iter().flatten().find_map(|r| r.as_ref().err().and_then(|e| Refusal::of_fred(e, tls)));
+        match refusal {
+            Some(refusal) => refusals.refused(Link::Reauthentication, refusal),
+            None if outcomes.iter().flatten().any(Result::is_ok) => refusals.accepted(Link::Reauthentication),
+            None => {}
+        }
+        for error in outcomes.iter().flatten().filter_map(|r| r.as_ref().err()) {
+            tracing::debug!(kind = ?error.kind(), "redis re-authentication failed");
+        }
+    }
+}
+
+/// `AUTH` with a new token on every connection of `client` (all of a cluster's nodes), or
+/// `None` when it is not connected (it logs in anew on reconnecting) or no token can be made
+/// (the credentials refresher reports that).
+async fn reauthenticate_one(client: &impl AuthInterface, iam: &IamAuth) -> Option<Result<(), fred::error::Error>> {
+    if !client.is_connected() {
+        return None;
+    }
+    let token = iam.token().await.ok()?;
+    Some(client.auth(Some(iam.target().user.clone()), token.expose_secret().to_owned()).await)
 }
 
 /// Reports the hit-read connection's refusals and successful connections to `refusals`.

@@ -27,6 +27,9 @@ pub(crate) enum Link {
     Reads,
     /// The IAM token's credentials (`iam.rs`): without them no connection can log in.
     Credentials,
+    /// The periodic re-authentication of fred's connections with a new IAM token: refused, the
+    /// connections still serve (Redis keeps their login) but a new one could not log in.
+    Reauthentication,
 }
 
 /// Why Redis refuses us. Carries no secret: a TLS error's kind or an error code.
@@ -173,7 +176,7 @@ impl Refusals {
     /// What Redis refuses now, if anything.
     pub(crate) fn current(&self) -> Option<Refusal> {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        [Link::Credentials, Link::Commands, Link::Subscription, Link::Reads]
+        [Link::Credentials, Link::Commands, Link::Subscription, Link::Reads, Link::Reauthentication]
             .iter()
             .find_map(|link| current.get(link).cloned())
     }

@@ -6,6 +6,7 @@
 //! `tests/vectors/iam_presign.py`). Credentials come from fakes of the AWS endpoints on
 //! loopback (ECS container credentials, IMDSv2, STS web identity), which the tests rotate.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -60,11 +61,22 @@ fn token(credentials: &AwsCredentials) -> String {
 #[derive(Clone)]
 struct FakeAws {
     current: Arc<Mutex<Option<AwsCredentials>>>,
+    /// How long the credentials served are valid from the moment they are served.
+    valid_for: Arc<Mutex<Duration>>,
+    /// How long the ECS endpoint takes to answer.
+    delay: Arc<Mutex<Duration>>,
+    /// Credentials documents served (or refused) so far.
+    fetches: Arc<AtomicUsize>,
 }
 
 impl FakeAws {
     async fn start(initial: Option<AwsCredentials>) -> (FakeAws, String) {
-        let fake = FakeAws { current: Arc::new(Mutex::new(initial)) };
+        let fake = FakeAws {
+            current: Arc::new(Mutex::new(initial)),
+            valid_for: Arc::new(Mutex::new(Duration::from_secs(60))),
+            delay: Arc::new(Mutex::new(Duration::ZERO)),
+            fetches: Arc::new(AtomicUsize::new(0)),
+        };
         let app = axum::Router::new()
             .route("/ecs/credentials", get(ecs))
             .route("/latest/api/token", put(imds_session))
@@ -82,15 +94,26 @@ impl FakeAws {
         *self.current.lock().unwrap() = credentials;
     }
 
-    /// The current credentials as the JSON of the ECS and instance metadata endpoints, valid a
-    /// minute: inside the replica's five-minute margin, so it fetches them on every login.
+    fn set_valid_for(&self, valid_for: Duration) {
+        *self.valid_for.lock().unwrap() = valid_for;
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// The current credentials as the JSON of the ECS and instance metadata endpoints, valid
+    /// [`FakeAws::valid_for`] (a minute unless set: inside the replica's five-minute margin,
+    /// so it fetches them again every few seconds).
     fn json(&self) -> Result<String, StatusCode> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        let valid_for = *self.valid_for.lock().unwrap();
         let current = self.current.lock().unwrap().clone().ok_or(StatusCode::FORBIDDEN)?;
         Ok(serde_json::json!({
             "AccessKeyId": current.access_key_id,
             "SecretAccessKey": current.secret_access_key.expose_secret(),
             "Token": current.session_token.as_ref().map(|t| t.expose_secret().to_owned()),
-            "Expiration": iso8601(SystemTime::now() + Duration::from_secs(60)),
+            "Expiration": iso8601(SystemTime::now() + valid_for),
         })
         .to_string())
     }
@@ -123,6 +146,8 @@ async fn ecs(State(fake): State<FakeAws>, headers: HeaderMap) -> Result<String, 
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(CONTAINER_AUTHORIZATION) {
         return Err(StatusCode::UNAUTHORIZED);
     }
+    let delay = *fake.delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
     fake.json()
 }
 
@@ -256,8 +281,8 @@ async fn redis_entries(redis: &TlsRedis) -> usize {
 // ---------------------------------------------------------------------------------------------
 
 /// The ECS task role: every login presents a token signed with the credentials of that moment,
-/// and fred sends `AUTH` again on its timer with a new one. Rotated credentials show first as
-/// failed re-authentications (Redis still expects the old token), then, once Redis expects the
+/// and the store sends `AUTH` again on its timer with a new one. Rotated credentials show first
+/// as refused re-authentications (Redis still expects the old token), then, once Redis expects the
 /// new token, every connection made again (the hit reads' included) logs in with it.
 #[tokio::test]
 async fn iam_tokens_follow_rotated_credentials_on_every_login_and_on_reauthentication() {
@@ -301,19 +326,25 @@ async fn iam_tokens_follow_rotated_credentials_on_every_login_and_on_reauthentic
     .await;
     eventually(Duration::from_secs(10), "the new entry in Redis", async || redis_entries(&redis).await == 2).await;
     assert_eq!(failed_logins(&redis), 0);
-    assert!(refusal_lines(redis.tls_port).is_empty(), "{:?}", refusal_lines(redis.tls_port));
+    // The refused re-authentications were a refusal, said once.
+    let lines = refusal_lines(redis.tls_port);
+    assert!(lines.len() == 1 && lines[0].contains("WRONGPASS"), "{lines:#?}");
 
-    // The credentials endpoint fails: the next re-authentication finds no token, and readiness
-    // says so (a new connection could not log in); once it answers again, readiness follows.
+    // The credentials endpoint fails: once the cached credentials are too close to their
+    // expiry to sign with (40 s valid, used until 30 s before), no token can be made, and
+    // readiness says so (a new connection could not log in); once it answers again, readiness
+    // follows.
+    aws.set_valid_for(Duration::from_secs(40));
+    tokio::time::sleep(Duration::from_secs(6)).await;
     aws.set(None);
-    eventually(Duration::from_secs(10), "no IAM token in /readyz", async || {
+    eventually(Duration::from_secs(25), "no IAM token in /readyz", async || {
         readyz(&proxy).await["redis_refusal"].as_str().is_some_and(|r| r.contains("no IAM token"))
     })
     .await;
     assert_eq!(readyz(&proxy).await["redis"], "down");
     aws.set(Some(second.clone()));
     eventually(Duration::from_secs(15), "Redis up again", async || readyz(&proxy).await["redis"] == "up").await;
-    assert_eq!(refusal_lines(redis.tls_port).len(), 1, "said once: {:?}", refusal_lines(redis.tls_port));
+    assert_eq!(refusal_lines(redis.tls_port).len(), 2, "each said once: {:?}", refusal_lines(redis.tls_port));
 }
 
 /// EC2 instance metadata (IMDSv2: a session token, the role, its credentials) and EKS web
@@ -434,6 +465,17 @@ fn iam_misconfiguration_is_one_line_naming_the_setting() {
         return;
     }
     assert_eq!(error(&[]), None);
+    // The cache name is signed in lowercase, as AWS keeps it (and botocore signs it).
+    let mixed_case: Vec<(&str, &str)> = base
+        .iter()
+        .map(|&(k, v)| if k == "TOKEN_PROXY_REDIS_IAM_CACHE" { (k, "Token-Cache") } else { (k, v) })
+        .collect();
+    let config = token_proxy::config::Config::from_lookup(|name| {
+        mixed_case.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v).to_owned())
+    })
+    .unwrap();
+    let target = config.redis.as_ref().and_then(|redis| redis.endpoint.iam()).unwrap().target().clone();
+    assert_eq!((target.cache.as_str(), target.user.as_str()), ("token-cache", USER));
     for (changes, variable, words) in [
         (&[("TOKEN_PROXY_REDIS_URL", "redis://cache.example:6379")][..], "TOKEN_PROXY_REDIS_IAM", "TLS"),
         (&[("TOKEN_PROXY_REDIS_URL", "rediss://proxy:pw@cache.example:6379")][..], "TOKEN_PROXY_REDIS_IAM", "password"),
@@ -500,4 +542,100 @@ async fn on_a_tls_cluster_every_node_logs_in_and_reauthenticates_with_the_token(
             .count()
     };
     eventually(Duration::from_secs(10), "re-authentication on every master", async || refused_on(&cluster) >= 3).await;
+}
+
+/// The AWS variables of the ECS task role, at the fake's container endpoint.
+fn ecs_settings(aws_url: &str) -> [(&'static str, String); 2] {
+    [
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("{aws_url}/ecs/credentials")),
+        ("AWS_CONTAINER_AUTHORIZATION_TOKEN", CONTAINER_AUTHORIZATION.to_owned()),
+    ]
+}
+
+/// Drops every connection of [`USER`] and waits until the replica has logged in again on all
+/// of them (commands, subscription, hit reads) and Redis is up.
+async fn every_connection_logs_in_again(proxy: &TestProxy, redis: &TlsRedis) {
+    redis.server.call(&["CLIENT", "KILL", "USER", USER]).unwrap();
+    eventually(Duration::from_secs(15), "every connection logged in again", async || {
+        let reply = proxy.post_basic("app", SECRET, Some("api/read")).await;
+        assert_eq!(reply.status, 200);
+        readyz(proxy).await["redis"] == "up" && connections_of_user(redis) >= 3
+    })
+    .await;
+}
+
+/// A credentials endpoint slower than fred's one-second login deadline (IMDS and STS may
+/// take seconds): the credentials are fetched apart from the logins, which cannot cancel the
+/// fetch, so the replica still logs in. Credentials valid for an hour are fetched once, however
+/// many logins and re-authentications use them.
+#[tokio::test]
+async fn a_slow_credentials_endpoint_still_logs_in_and_valid_credentials_are_fetched_once() {
+    let tls = RedisTls::new("iam-slow");
+    let redis = TlsRedis::start(&tls, "no", &[]).await;
+    let first = credentials(9);
+    set_password(&redis, &token(&first));
+    let (aws, aws_url) = FakeAws::start(Some(first)).await;
+    aws.set_valid_for(Duration::from_secs(3600));
+    *aws.delay.lock().unwrap() = Duration::from_millis(1500);
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let proxy = iam_replica(&idp, &tls, &redis, &ecs_settings(&aws_url), Duration::from_millis(300)).await;
+    // Up: the command connection logged in and answers.
+    eventually(Duration::from_secs(20), "Redis up", async || readyz(&proxy).await["redis"] == "up").await;
+    every_connection_logs_in_again(&proxy, &redis).await;
+    assert_eq!(failed_logins(&redis), 0);
+    assert_eq!(aws.fetches(), 1, "credentials valid for an hour are fetched once");
+}
+
+/// Credentials inside the refresh margin (four minutes left) whose endpoint then fails: the
+/// cached credentials still work, so logins go on with them, with one warning and Redis up.
+#[tokio::test]
+async fn a_failed_refresh_keeps_using_credentials_that_are_still_valid() {
+    let tls = RedisTls::new("iam-stale");
+    let redis = TlsRedis::start(&tls, "no", &[]).await;
+    let first = credentials(10);
+    set_password(&redis, &token(&first));
+    let (aws, aws_url) = FakeAws::start(Some(first)).await;
+    aws.set_valid_for(Duration::from_secs(240));
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let proxy = iam_replica(&idp, &tls, &redis, &ecs_settings(&aws_url), Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(10), "Redis up", async || readyz(&proxy).await["redis"] == "up").await;
+    aws.set(None);
+    let fetched = aws.fetches();
+    eventually(Duration::from_secs(20), "two refreshes refused", async || aws.fetches() >= fetched + 2).await;
+    every_connection_logs_in_again(&proxy, &redis).await;
+    assert_eq!(failed_logins(&redis), 0);
+    assert!(refusal_lines(redis.tls_port).is_empty(), "{:?}", refusal_lines(redis.tls_port));
+    let warnings: Vec<String> =
+        captured_logs().lines().filter(|l| l.contains("ASIATESTKEY0010")).map(str::to_owned).collect();
+    assert_eq!(warnings.len(), 1, "one warning: {warnings:#?}");
+    assert!(warnings[0].contains("the cached ones are used"), "{}", warnings[0]);
+    assert!(warnings[0].contains("container credentials endpoint answered 403"), "{}", warnings[0]);
+}
+
+/// A re-authentication Redis refuses (here the user's password changes under the replica): one
+/// line naming the cause, and `/readyz` says Redis is down (a new connection could not log in)
+/// until a re-authentication is accepted again.
+#[tokio::test]
+async fn a_refused_reauthentication_is_one_clear_line_and_redis_down_until_accepted() {
+    let tls = RedisTls::new("iam-reauth");
+    let redis = TlsRedis::start(&tls, "no", &[]).await;
+    let first = credentials(11);
+    set_password(&redis, &token(&first));
+    let (aws, aws_url) = FakeAws::start(Some(first.clone())).await;
+    aws.set_valid_for(Duration::from_secs(3600));
+    let idp = spawn_idp(vec![client("app", SECRET)]).await;
+    let proxy = iam_replica(&idp, &tls, &redis, &ecs_settings(&aws_url), Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(10), "Redis up", async || readyz(&proxy).await["redis"] == "up").await;
+    set_password(&redis, &token(&credentials(12)));
+    eventually(Duration::from_secs(10), "the refused re-authentication in /readyz", async || {
+        readyz(&proxy).await["redis_refusal"].as_str().is_some_and(|r| r.contains("WRONGPASS"))
+    })
+    .await;
+    assert_eq!(readyz(&proxy).await["redis"], "down");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lines = refusal_lines(redis.tls_port);
+    assert_eq!(lines.len(), 1, "said once: {lines:#?}");
+    assert!(lines[0].contains("WRONGPASS"), "{}", lines[0]);
+    set_password(&redis, &token(&first));
+    eventually(Duration::from_secs(10), "Redis up again", async || readyz(&proxy).await["redis"] == "up").await;
 }
