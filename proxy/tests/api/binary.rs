@@ -577,3 +577,103 @@ async fn on_sigterm_readyz_turns_503_while_both_listeners_keep_serving_for_the_d
     assert!(!logs.contains(SECRET), "stdout contains the client secret");
     assert!(!logs.contains(slow.access_token()), "stdout contains a token");
 }
+
+/// The access log's lines in `logs`, parsed.
+fn access_lines(logs: &str) -> Vec<serde_json::Value> {
+    logs.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON lines"))
+        .filter(|l| l["target"] == "token_proxy::access")
+        .collect()
+}
+
+/// Requests no upstream sees (no default upstream, a wrong method, a wrong path) are each one
+/// `rejected` line with their source and status, like a route to an unknown name.
+#[tokio::test]
+async fn the_access_log_has_a_line_for_every_wrong_route_and_method() {
+    let idp = spawn_idp(vec![client("app", "access-log-routes-canary-secret")]).await;
+    let file = ConfigFile::new(
+        "access-routes",
+        &format!("access_log = true\ndrain_delay = \"0s\"\n[upstreams.orders]\nurl = \"{}\"\n", idp.token_url()),
+    );
+    let process = Process::start("", &[("TOKEN_PROXY_CONFIG", file.path())]).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", process.client);
+    let no_default = http.post(format!("{base}/oauth2/token")).send().await.unwrap().status();
+    let wrong_method = http.get(format!("{base}/orders/oauth2/token")).send().await.unwrap().status();
+    let wrong_path = http.post(format!("{base}/elsewhere")).send().await.unwrap().status();
+    assert_eq!([no_default, wrong_method, wrong_path].map(|s| s.as_u16()), [404, 405, 404]);
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let access = access_lines(&logs);
+    let seen: Vec<(&str, u64, &str)> = access
+        .iter()
+        .map(|l| (l["outcome"].as_str().unwrap(), l["status"].as_u64().unwrap(), l["source"].as_str().unwrap()))
+        .collect();
+    let refused = |status| ("rejected", status, "127.0.0.1");
+    assert_eq!(seen, [refused(404), refused(405), refused(404)], "{logs}");
+    assert!(!logs.contains("elsewhere"), "the caller's route is repeated in the logs");
+}
+
+/// A client that hangs up while the upstream is slow: hyper drops the request, and it is still
+/// one `aborted` access line (status 499, as nginx logs it) and one count in the metrics.
+#[tokio::test]
+async fn a_request_the_client_abandons_is_one_aborted_line_and_one_count() {
+    use tokio::io::AsyncWriteExt;
+    const SECRET: &str = "access-log-abort-canary-secret";
+    let idp = spawn_idp(vec![client("quitter", SECRET)]).await;
+    let process =
+        Process::start(&idp.token_url(), &[("TOKEN_PROXY_ACCESS_LOG", "true"), ("TOKEN_PROXY_DRAIN_DELAY", "0")]).await;
+    idp.idp.set_latency(Duration::from_secs(30));
+    let body = "grant_type=client_credentials";
+    let request = format!(
+        "POST /oauth2/token HTTP/1.1\r\nhost: {}\r\nauthorization: {}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
+        process.client,
+        shared::basic::encode("quitter", SECRET),
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(process.client).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(10), "the upstream call", async || idp.idp.requests_total() == 1).await;
+    drop(stream);
+
+    let metrics = format!("http://{}/metrics", process.admin);
+    let aborted = async || {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        text.lines().any(|l| l.starts_with("token_proxy_requests_total{outcome=\"aborted\"") && l.ends_with(" 1"))
+    };
+    eventually(Duration::from_secs(10), "requests_total{outcome=\"aborted\"} 1", aborted).await;
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let access = access_lines(&logs);
+    assert_eq!(access.len(), 1, "{logs}");
+    assert_eq!((access[0]["client_id"].as_str(), access[0]["outcome"].as_str()), (Some("quitter"), Some("aborted")));
+    assert_eq!(access[0]["status"], 499, "{}", access[0]);
+    assert!(access[0]["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{}", access[0]);
+    assert!(!logs.contains(SECRET), "a secret is logged");
+}
+
+/// A client id with a quote, a newline and a control character is one JSON line that says it
+/// exactly: the caller cannot forge a second line.
+#[tokio::test]
+async fn a_hostile_client_id_is_one_json_line() {
+    const HOSTILE: &str = "evil\"id\n{\"target\":\"token_proxy::access\",\"outcome\":\"hit\"}\u{1}";
+    let idp = spawn_idp(vec![client("app", "access-log-hostile-canary-secret")]).await;
+    let process =
+        Process::start(&idp.token_url(), &[("TOKEN_PROXY_ACCESS_LOG", "true"), ("TOKEN_PROXY_DRAIN_DELAY", "0")]).await;
+    let form = shared::form::encode_pairs([
+        ("grant_type", "client_credentials"),
+        ("client_id", HOSTILE),
+        ("client_secret", "access-log-hostile-wrong-secret"),
+    ]);
+    // mock-idp knows no such client: its 400 invalid_client is relayed.
+    assert_eq!(post_form(&process.token_url(), &form).await.status, 400);
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let access = access_lines(&logs);
+    assert_eq!(access.len(), 1, "{logs}");
+    assert_eq!(access[0]["client_id"], HOSTILE, "{}", access[0]);
+    assert_eq!((access[0]["outcome"].as_str(), access[0]["status"].as_u64()), (Some("miss"), Some(400)));
+}
