@@ -100,6 +100,15 @@ async fn secrets_given_as_flags_are_refused_with_one_line_pointing_at_the_enviro
         (vec!["--admin-token", "flag-admin-token-canary"], "TOKEN_PROXY_ADMIN_TOKEN_FILE"),
         (vec!["--upstream-headers", "X-Origin-Verify: flag-canary"], "TOKEN_PROXY_UPSTREAM_HEADERS"),
         (vec!["--redis-url", "redis://:flag-password-canary@127.0.0.1:1"], "TOKEN_PROXY_REDIS_PASSWORD_FILE"),
+        (
+            vec![
+                "--redis-url",
+                "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=flag-password-canary",
+            ],
+            "TOKEN_PROXY_REDIS_PASSWORD_FILE",
+        ),
+        // A repeated flag would hide the first value from the check: refused whatever it holds.
+        (vec!["--redis-url", "redis://:flag-password-canary@127.0.0.1:1", "--redis-url", "redis://h"], "given twice"),
     ];
     for (args, instead) in cases {
         for how in [&[][..], &["--check"][..]] {
@@ -161,14 +170,22 @@ async fn health_asks_the_admin_listener_and_exits_0_or_1() {
     let process = Process::start(&idp.token_url(), &[("TOKEN_PROXY_DRAIN_DELAY", "0")]).await;
     let port = process.admin.port().to_string();
     let (loopback, wildcard) = (format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"));
+    let (toml, ipv6_wildcard) = (format!("admin_listen = \"{loopback}\"\n"), format!("[::]:{port}"));
     for (vars, args) in [
         (vec![("TOKEN_PROXY_ADMIN_LISTEN", loopback.as_str())], vec!["--health"]),
         (vec![("TOKEN_PROXY_ADMIN_LISTEN", wildcard.as_str())], vec!["--health"]),
         (vec![], vec!["--health", "--admin-listen", wildcard.as_str()]),
+        (vec![("TOKEN_PROXY_CONFIG_TOML", toml.as_str())], vec!["--health"]),
+        // Not listening on ::1: asked on 127.0.0.1 next.
+        (vec![("TOKEN_PROXY_ADMIN_LISTEN", ipv6_wildcard.as_str())], vec!["--health"]),
     ] {
         let (code, _, stderr) = run(&vars, &args).await;
         assert_eq!((code, stderr.as_str()), (0, ""), "{vars:?} {args:?}");
     }
+    // A configuration error is unhealthy too: exit 1, as Docker reserves 2.
+    let (code, _, stderr) = run(&[("TOKEN_PROXY_ADMIN_LISTEN", "nowhere")], &["--health"]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("TOKEN_PROXY_ADMIN_LISTEN"), "{stderr}");
     // The client listener is no admin listener: its /healthz is a 404.
     let client = process.client.to_string();
     let (code, _, stderr) = run(&[("TOKEN_PROXY_ADMIN_LISTEN", &client)], &["--health"]).await;
