@@ -84,6 +84,19 @@ async fn version_prints_the_package_version_and_the_commit() {
     let commit = commit.and_then(|rest| rest.strip_suffix(')')).unwrap_or_else(|| panic!("{stdout}"));
     // A git checkout builds with its short hash; a build without git says so.
     assert!(commit == "unknown" || commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit()), "{stdout}");
+    // In a checkout, and unless the build was told its commit, it is HEAD's (whatever the
+    // working tree holds), also after `git gc` packed the branch's ref.
+    let repository = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if repository.join(".git").exists() && option_env!("TOKEN_PROXY_BUILD_COMMIT").is_none_or(str::is_empty) {
+        let head = std::process::Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(&repository)
+            .output()
+            .unwrap();
+        if head.status.success() {
+            assert_eq!(commit, String::from_utf8(head.stdout).unwrap().trim(), "{stdout}");
+        }
+    }
 }
 
 /// Secrets as flags would be readable by any user of the machine (`ps`): refused, with one line
