@@ -222,7 +222,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     (
         "token_proxy_requests_total",
         Kind::Counter,
-        "Token requests answered, by outcome (the X-Cache value; rejected, error)",
+        "Token requests, by outcome (the X-Cache value; rejected, error; aborted: the client hung up first)",
     ),
     ("token_proxy_request_duration_seconds", Kind::Histogram, "Time to answer a token request, by outcome"),
     ("token_proxy_upstream_requests_total", Kind::Counter, "Calls made to the token endpoint, by status class"),
