@@ -20,19 +20,26 @@
 # ---- build ---------------------------------------------------------------------------------
 FROM rust:1-bookworm AS builder
 ARG REVISION=unknown
+# Set by BuildKit; names the target/ cache of this platform.
+ARG TARGETPLATFORM
 WORKDIR /src
 COPY . .
 # The cache mounts keep the registry and the build directory between builds (BuildKit, the
-# default builder of current Docker); the binary is copied out of the cached target/.
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
+# default builder of current Docker); the binary is copied out of the cached target/. A
+# multi-platform build runs one of these per platform at once: each platform has a target/ of
+# its own (or one's build scripts and binaries would be another's), and `locked` makes
+# concurrent builds of one platform, and the shared registry's writers, wait their turn.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/src/target,id=target-$TARGETPLATFORM,sharing=locked \
     TOKEN_PROXY_BUILD_COMMIT="$REVISION" cargo build --release --locked -p token-proxy \
     && mkdir -p /out \
     && cp target/release/token-proxy /out/
 
 FROM builder AS mock-idp-builder
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
+# An ARG ends with its stage: declared again for the cache id.
+ARG TARGETPLATFORM
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/src/target,id=target-$TARGETPLATFORM,sharing=locked \
     cargo build --release --locked -p mock-idp \
     && cp target/release/mock-idp /out/
 

@@ -18,16 +18,25 @@ fn git_commit() -> Option<String> {
         String::from_utf8(output.stdout).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
     };
     let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
-    // HEAD names a branch whose ref file changes on commit; both may live outside this crate
-    // (a worktree keeps HEAD apart from the shared refs). A packed ref is not watched.
-    for path in [
-        git(&["rev-parse", "--git-path", "HEAD"]),
-        git(&["symbolic-ref", "-q", "HEAD"]).and_then(|branch| git(&["rev-parse", "--git-path", &branch])),
-    ]
-    .into_iter()
-    .flatten()
-    // A path that does not exist would make Cargo run this script on every build.
-    .filter(|path| std::path::Path::new(path).exists())
+    // HEAD names a branch whose ref moves on commit; both may live outside this crate (a
+    // worktree keeps HEAD apart from the shared refs). The branch is a loose file, or a line of
+    // packed-refs once `git gc` packed it: then the next commit writes a loose file again into
+    // the ref's directory, which is watched in its place.
+    let exists = |path: &String| std::path::Path::new(path).exists();
+    let branch_ref = git(&["symbolic-ref", "-q", "HEAD"]).and_then(|branch| git(&["rev-parse", "--git-path", &branch]));
+    let branch_watch = branch_ref.and_then(|path| {
+        if exists(&path) {
+            return Some(path);
+        }
+        let directory = std::path::Path::new(&path).parent()?.to_str()?.to_owned();
+        exists(&directory).then_some(directory)
+    });
+    for path in
+        [git(&["rev-parse", "--git-path", "HEAD"]), branch_watch, git(&["rev-parse", "--git-path", "packed-refs"])]
+            .into_iter()
+            .flatten()
+            // A path that does not exist would make Cargo run this script on every build.
+            .filter(exists)
     {
         println!("cargo:rerun-if-changed={path}");
     }

@@ -3,7 +3,8 @@
 //! JSON whatever `TOKEN_PROXY_LOG_FORMAT` says and shows whatever `TOKEN_PROXY_LOG` filters.
 //!
 //! A line says who asked (`client_id`, `source`), where (`upstream`, for a named one), what
-//! happened (`outcome`: the `X-Cache` value in lower case, or `rejected` / `error`), what the
+//! happened (`outcome`: the `X-Cache` value in lower case, or `rejected` / `error` / `aborted`
+//! when the client hung up first, with status 499), what the
 //! client got (`status`), what the upstream said when this request called it
 //! (`upstream_status`) and how long it took (`latency_ms`). Never a secret nor a token: the
 //! client id is the only part of the request it repeats. No other log line carries a client

@@ -12,11 +12,11 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 
 use crate::access_log::{self, AccessEntry};
 use crate::listener::Occupancy;
-use crate::metrics::{Outcome, Throttle};
+use crate::metrics::{Metrics, Outcome, Throttle};
 use crate::normalize::{TokenRequest, body_too_large, check_head, normalize};
 use crate::response::{CacheStatus, ErrorCode, ProxyError, Rejection, Reply};
 use crate::state::AppState;
@@ -59,7 +59,12 @@ async fn token(
         .map(|a| a.as_str())
         .or_else(|| request.headers().get(axum::http::header::HOST).and_then(|value| value.to_str().ok()));
     let Some(service) = state.upstreams.default_service(host).cloned() else {
-        return unknown_upstream(&state, "no default upstream is configured; use /NAME/oauth2/token");
+        return unknown_upstream(
+            &state,
+            peer,
+            request.headers(),
+            "no default upstream is configured; use /NAME/oauth2/token",
+        );
     };
     serve(state, &service, peer, request).await
 }
@@ -72,34 +77,45 @@ async fn token_at(
     request: Request,
 ) -> Response {
     let Some(service) = state.upstreams.named_service(&name).cloned() else {
-        if state.access_log {
-            // The name is the caller's: not repeated in the log.
-            let source = Some(state.sources.source(peer.ip(), request.headers()));
-            AccessEntry { source, ..AccessEntry::default() }.write(Outcome::Rejected, 404, Duration::ZERO);
-        }
-        return unknown_upstream(&state, "no upstream has that name");
+        return unknown_upstream(&state, peer, request.headers(), "no upstream has that name");
     };
     serve(state, &service, peer, request).await
 }
 
 /// 404 for a route to no upstream: nothing is read or forwarded.
-fn unknown_upstream(state: &AppState, description: &'static str) -> Response {
+fn unknown_upstream(state: &AppState, peer: SocketAddr, headers: &HeaderMap, description: &'static str) -> Response {
+    refuse_unrouted(state, peer, headers, Rejection::new(StatusCode::NOT_FOUND, ErrorCode::InvalidRequest, description))
+}
+
+/// A request no upstream's token service sees (a wrong route or method): counted as rejected
+/// and, with the access log on, one `rejected` line with its source and status. The route is
+/// the caller's: it is not repeated in the log.
+fn refuse_unrouted(state: &AppState, peer: SocketAddr, headers: &HeaderMap, rejection: Rejection) -> Response {
     state.metrics.request(Outcome::Rejected, Duration::ZERO);
-    ProxyError::Rejected(Rejection::new(StatusCode::NOT_FOUND, ErrorCode::InvalidRequest, description)).into_response()
+    if state.access_log {
+        let source = Some(state.sources.source(peer.ip(), headers));
+        AccessEntry { source, ..AccessEntry::default() }.write(
+            Outcome::Rejected,
+            rejection.status.as_u16(),
+            Duration::ZERO,
+        );
+    }
+    ProxyError::Rejected(rejection).into_response()
 }
 
 async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, request: Request) -> Response {
-    let started = Instant::now();
-    // Counted per upstream when the deployment names them.
-    let metrics = service.metrics();
-    let timeout = state.admission.request_timeout;
     // Filled in as the request is read, for the access log; `None` when it is off.
-    let mut entry =
+    let entry =
         state.access_log.then(|| AccessEntry { upstream: service.name().map(str::to_owned), ..AccessEntry::default() });
-    let answered = tokio::time::timeout(timeout, answer(&state, service, peer.ip(), request, entry.as_mut())).await;
+    // Counted per upstream when the deployment names them.
+    let mut record = Record { metrics: service.metrics(), started: Instant::now(), entry, done: false };
+    let metrics = record.metrics;
+    let timeout = state.admission.request_timeout;
+    let answered =
+        tokio::time::timeout(timeout, answer(&state, service, peer.ip(), request, record.entry.as_mut())).await;
     let (outcome, response) = match answered {
         Ok(Ok(reply)) => {
-            if let Some(entry) = entry.as_mut() {
+            if let Some(entry) = record.entry.as_mut() {
                 entry.upstream_status = access_log::upstream_status(&reply);
             }
             (outcome_of(&reply), reply.into_response())
@@ -136,12 +152,40 @@ async fn serve(state: AppState, service: &TokenService, peer: SocketAddr, reques
             (Outcome::Rejected, ProxyError::Rejected(rejection).into_response())
         }
     };
-    let elapsed = started.elapsed();
-    metrics.request(outcome, elapsed);
-    if let Some(entry) = entry {
-        entry.write(outcome, response.status().as_u16(), elapsed);
-    }
+    record.finish(outcome, response.status().as_u16());
     response
+}
+
+/// One token request's count in the metrics and its access log line, made exactly once: by
+/// [`serve`] with its answer, or on drop when hyper dropped the request's future first (the
+/// client hung up: `aborted`, 499 as nginx logs it) or a panic unwound through it (`error`,
+/// 500). With the access log off this is the same count as before, nothing more.
+struct Record<'a> {
+    metrics: &'a Metrics,
+    started: Instant,
+    entry: Option<AccessEntry>,
+    done: bool,
+}
+
+impl Record<'_> {
+    fn finish(&mut self, outcome: Outcome, status: u16) {
+        self.done = true;
+        let elapsed = self.started.elapsed();
+        self.metrics.request(outcome, elapsed);
+        if let Some(entry) = &self.entry {
+            entry.write(outcome, status, elapsed);
+        }
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let (outcome, status) =
+                if std::thread::panicking() { (Outcome::Error, 500) } else { (Outcome::Aborted, 499) };
+            self.finish(outcome, status);
+        }
+    }
 }
 
 fn retry_shortly(rejection: Rejection) -> Response {
@@ -224,24 +268,31 @@ fn outcome_of(reply: &Reply) -> Outcome {
     }
 }
 
-async fn method_not_allowed(State(state): State<AppState>) -> Response {
-    state.metrics.request(Outcome::Rejected, Duration::ZERO);
-    let mut response = ProxyError::Rejected(Rejection::new(
+async fn method_not_allowed(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let rejection = Rejection::new(
         StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::InvalidRequest,
         "the token endpoint accepts POST only",
-    ))
-    .into_response();
+    );
+    let mut response = refuse_unrouted(&state, peer, &headers, rejection);
     response.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
     response
 }
 
-async fn not_found(State(state): State<AppState>, _body: Body) -> Response {
-    state.metrics.request(Outcome::Rejected, Duration::ZERO);
-    ProxyError::Rejected(Rejection::new(
+async fn not_found(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    _body: Body,
+) -> Response {
+    let rejection = Rejection::new(
         StatusCode::NOT_FOUND,
         ErrorCode::InvalidRequest,
         "the token endpoint is /oauth2/token (or /NAME/oauth2/token for a named upstream)",
-    ))
-    .into_response()
+    );
+    refuse_unrouted(&state, peer, &headers, rejection)
 }

@@ -13,6 +13,11 @@ const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 fn main() -> ExitCode {
     let command = match config::Config::from_env_and_args(std::env::args().skip(1)) {
         Ok(command) => command,
+        // Docker reserves a HEALTHCHECK's exit 2: unhealthy is 1, whatever the reason.
+        Err(error) if std::env::args().any(|arg| arg == "--health") => {
+            eprintln!("token-proxy: unhealthy: {error}");
+            return ExitCode::from(1);
+        }
         Err(error) => return fail(&error.to_string()),
     };
     let (config, check_only) = match command {
@@ -26,9 +31,17 @@ fn main() -> ExitCode {
             print!("{}", config::version());
             return ExitCode::SUCCESS;
         }
-        Command::Health(admin) => {
-            // For a container's HEALTHCHECK: no curl in the image.
-            return match token_proxy::admin::probe_healthz(admin, HEALTH_TIMEOUT) {
+        Command::Health(addresses) => {
+            // For a container's HEALTHCHECK: no curl in the image. The first address that
+            // answers healthy is enough; else the last one's failure is the answer.
+            let mut outcome = Ok(());
+            for admin in addresses {
+                outcome = token_proxy::admin::probe_healthz(admin, HEALTH_TIMEOUT);
+                if outcome.is_ok() {
+                    break;
+                }
+            }
+            return match outcome {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("token-proxy: unhealthy: {error}");

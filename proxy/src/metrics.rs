@@ -26,10 +26,12 @@ pub enum Outcome {
     Bypass,
     Rejected,
     Error,
+    /// The client hung up before its answer was ready (nginx's 499 in the access log).
+    Aborted,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 7] = [
+    const ALL: [Outcome; 8] = [
         Outcome::Hit,
         Outcome::Miss,
         Outcome::Coalesced,
@@ -37,6 +39,7 @@ impl Outcome {
         Outcome::Bypass,
         Outcome::Rejected,
         Outcome::Error,
+        Outcome::Aborted,
     ];
 
     pub fn label(self) -> &'static str {
@@ -48,6 +51,7 @@ impl Outcome {
             Outcome::Bypass => "bypass",
             Outcome::Rejected => "rejected",
             Outcome::Error => "error",
+            Outcome::Aborted => "aborted",
         }
     }
 }
@@ -218,7 +222,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     (
         "token_proxy_requests_total",
         Kind::Counter,
-        "Token requests answered, by outcome (the X-Cache value; rejected, error)",
+        "Token requests, by outcome (the X-Cache value; rejected, error; aborted: the client hung up first)",
     ),
     ("token_proxy_request_duration_seconds", Kind::Histogram, "Time to answer a token request, by outcome"),
     ("token_proxy_upstream_requests_total", Kind::Counter, "Calls made to the token endpoint, by status class"),
@@ -274,8 +278,8 @@ pub struct Metrics {
 
 /// The families one upstream's requests and calls are counted in.
 struct Scoped {
-    requests: [Counter; 7],
-    request_duration: [Histogram; 7],
+    requests: [Counter; 8],
+    request_duration: [Histogram; 8],
     upstream_requests: [Counter; 5],
     upstream_duration: Histogram,
     upstream_calls_avoided: Counter,

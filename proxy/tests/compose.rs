@@ -303,6 +303,17 @@ fn the_dockerfile_builds_a_minimal_non_root_proxy_image_that_checks_its_own_heal
     // The commit reaches --version and build_info through proxy/build.rs: there is no .git.
     assert!(stage("builder").contains("TOKEN_PROXY_BUILD_COMMIT=\"$REVISION\""));
     assert!(stage("mock-idp").contains("ENTRYPOINT [\"mock-idp\"]"));
+    // A multi-platform build runs both platforms' builds at once: one target/ cache each.
+    for builder in ["builder", "mock-idp-builder"] {
+        let instructions = stage(builder);
+        assert!(instructions.contains("ARG TARGETPLATFORM\n"), "{instructions}");
+        let mounts: Vec<&str> = instructions.lines().filter(|l| l.contains("--mount=type=cache")).collect();
+        assert_eq!(mounts.len(), 2, "{instructions}");
+        assert!(mounts.iter().any(|m| m.contains("target=/src/target,id=target-$TARGETPLATFORM,")), "{instructions}");
+        for mount in mounts {
+            assert!(mount.contains(",sharing=locked"), "{mount}");
+        }
+    }
 
     let runtime = stage("runtime");
     // Distroless cc: glibc and CA certificates (Cognito is https), no shell, no curl.

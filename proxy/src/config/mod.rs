@@ -224,7 +224,7 @@ pub enum Command {
     Help,
     Version,
     /// `--health`: ask the admin listener at this address for `/healthz`.
-    Health(std::net::SocketAddr),
+    Health(Vec<std::net::SocketAddr>),
 }
 
 /// Raw values, highest first: `lookup` (flags, then the environment), the file, the default.
@@ -294,7 +294,7 @@ impl Config {
             Action::Version => Ok(Command::Version),
             Action::Health => {
                 let lookup = |name: &str| cli.flags.get(name).cloned().or_else(|| std::env::var(name).ok());
-                Ok(Command::Health(health_address(&lookup)?))
+                Ok(Command::Health(health_addresses(&lookup)?))
             }
             Action::Run | Action::Check => {
                 let config = Box::new(Config::from_lookup(|name| {
@@ -309,15 +309,7 @@ impl Config {
     /// the file named by `TOKEN_PROXY_CONFIG` (or given as `TOKEN_PROXY_CONFIG_TOML`), if any,
     /// fills in what it does not set.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let given = |setting: &Setting| lookup(setting.name).filter(|value| !value.is_empty());
-        let file = match (given(&CONFIG), given(&CONFIG_TOML)) {
-            (Some(_), Some(_)) => {
-                return Err(CONFIG_TOML.error("cannot be combined with TOKEN_PROXY_CONFIG (give the file or its text)"));
-            }
-            (Some(path), None) => Some(ConfigFile::read(&path, &CONFIG)?),
-            (None, Some(text)) => Some(ConfigFile::parse(CONFIG_TOML.name, &text)?),
-            (None, None) => None,
-        };
+        let file = config_file(&lookup)?;
         Config::from_source(&Source { lookup: &lookup, file: file.as_ref(), table: None })
     }
 
@@ -480,8 +472,14 @@ const SECRET_FLAGS: [&Setting; 5] =
 fn refuse_secret_flags(flags: &HashMap<&'static str, String>) -> Result<(), ConfigError> {
     for setting in SECRET_FLAGS {
         let Some(value) = flags.get(setting.name) else { continue };
-        // A URL that does not parse may still hold one: refused too.
-        let has_password = |url: &str| reqwest::Url::parse(url).map_or(true, |url| url.password().is_some());
+        // A URL that does not parse may still hold one: refused too. So is a password in the
+        // query (`sentinelPassword=` for the sentinels, or any other spelling).
+        let has_password = |url: &str| {
+            reqwest::Url::parse(url).map_or(true, |url| {
+                url.password().is_some()
+                    || url.query_pairs().any(|(name, _)| name.to_ascii_lowercase().contains("password"))
+            })
+        };
         if std::ptr::eq(setting, &redis::REDIS_URL) && !has_password(value) {
             continue;
         }
@@ -502,23 +500,35 @@ fn refuse_secret_flags(flags: &HashMap<&'static str, String>) -> Result<(), Conf
     Ok(())
 }
 
-/// Where `--health` finds the admin listener: `TOKEN_PROXY_ADMIN_LISTEN` (flag, variable or
-/// the file), with an unspecified address (`0.0.0.0`, `::`) asked on loopback.
-fn health_address(lookup: &dyn Fn(&str) -> Option<String>) -> Result<std::net::SocketAddr, ConfigError> {
-    let file = match lookup(CONFIG.name).filter(|path| !path.is_empty()) {
-        Some(path) => Some(ConfigFile::read(&path, &CONFIG)?),
-        None => None,
-    };
+/// The configuration file, named by `TOKEN_PROXY_CONFIG` or given whole as
+/// `TOKEN_PROXY_CONFIG_TOML` (not both), if any: one choice for running and for `--health`.
+fn config_file(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<ConfigFile>, ConfigError> {
+    let given = |setting: &Setting| lookup(setting.name).filter(|value| !value.is_empty());
+    Ok(match (given(&CONFIG), given(&CONFIG_TOML)) {
+        (Some(_), Some(_)) => {
+            return Err(CONFIG_TOML.error("cannot be combined with TOKEN_PROXY_CONFIG (give the file or its text)"));
+        }
+        (Some(path), None) => Some(ConfigFile::read(&path, &CONFIG)?),
+        (None, Some(text)) => Some(ConfigFile::parse(CONFIG_TOML.name, &text)?),
+        (None, None) => None,
+    })
+}
+
+/// Where `--health` finds the admin listener, in the order to ask: `TOKEN_PROXY_ADMIN_LISTEN`
+/// (flag, variable or the file). An unspecified address is asked on loopback: `0.0.0.0` on
+/// 127.0.0.1, `::` on ::1 then 127.0.0.1 (a dual-stack socket answers both, a host without
+/// IPv6 only the second).
+fn health_addresses(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Vec<std::net::SocketAddr>, ConfigError> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let file = config_file(lookup)?;
     let source = Source { lookup, file: file.as_ref(), table: None };
-    let mut address: std::net::SocketAddr =
-        source.parse(&listeners::ADMIN_LISTEN, "a socket address like 127.0.0.1:9090")?;
-    if address.ip().is_unspecified() {
-        address.set_ip(match address {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    Ok(address)
+    let address: SocketAddr = source.parse(&listeners::ADMIN_LISTEN, "a socket address like 127.0.0.1:9090")?;
+    let at = |ip: IpAddr| SocketAddr::new(ip, address.port());
+    Ok(match address.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => vec![at(Ipv4Addr::LOCALHOST.into())],
+        IpAddr::V6(ip) if ip.is_unspecified() => vec![at(Ipv6Addr::LOCALHOST.into()), at(Ipv4Addr::LOCALHOST.into())],
+        _ => vec![address],
+    })
 }
 
 /// The command line: settings by variable name, and what to do.
@@ -571,7 +581,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError
             Some(v) => v,
             None => args.next().ok_or_else(|| flag_error("needs a value"))?,
         };
-        cli.flags.insert(setting.name, value);
+        // Refused rather than "the last wins": the earlier value would go unchecked and unseen.
+        if cli.flags.insert(setting.name, value).is_some() {
+            return Err(flag_error("given twice; give it once"));
+        }
     }
     Ok(cli)
 }
@@ -591,7 +604,7 @@ pub fn help() -> String {
          Flags win over variables, which win over the file.\n\n\
          \x20 --check                        validate the configuration (files too), bind nothing; exit 0 or 2\n\
          \x20 --version                      print the version and the commit\n\
-         \x20 --health                       ask this replica's admin listener for /healthz; exit 0 or 1\n\n\
+         \x20 --health                       ask this replica's admin listener for /healthz; exit 0 or 1 (bad configuration too)\n\n\
          Secrets (secret, previous-secrets, admin-token, upstream-headers, a redis-url with a\n\
          password) are refused as flags, which any user can read with ps: use the variables or\n\
          the *_FILE settings.\n\n",

@@ -224,7 +224,7 @@ async fn the_rate_cap_holds_for_the_cluster_then_sheds_with_429() {
 
 #[tokio::test]
 async fn past_the_concurrency_limit_requests_are_shed_at_once() {
-    let clients: Vec<_> = (0..40).map(|i| client(&format!("slow-{i:02}"), "slow-client-secret-000")).collect();
+    let clients: Vec<_> = (0..40).map(|i| client(&format!("shed-{i:02}"), "slow-client-secret-000")).collect();
     let app = TestApp::embedded(clients, &[("TOKEN_PROXY_MAX_CONCURRENT_REQUESTS", "4")]).await;
     app.idp.idp.set_latency(Duration::from_millis(800));
     let url = app.proxy.token_url();
@@ -233,7 +233,7 @@ async fn past_the_concurrency_limit_requests_are_shed_at_once() {
             let url = url.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
-                let reply = post_basic(&url, &format!("slow-{i:02}"), "slow-client-secret-000", None).await;
+                let reply = post_basic(&url, &format!("shed-{i:02}"), "slow-client-secret-000", None).await;
                 (reply, started.elapsed())
             })
         })
@@ -258,6 +258,13 @@ async fn past_the_concurrency_limit_requests_are_shed_at_once() {
     assert!(shed >= 20, "only {shed} shed");
     assert_eq!(app.upstream_requests(), ok as u64, "shed requests cost no upstream call");
     assert_eq!(app.proxy.metric("token_proxy_throttled_total{reason=\"overload\"}").await, shed as f64);
+    // Each shed request is one access log line: its client was read before admission.
+    let logs = captured_logs();
+    let shed_lines = logs
+        .lines()
+        .filter(|l| l.contains("token_proxy::access") && l.contains("client_id=\"shed-") && l.contains(" status=503"))
+        .count();
+    assert_eq!(shed_lines, shed, "access lines of the shed requests");
 }
 
 #[tokio::test]

@@ -84,6 +84,19 @@ async fn version_prints_the_package_version_and_the_commit() {
     let commit = commit.and_then(|rest| rest.strip_suffix(')')).unwrap_or_else(|| panic!("{stdout}"));
     // A git checkout builds with its short hash; a build without git says so.
     assert!(commit == "unknown" || commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit()), "{stdout}");
+    // In a checkout, and unless the build was told its commit, it is HEAD's (whatever the
+    // working tree holds), also after `git gc` packed the branch's ref.
+    let repository = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if repository.join(".git").exists() && option_env!("TOKEN_PROXY_BUILD_COMMIT").is_none_or(str::is_empty) {
+        let head = std::process::Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(&repository)
+            .output()
+            .unwrap();
+        if head.status.success() {
+            assert_eq!(commit, String::from_utf8(head.stdout).unwrap().trim(), "{stdout}");
+        }
+    }
 }
 
 /// Secrets as flags would be readable by any user of the machine (`ps`): refused, with one line
@@ -100,6 +113,15 @@ async fn secrets_given_as_flags_are_refused_with_one_line_pointing_at_the_enviro
         (vec!["--admin-token", "flag-admin-token-canary"], "TOKEN_PROXY_ADMIN_TOKEN_FILE"),
         (vec!["--upstream-headers", "X-Origin-Verify: flag-canary"], "TOKEN_PROXY_UPSTREAM_HEADERS"),
         (vec!["--redis-url", "redis://:flag-password-canary@127.0.0.1:1"], "TOKEN_PROXY_REDIS_PASSWORD_FILE"),
+        (
+            vec![
+                "--redis-url",
+                "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=flag-password-canary",
+            ],
+            "TOKEN_PROXY_REDIS_PASSWORD_FILE",
+        ),
+        // A repeated flag would hide the first value from the check: refused whatever it holds.
+        (vec!["--redis-url", "redis://:flag-password-canary@127.0.0.1:1", "--redis-url", "redis://h"], "given twice"),
     ];
     for (args, instead) in cases {
         for how in [&[][..], &["--check"][..]] {
@@ -161,14 +183,22 @@ async fn health_asks_the_admin_listener_and_exits_0_or_1() {
     let process = Process::start(&idp.token_url(), &[("TOKEN_PROXY_DRAIN_DELAY", "0")]).await;
     let port = process.admin.port().to_string();
     let (loopback, wildcard) = (format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"));
+    let (toml, ipv6_wildcard) = (format!("admin_listen = \"{loopback}\"\n"), format!("[::]:{port}"));
     for (vars, args) in [
         (vec![("TOKEN_PROXY_ADMIN_LISTEN", loopback.as_str())], vec!["--health"]),
         (vec![("TOKEN_PROXY_ADMIN_LISTEN", wildcard.as_str())], vec!["--health"]),
         (vec![], vec!["--health", "--admin-listen", wildcard.as_str()]),
+        (vec![("TOKEN_PROXY_CONFIG_TOML", toml.as_str())], vec!["--health"]),
+        // Not listening on ::1: asked on 127.0.0.1 next.
+        (vec![("TOKEN_PROXY_ADMIN_LISTEN", ipv6_wildcard.as_str())], vec!["--health"]),
     ] {
         let (code, _, stderr) = run(&vars, &args).await;
         assert_eq!((code, stderr.as_str()), (0, ""), "{vars:?} {args:?}");
     }
+    // A configuration error is unhealthy too: exit 1, as Docker reserves 2.
+    let (code, _, stderr) = run(&[("TOKEN_PROXY_ADMIN_LISTEN", "nowhere")], &["--health"]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("TOKEN_PROXY_ADMIN_LISTEN"), "{stderr}");
     // The client listener is no admin listener: its /healthz is a 404.
     let client = process.client.to_string();
     let (code, _, stderr) = run(&[("TOKEN_PROXY_ADMIN_LISTEN", &client)], &["--health"]).await;
@@ -576,4 +606,104 @@ async fn on_sigterm_readyz_turns_503_while_both_listeners_keep_serving_for_the_d
     assert!(status.success(), "{status:?}\n{logs}");
     assert!(!logs.contains(SECRET), "stdout contains the client secret");
     assert!(!logs.contains(slow.access_token()), "stdout contains a token");
+}
+
+/// The access log's lines in `logs`, parsed.
+fn access_lines(logs: &str) -> Vec<serde_json::Value> {
+    logs.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON lines"))
+        .filter(|l| l["target"] == "token_proxy::access")
+        .collect()
+}
+
+/// Requests no upstream sees (no default upstream, a wrong method, a wrong path) are each one
+/// `rejected` line with their source and status, like a route to an unknown name.
+#[tokio::test]
+async fn the_access_log_has_a_line_for_every_wrong_route_and_method() {
+    let idp = spawn_idp(vec![client("app", "access-log-routes-canary-secret")]).await;
+    let file = ConfigFile::new(
+        "access-routes",
+        &format!("access_log = true\ndrain_delay = \"0s\"\n[upstreams.orders]\nurl = \"{}\"\n", idp.token_url()),
+    );
+    let process = Process::start("", &[("TOKEN_PROXY_CONFIG", file.path())]).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", process.client);
+    let no_default = http.post(format!("{base}/oauth2/token")).send().await.unwrap().status();
+    let wrong_method = http.get(format!("{base}/orders/oauth2/token")).send().await.unwrap().status();
+    let wrong_path = http.post(format!("{base}/elsewhere")).send().await.unwrap().status();
+    assert_eq!([no_default, wrong_method, wrong_path].map(|s| s.as_u16()), [404, 405, 404]);
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let access = access_lines(&logs);
+    let seen: Vec<(&str, u64, &str)> = access
+        .iter()
+        .map(|l| (l["outcome"].as_str().unwrap(), l["status"].as_u64().unwrap(), l["source"].as_str().unwrap()))
+        .collect();
+    let refused = |status| ("rejected", status, "127.0.0.1");
+    assert_eq!(seen, [refused(404), refused(405), refused(404)], "{logs}");
+    assert!(!logs.contains("elsewhere"), "the caller's route is repeated in the logs");
+}
+
+/// A client that hangs up while the upstream is slow: hyper drops the request, and it is still
+/// one `aborted` access line (status 499, as nginx logs it) and one count in the metrics.
+#[tokio::test]
+async fn a_request_the_client_abandons_is_one_aborted_line_and_one_count() {
+    use tokio::io::AsyncWriteExt;
+    const SECRET: &str = "access-log-abort-canary-secret";
+    let idp = spawn_idp(vec![client("quitter", SECRET)]).await;
+    let process =
+        Process::start(&idp.token_url(), &[("TOKEN_PROXY_ACCESS_LOG", "true"), ("TOKEN_PROXY_DRAIN_DELAY", "0")]).await;
+    idp.idp.set_latency(Duration::from_secs(30));
+    let body = "grant_type=client_credentials";
+    let request = format!(
+        "POST /oauth2/token HTTP/1.1\r\nhost: {}\r\nauthorization: {}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
+        process.client,
+        shared::basic::encode("quitter", SECRET),
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(process.client).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(10), "the upstream call", async || idp.idp.requests_total() == 1).await;
+    drop(stream);
+
+    let metrics = format!("http://{}/metrics", process.admin);
+    let aborted = async || {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        text.lines().any(|l| l.starts_with("token_proxy_requests_total{outcome=\"aborted\"") && l.ends_with(" 1"))
+    };
+    eventually(Duration::from_secs(10), "requests_total{outcome=\"aborted\"} 1", aborted).await;
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let access = access_lines(&logs);
+    assert_eq!(access.len(), 1, "{logs}");
+    assert_eq!((access[0]["client_id"].as_str(), access[0]["outcome"].as_str()), (Some("quitter"), Some("aborted")));
+    assert_eq!(access[0]["status"], 499, "{}", access[0]);
+    assert!(access[0]["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{}", access[0]);
+    assert!(!logs.contains(SECRET), "a secret is logged");
+}
+
+/// A client id with a quote, a newline and a control character is one JSON line that says it
+/// exactly: the caller cannot forge a second line.
+#[tokio::test]
+async fn a_hostile_client_id_is_one_json_line() {
+    const HOSTILE: &str = "evil\"id\n{\"target\":\"token_proxy::access\",\"outcome\":\"hit\"}\u{1}";
+    let idp = spawn_idp(vec![client("app", "access-log-hostile-canary-secret")]).await;
+    let process =
+        Process::start(&idp.token_url(), &[("TOKEN_PROXY_ACCESS_LOG", "true"), ("TOKEN_PROXY_DRAIN_DELAY", "0")]).await;
+    let form = shared::form::encode_pairs([
+        ("grant_type", "client_credentials"),
+        ("client_id", HOSTILE),
+        ("client_secret", "access-log-hostile-wrong-secret"),
+    ]);
+    // mock-idp knows no such client: its 400 invalid_client is relayed.
+    assert_eq!(post_form(&process.token_url(), &form).await.status, 400);
+    process.sigterm();
+    let (status, logs) = process.exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let access = access_lines(&logs);
+    assert_eq!(access.len(), 1, "{logs}");
+    assert_eq!(access[0]["client_id"], HOSTILE, "{}", access[0]);
+    assert_eq!((access[0]["outcome"].as_str(), access[0]["status"].as_u64()), (Some("miss"), Some(400)));
 }
