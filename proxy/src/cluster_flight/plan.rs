@@ -187,6 +187,12 @@ impl Plan {
                         None => Step::Call(None),
                     };
                 }
+                // This replica's own token is still fresh (an L1 entry due for revalidation):
+                // serve it rather than wait for the holder, who may never announce (its store
+                // can fail, and then its lock lives out its TTL). The next request looks again.
+                if let Some(token) = self.local_fresh.take() {
+                    return Step::Serve(Served::new(Source::Cache, Outcome::Token(token), false));
+                }
                 self.following = true;
                 if now >= self.give_up_at {
                     tracing::warn!("gave up waiting for the lock holder; calling the upstream directly");
@@ -346,6 +352,15 @@ mod tests {
         let Step::PutBack(PERMIT, served) = step else { panic!("{step:?}") };
         assert_eq!((served.fetched.source, served.keep_locally), (Source::Cache, false));
         assert!(same(served.fetched.token().cloned(), &own));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_with_its_own_fresh_token_serves_it_instead_of_following() {
+        let own = token(3600);
+        let held = Seen::Held { lock_ttl: SETTINGS.lock_ttl, stale: None };
+        let (source, token, keep) = served(next(&mut new_plan(MISS, Some(&own)), held));
+        assert_eq!((source, keep), (Source::Cache, false), "served as it was: still due for revalidation");
+        assert!(same(token, &own));
     }
 
     #[tokio::test(start_paused = true)]
