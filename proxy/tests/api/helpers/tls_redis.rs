@@ -222,9 +222,20 @@ impl TlsRedisCluster {
     /// The leak check of one node: `SAVE`, then its RDB file (uncompressed: every key and
     /// value as is) scanned for canaries.
     fn leak_check(&self, node: &ClusterNode) -> Result<(), String> {
-        let saved = self.tls.cli(node.port, &["save"]);
-        if !saved.status.success() {
-            return Err(format!("SAVE on the TLS cluster node on port {} failed", node.port));
+        // redis-cli exits 0 on an error reply too: read the reply. A master may be busy
+        // forking for a replica's sync ("Background save already in progress"; seen in CI,
+        // where no dump.rdb was then found): try again for a few seconds.
+        let mut reply = String::new();
+        for _ in 0..50 {
+            let saved = self.tls.cli(node.port, &["save"]);
+            reply = String::from_utf8_lossy(&saved.stdout).trim().to_owned();
+            if saved.status.success() && reply == "OK" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if reply != "OK" {
+            return Err(format!("SAVE on the TLS cluster node on port {} answered {reply:?}", node.port));
         }
         let rdb = std::fs::read(self.dir.path(&node.port.to_string()).join("dump.rdb"))
             .map_err(|e| format!("the RDB file of the TLS cluster node on port {}: {e}", node.port))?;
