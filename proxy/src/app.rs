@@ -10,17 +10,14 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::response::Response;
-use http::{HeaderValue, header};
 use tokio::net::TcpListener;
 
 use crate::admin::admin_router;
 use crate::config::{Config, ConfigError};
-use crate::handler::client_router;
+use crate::handler::ClientService;
 use crate::listener::{self, AcceptFailures, Inbound};
 use crate::metrics::Metrics;
 use crate::purge::Epochs;
@@ -161,9 +158,8 @@ impl Application {
                 }
             }
         });
-        let client_router = client_router(state.clone())
-            .layer(axum::middleware::map_response_with_state(Arc::clone(&state.shutting_down), close_while_draining));
-        let client = listener::serve(client_listener, client_router, inbound, Arc::clone(&state.metrics), stopped());
+        let client_service = ClientService::new(state.clone());
+        let client = listener::serve(client_listener, client_service, inbound, Arc::clone(&state.metrics), stopped());
         let admin = listener::serve(
             admin_listener,
             admin_router(state.clone()),
@@ -213,14 +209,4 @@ struct Drain {
     delay: Duration,
     /// `TOKEN_PROXY_REQUEST_TIMEOUT`: no token request may take longer.
     in_flight_bound: Duration,
-}
-
-/// While draining, every client answer closes its connection: a keep-alive client then opens
-/// its next connection through the load balancer, to a replica that stays, instead of racing
-/// the close of its idle connection when the listener stops.
-async fn close_while_draining(State(draining): State<Arc<AtomicBool>>, mut response: Response) -> Response {
-    if draining.load(Ordering::Relaxed) {
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
 }

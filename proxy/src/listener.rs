@@ -23,6 +23,7 @@
 //! open connections to finish their in-flight requests.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -155,9 +157,9 @@ impl Inbound {
 
 /// Serves `router` on `listener` until `shutdown` resolves, then waits for open connections to
 /// finish their in-flight requests.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     listener: TcpListener,
-    router: Router,
+    handler: H,
     inbound: Inbound,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
@@ -174,7 +176,7 @@ pub async fn serve(
     );
     let mut http = http1::Builder::new();
     http.keep_alive(true);
-    let connection = Arc::new(Connection { kind, http, tls, header_read_timeout, router });
+    let connection = Arc::new(Connection { kind, http, tls, header_read_timeout, handler });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -316,17 +318,44 @@ impl AcceptFailures {
     }
 }
 
+/// What answers a listener's requests, with the peer's address.
+pub trait Handler: Send + Sync + 'static {
+    fn call(
+        &self,
+        request: http::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response> + Send + 'static;
+}
+
+/// An axum router: the peer reaches its handlers as `ConnectInfo<SocketAddr>`.
+impl Handler for Router {
+    fn call(
+        &self,
+        mut request: http::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let response = self.clone().oneshot(request);
+        async move {
+            match response.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
+
 /// What every connection of the listener shares.
-struct Connection {
+struct Connection<H> {
     kind: ListenerKind,
     http: http1::Builder,
     tls: Option<TlsAcceptor>,
     /// Also the TLS handshake's deadline.
     header_read_timeout: Duration,
-    router: Router,
+    handler: H,
 }
 
-impl Connection {
+impl<H: Handler> Connection<H> {
     async fn serve(&self, stream: TcpStream, peer: SocketAddr, watcher: Watcher, metrics: &Metrics) {
         let Some(acceptor) = &self.tls else {
             return self.serve_http(stream, peer, watcher).await;
@@ -348,18 +377,16 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let router = self.router.clone();
         let activity = Arc::new(Activity::new());
         let handled = Arc::clone(&activity);
-        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            let response = router.clone().oneshot(request);
+        let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let response = self.handler.call(request, peer);
             let handled = Arc::clone(&handled);
             handled.begin();
             async move {
                 let response = response.await;
                 handled.end();
-                response
+                Ok::<_, Infallible>(response)
             }
         });
         let connection = watcher.watch(self.http.serve_connection(TokioIo::new(stream), service));

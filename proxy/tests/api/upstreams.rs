@@ -134,6 +134,26 @@ async fn an_unknown_upstream_is_a_404_and_calls_no_pool() {
     assert_eq!(pools.orders.idp.requests_total() + pools.partners.idp.requests_total(), 0);
 }
 
+/// Plain token routes skip axum's router (`handler::ClientService`); the rest go through it.
+/// Both ways must route alike: a percent-encoded name, the same upstream, the same entry.
+#[tokio::test]
+async fn a_percent_encoded_upstream_name_routes_like_the_plain_one() {
+    let pools = TwoPools::start(1).await;
+    let addr = pools.replicas[0].addr;
+    let plain = post_basic(&format!("http://{addr}/partners/oauth2/token"), "shared-client", SECRET, None).await;
+    assert_eq!((plain.status, plain.x_cache()), (200, "MISS"), "{}", plain.raw);
+    let encoded = post_basic(&format!("http://{addr}/p%61rtners/oauth2/token"), "shared-client", SECRET, None).await;
+    assert_eq!((encoded.status, encoded.x_cache()), (200, "HIT"), "{}", encoded.raw);
+    assert_eq!(encoded.access_token(), plain.access_token());
+    assert_eq!(issuer(plain.access_token()), PARTNERS_ISSUER);
+    for path in ["/partners/oauth2/token/", "//oauth2/token", "/a/partners/oauth2/token", "/oauth2/token2"] {
+        let reply = post_basic(&format!("http://{addr}{path}"), "shared-client", SECRET, None).await;
+        assert_eq!(reply.status, 404, "{path}: {}", reply.raw);
+    }
+    assert_eq!(pools.partners.idp.issued_total(), 1);
+    assert_eq!(pools.orders.idp.requests_total(), 0);
+}
+
 #[tokio::test]
 async fn a_cold_burst_at_one_pool_costs_one_call_there_and_none_at_the_other() {
     let pools = TwoPools::start(3).await;
