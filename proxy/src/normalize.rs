@@ -63,31 +63,45 @@ impl std::fmt::Debug for PassThrough {
     }
 }
 
-/// Checks the request head before the body is read.
+/// Checks the request head before the body is read. One pass over the headers: each
+/// `HeaderMap` lookup hashes its name, and a hit's head has only a handful of headers.
 pub fn check_head(headers: &HeaderMap, limits: &RequestLimits) -> Result<(), Rejection> {
+    let mut transfer_encodings = Seen::default();
+    let mut authorizations = Seen::default();
+    let mut content_types = Seen::default();
+    let mut content_lengths = Seen::default();
+    let mut header_bytes = 0;
+    for (name, value) in headers {
+        header_bytes += name.as_str().len() + value.len() + 4;
+        let seen = match *name {
+            header::TRANSFER_ENCODING => &mut transfer_encodings,
+            header::AUTHORIZATION => &mut authorizations,
+            header::CONTENT_TYPE => &mut content_types,
+            header::CONTENT_LENGTH => &mut content_lengths,
+            _ => continue,
+        };
+        seen.count += 1;
+        seen.first = seen.first.or(Some(value));
+    }
     // hyper refuses conflicting Content-Lengths and, given Content-Length with
     // Transfer-Encoding, frames by the latter and closes the connection (RFC 9112 §6.1). It does
     // accept a repeated Transfer-Encoding (`chunked, chunked`), and a list ending in chunked
     // (`gzip, chunked`) whose other codings it ignores, which another hop may read differently:
     // only exactly `chunked` is accepted here. tests/api/raw_socket.rs holds both to it.
-    let mut transfer_encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(coding) = transfer_encodings.next() {
+    if let Some(coding) = transfer_encodings.first {
         let exactly_chunked = coding.to_str().is_ok_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        if !exactly_chunked || transfer_encodings.next().is_some() {
+        if !exactly_chunked || transfer_encodings.count > 1 {
             return Err(Rejection::ambiguous_framing());
         }
     }
     // Two of either would be taken first-wins here, and may be read otherwise by another hop
     // or by the upstream: which client, which body format, is not a guess to make.
-    for (name, refusal) in [
-        (header::AUTHORIZATION, "more than one Authorization header"),
-        (header::CONTENT_TYPE, "more than one Content-Type header"),
-    ] {
-        if headers.get_all(name).iter().nth(1).is_some() {
-            return Err(Rejection::invalid_request(refusal));
-        }
+    if authorizations.count > 1 {
+        return Err(Rejection::invalid_request("more than one Authorization header"));
     }
-    let header_bytes: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if content_types.count > 1 {
+        return Err(Rejection::invalid_request("more than one Content-Type header"));
+    }
     if header_bytes > limits.max_header_bytes {
         return Err(Rejection::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -95,18 +109,25 @@ pub fn check_head(headers: &HeaderMap, limits: &RequestLimits) -> Result<(), Rej
             "request headers are too large",
         ));
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
+    let content_type = content_types
+        .first
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| Rejection::invalid_request("Content-Type must be application/x-www-form-urlencoded"))?;
     if !is_form_content_type(content_type) {
         return Err(Rejection::invalid_request("Content-Type must be application/x-www-form-urlencoded"));
     }
-    let declared_length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let declared_length = content_lengths.first.and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared_length.is_some_and(|n| n > limits.max_body_bytes) {
         return Err(body_too_large());
     }
     Ok(())
+}
+
+/// How often a header came, and its first value.
+#[derive(Default)]
+struct Seen<'a> {
+    count: usize,
+    first: Option<&'a HeaderValue>,
 }
 
 pub fn body_too_large() -> Rejection {
