@@ -84,7 +84,8 @@ end
 local now = redis.call('TIME')
 ";
 
-/// The hit read through fred (Sentinel, Cluster): an entry and Redis's clock in one step.
+/// The hit read through fred (Sentinel; on a Cluster when a read is redirected, or before
+/// fred has the map, or with pipelined reads off): an entry and Redis's clock in one step.
 /// KEYS: entry. ARGV: the size limit. Returns {value or '', seconds, µs, unusable}.
 const READ_LUA: &str = r"
 local v, _, bad = entry(ARGV[1])
@@ -127,7 +128,8 @@ pub struct StoreSettings {
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
     /// Hit-path reads on their own pipelined connection when the server allows it (a single
-    /// server, with or without TLS); `false` reads through fred always (tests compare the two).
+    /// server, or one per master of a Redis Cluster, with or without TLS); `false` reads through
+    /// fred always (tests compare the two).
     pub pipelined_reads: bool,
 }
 
@@ -432,8 +434,9 @@ impl RedisStore {
 
     /// Reads an entry and Redis's clock, one round trip, no lock: the hit path. On a single
     /// server through the [`ReadPipeline`] (GETRANGE and TIME, several times cheaper
-    /// for Redis than a script), else through fred ([`READ_LUA`]: TIME must come from the
-    /// entry's own node in a cluster). A key holding something else, or more than
+    /// for Redis than a script); on a Redis Cluster through the pipeline of the entry's master
+    /// ([`shards`]: TIME must come from the entry's own node, and it is sent on that node's
+    /// connection); else through fred ([`READ_LUA`]). A key holding something else, or more than
     /// [`MAX_ENTRY_BYTES`], is that key's miss (and a metric), never a Redis failure.
     pub async fn read_value(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
         let name = entry_name(key);
@@ -588,8 +591,8 @@ fn entry_name(key: &CacheKey) -> [u8; ENTRY_NAME_LEN] {
 }
 
 /// Where the [`ReadPipeline`] connects: a single server, over TLS when the endpoint says so,
-/// logging in as fred does (the IAM token included), or `None` for Sentinel and Cluster, whose
-/// reads go through fred.
+/// logging in as fred does (the IAM token included), or `None` for Sentinel (whose reads go
+/// through fred) and Cluster (one pipeline per master: [`cluster_template`]).
 fn pipeline_target(config: &Config, endpoint: &Endpoint) -> Option<Target> {
     let ServerConfig::Centralized { server } = &config.server else { return None };
     Some(Target {
