@@ -488,3 +488,66 @@ async fn while_a_master_is_down_the_other_shards_are_still_read() {
     })
     .await;
 }
+
+/// Issue 12, "health judged per shard", at the store: on a cluster the hit read goes to each
+/// entry's master on a connection of its own, and reads the same values, misses and bad keys
+/// (another type, a 3 MiB value) as fred's read script. A slot moved under it answers MOVED:
+/// that read goes through fred, and the next ones to the slot's new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_store_reads_each_master_as_fred_does_and_follows_a_moved_slot() {
+    use shared::keys::CacheKey;
+    use token_proxy::store::{RedisStore, ShardsHealth};
+    // Logs are captured from the first look on (the redirect is seen in them).
+    drop(captured_logs());
+    let cluster = RedisCluster::start(&[]).await;
+    let keys = shared::keys::Keys::random();
+    let store = |pipelined| connect_store(&cluster.url(), crate::read_pipeline::store_settings(pipelined), &keys);
+    let (per_shard, through_fred) = (store(true), store(false));
+    let masters = cluster.masters();
+    let name = |key: &CacheKey| RedisStore::entry_key(key);
+    let on = |master: usize, from: u8| -> CacheKey {
+        (from..=255)
+            .map(|b| CacheKey::from_bytes([b; 32]))
+            .find(|key| cluster.owner_of(slot_of(&name(key))) == master)
+            .expect("a key on every master")
+    };
+    // On every master: an entry, a hash at an entry's name, a 3 MiB value.
+    let entries: Vec<CacheKey> = masters.iter().map(|&m| on(m, 0)).collect();
+    let wrong_types: Vec<CacheKey> = masters.iter().map(|&m| on(m, 100)).collect();
+    let oversized: Vec<CacheKey> = masters.iter().map(|&m| on(m, 200)).collect();
+    let huge = "x".repeat(3 << 20);
+    for (i, &master) in masters.iter().enumerate() {
+        cluster.command(master, &["SET", &name(&entries[i]), &format!("value-{i}"), "PX", "60000"]);
+        cluster.command(master, &["HSET", &name(&wrong_types[i]), "f", "v"]);
+        cluster.command(master, &["SET", &name(&oversized[i]), &huge]);
+    }
+    let absent = CacheKey::from_bytes(std::array::from_fn(|i| i as u8));
+    eventually(Duration::from_secs(5), "both stores connected", async || {
+        per_shard.read_value(&absent).await.is_ok() && through_fred.read_value(&absent).await.is_ok()
+    })
+    .await;
+    for store in [&per_shard, &through_fred] {
+        for i in 0..masters.len() {
+            let value = store.read_value(&entries[i]).await.unwrap().expect("the entry");
+            assert_eq!(&value.sealed[..], format!("value-{i}").as_bytes());
+            assert!(store.read_value(&wrong_types[i]).await.unwrap().is_none(), "a hash at an entry's name");
+            assert!(store.read_value(&oversized[i]).await.unwrap().is_none(), "a 3 MiB value");
+        }
+        assert!(store.read_value(&absent).await.unwrap().is_none());
+        assert_eq!(store.breaker_state(), token_proxy::metrics::BreakerState::Closed);
+    }
+    assert_eq!(per_shard.shards_health(), Some(ShardsHealth { primaries: 3, failing: 0 }));
+    assert_eq!(through_fred.shards_health(), None, "pipelined reads off: every read through fred");
+
+    // The first entry's slot moves, with the entry, to another master.
+    let slot = slot_of(&name(&entries[0]));
+    cluster.move_slot(slot, masters[0], masters[1]).await;
+    cluster.wait_converged().await;
+    for round in 0..3 {
+        let value = per_shard.read_value(&entries[0]).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(&value.expect("the moved entry").sealed[..], b"value-0", "round {round}");
+    }
+    assert!(captured_logs().contains("a hit read was redirected; reading through fred"));
+    assert_eq!(per_shard.shards_health(), Some(ShardsHealth { primaries: 3, failing: 0 }));
+    assert_eq!(per_shard.breaker_state(), token_proxy::metrics::BreakerState::Closed);
+}
