@@ -39,15 +39,23 @@ async fn healthz() -> &'static str {
 /// Shutdown makes it unready, so the load balancer drains it first; so does a listener that
 /// cannot accept connections (out of file descriptors), while it cannot.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let (redis, breaker, refusal) = match state.upstreams.store() {
-        None => ("disabled", BreakerState::Closed, None),
-        Some(store) => (store.health().label(), store.breaker_state(), store.refusal()),
+    let (redis, breaker, refusal, shards) = match state.upstreams.store() {
+        None => ("disabled", BreakerState::Closed, None, None),
+        Some(store) => (store.health().label(), store.breaker_state(), store.refusal(), store.shards_health()),
     };
-    let degraded = !matches!(redis, "up" | "disabled") || breaker != BreakerState::Closed;
+    let degraded = !matches!(redis, "up" | "disabled")
+        || breaker != BreakerState::Closed
+        || shards.is_some_and(|shards| shards.failing > 0);
     let mode = if degraded { "degraded" } else { "normal" };
     // Until the purge epochs are read, Redis's entries are not used (see `crate::purge`).
     let purges = if state.upstreams.purges_synced() { "synced" } else { "pending" };
     let mut body = json!({ "ready": true, "redis": redis, "breaker": breaker.label(), "mode": mode, "purges": purges });
+    if let Some(shards) = shards {
+        // On a Redis Cluster, hit reads are judged per primary: how many this replica knows
+        // from the cluster map, and how many of those fail reads now. Locks and writes are
+        // still judged for the whole cluster ("redis", "breaker").
+        body["shards"] = json!({ "primaries": shards.primaries, "reads_failing": shards.failing });
+    }
     if let Some(refusal) = refusal {
         // Why Redis is down when it refuses us (TLS, login): the cause, never a secret.
         body["redis_refusal"] = refusal.to_string().into();

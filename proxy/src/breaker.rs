@@ -4,6 +4,10 @@
 //! breaker opens: commands fail at once, so requests stop paying the Redis deadline and run on
 //! L1, in-process single flight and the upstream (degraded mode). After `cooldown` one probe
 //! command is let through; its success closes the breaker, its failure opens it again.
+//!
+//! The store has one breaker for everything that goes through fred, reported in metrics and
+//! `/readyz`; on a Redis Cluster each primary's hit reads have a breaker of their own
+//! ([`Breaker::for_shard`]), so that one dead master does not stop the reads of the others.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,12 +32,40 @@ pub struct Breaker {
     state: Mutex<State>,
     threshold: u32,
     cooldown: Duration,
-    metrics: Arc<Metrics>,
+    /// Where the state is reported (`token_proxy_redis_breaker_*`); `None` for a shard's read
+    /// breaker, which must not make the store's own gauge say open.
+    metrics: Option<Arc<Metrics>>,
+    /// The shard (`host:port`) a read breaker guards, for its log lines.
+    shard: Option<String>,
 }
 
 impl Breaker {
     pub fn new(threshold: u32, cooldown: Duration, metrics: Arc<Metrics>) -> Breaker {
-        Breaker { state: Mutex::new(State::Closed { failures: 0 }), threshold: threshold.max(1), cooldown, metrics }
+        Breaker {
+            state: Mutex::new(State::Closed { failures: 0 }),
+            threshold: threshold.max(1),
+            cooldown,
+            metrics: Some(metrics),
+            shard: None,
+        }
+    }
+
+    /// The breaker of one Redis Cluster primary's hit reads: logged with the shard's address,
+    /// and not reported in the store's breaker metrics.
+    pub fn for_shard(threshold: u32, cooldown: Duration, shard: String) -> Breaker {
+        Breaker {
+            state: Mutex::new(State::Closed { failures: 0 }),
+            threshold: threshold.max(1),
+            cooldown,
+            metrics: None,
+            shard: Some(shard),
+        }
+    }
+
+    fn transition(&self, to: BreakerState) {
+        if let Some(metrics) = &self.metrics {
+            metrics.breaker_transition(to);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -47,7 +79,7 @@ impl Breaker {
             State::Closed { .. } => true,
             State::Open { until } if Instant::now() >= until => {
                 *state = State::Probing;
-                self.metrics.breaker_transition(BreakerState::HalfOpen);
+                self.transition(BreakerState::HalfOpen);
                 true
             }
             State::Open { .. } | State::Probing => false,
@@ -60,8 +92,11 @@ impl Breaker {
         let next = match (*state, ok) {
             (State::Closed { .. }, true) => State::Closed { failures: 0 },
             (State::Probing, true) => {
-                self.metrics.breaker_transition(BreakerState::Closed);
-                tracing::info!("redis is back: circuit breaker closed");
+                self.transition(BreakerState::Closed);
+                match &self.shard {
+                    Some(shard) => tracing::info!(%shard, "redis shard answers reads again: its read breaker closed"),
+                    None => tracing::info!("redis is back: circuit breaker closed"),
+                }
                 State::Closed { failures: 0 }
             }
             (State::Closed { failures }, false) if failures + 1 < self.threshold => {
@@ -69,9 +104,18 @@ impl Breaker {
             }
             (State::Closed { .. } | State::Probing, false) => {
                 if !matches!(*state, State::Probing) {
-                    tracing::warn!(cooldown = ?self.cooldown, "redis keeps failing: circuit breaker open, running degraded");
+                    match &self.shard {
+                        Some(shard) => tracing::warn!(
+                            %shard, cooldown = ?self.cooldown,
+                            "reads from one redis shard keep failing: its read breaker is open (other shards unaffected)"
+                        ),
+                        None => tracing::warn!(
+                            cooldown = ?self.cooldown,
+                            "redis keeps failing: circuit breaker open, running degraded"
+                        ),
+                    }
                 }
-                self.metrics.breaker_transition(BreakerState::Open);
+                self.transition(BreakerState::Open);
                 State::Open { until: Instant::now() + self.cooldown }
             }
             // A slow command finishing after the breaker opened changes nothing.
@@ -86,8 +130,11 @@ impl Breaker {
     pub fn recovered(&self) {
         let mut state = self.lock();
         if !matches!(*state, State::Closed { .. }) {
-            self.metrics.breaker_transition(BreakerState::Closed);
-            tracing::info!("redis answers again: circuit breaker closed");
+            self.transition(BreakerState::Closed);
+            match &self.shard {
+                Some(shard) => tracing::info!(%shard, "redis answers again: the shard's read breaker closed"),
+                None => tracing::info!("redis answers again: circuit breaker closed"),
+            }
         }
         *state = State::Closed { failures: 0 };
     }
@@ -170,5 +217,16 @@ mod tests {
         assert!(text.contains("token_proxy_redis_breaker_transitions_total{to=\"open\"} 1"), "{text}");
         assert!(text.contains("token_proxy_redis_breaker_transitions_total{to=\"closed\"} 1"), "{text}");
         assert!(text.contains("token_proxy_redis_breaker_open 0"), "{text}");
+    }
+
+    #[test]
+    fn a_shard_breaker_works_alike_and_reports_nothing() {
+        let b = Breaker::for_shard(2, Duration::from_secs(60), "10.0.0.1:6379".to_owned());
+        b.record(false);
+        b.record(false);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(!b.allow());
+        b.recovered();
+        assert!(b.allow());
     }
 }

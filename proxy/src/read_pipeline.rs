@@ -12,10 +12,12 @@
 //! another's reply. (A Redis user whose ACL refuses ECHO gets no markers; the replies' types
 //! are still checked.) Scripts, locks and pub/sub stay with fred.
 //!
-//! A single server is read this way, over plain TCP or TLS (rustls, with the store's trust
+//! A single server is read this way, and so is each master of a Redis Cluster (one pipeline per
+//! master, see `store::shards`: one dead master must not stop the others' reads, as it stops
+//! fred's cluster client), over plain TCP or TLS (rustls, with the store's trust
 //! settings and client certificate), with AUTH and SELECT as the URL asks (or with the user and
-//! password a credential provider gives for each connection: IAM tokens); Sentinel and Cluster
-//! reads go through fred. With a maximum age (IAM: AWS closes a connection after 12 hours), a
+//! password a credential provider gives for each connection: IAM tokens); Sentinel reads go
+//! through fred. A key this node does not serve is answered with Redis's `MOVED`/`ASK` code. With a maximum age (IAM: AWS closes a connection after 12 hours), a
 //! connection stops taking new batches when it reaches it, answers those written, and is made
 //! again: no read fails for it.
 //!

@@ -5,7 +5,10 @@
 //! client reconnects by itself, and any failure is a [`StoreError`] after which the caller
 //! carries on without Redis. fred's defaults would wait forever across a Redis restart, hence
 //! the explicit settings. On a single server (`redis://` or `rediss://`) the hit path's read
-//! goes over a connection of its own, [`ReadPipeline`], held to the same deadline and breaker.
+//! goes over a connection of its own, [`ReadPipeline`], held to the same deadline and breaker;
+//! on a Redis Cluster over one such connection per primary, each with a breaker of its own
+//! ([`shards`]), so that one dead master does not stop the reads of the others (fred's cluster
+//! client serves no shard until the dead one is replaced).
 //! Where Redis is and how to reach it (URL schemes, TLS, a password given apart) is
 //! [`endpoint`]; ElastiCache and MemoryDB IAM tokens in place of a password, [`iam`]; Redis
 //! refusing us (TLS, login, no IAM credentials), said once and seen by readiness, [`refusals`].
@@ -44,6 +47,7 @@ pub mod iam;
 mod purges;
 mod refusals;
 pub mod sealing;
+mod shards;
 
 pub use counters::{AuthCounters, Verdict};
 pub use endpoint::{Endpoint, EndpointError, SCHEMES, Scheme, Topology, client_config};
@@ -53,6 +57,8 @@ pub use refusals::Refusal;
 use refusals::{Link, Refusals};
 pub use sealing::Sealing;
 use secrecy::ExposeSecret;
+use shards::ShardReads;
+pub use shards::ShardsHealth;
 
 /// The channel every replica subscribes to for flight outcomes.
 pub const CHANNEL: &str = "tp:flights";
@@ -78,7 +84,8 @@ end
 local now = redis.call('TIME')
 ";
 
-/// The hit read through fred (Sentinel, Cluster): an entry and Redis's clock in one step.
+/// The hit read through fred (Sentinel; on a Cluster when a read is redirected, or before
+/// fred has the map, or with pipelined reads off): an entry and Redis's clock in one step.
 /// KEYS: entry. ARGV: the size limit. Returns {value or '', seconds, µs, unusable}.
 const READ_LUA: &str = r"
 local v, _, bad = entry(ARGV[1])
@@ -121,7 +128,8 @@ pub struct StoreSettings {
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
     /// Hit-path reads on their own pipelined connection when the server allows it (a single
-    /// server, with or without TLS); `false` reads through fred always (tests compare the two).
+    /// server, or one per master of a Redis Cluster, with or without TLS); `false` reads through
+    /// fred always (tests compare the two).
     pub pipelined_reads: bool,
 }
 
@@ -138,6 +146,8 @@ pub struct RedisStore {
     client: Client,
     /// The hit path's reads, for a single server; `None` reads through `client`.
     reads: Option<Arc<ReadPipeline>>,
+    /// The hit path's reads on a Redis Cluster, per primary; `None` reads through `client`.
+    shards: Option<Arc<ShardReads>>,
     command_timeout: Duration,
     subscriber: SubscriberClient,
     /// Woken when a purge is announced.
@@ -235,6 +245,7 @@ impl RedisStore {
         if let Some(reads) = &reads {
             tokio::spawn(watch_reads(reads.failures(), Arc::clone(&refusals)));
         }
+        let shard_template = cluster_template(&config, endpoint).filter(|_| settings.pipelined_reads);
         let mut builder = Builder::from_config(config);
         builder
             .with_performance_config(|perf| perf.default_command_timeout = timeout)
@@ -258,6 +269,15 @@ impl RedisStore {
         let setup = |e: fred::error::Error| StoreSetupError(format!("cannot create the Redis client ({:?})", e.kind()));
         let client = builder.build().map_err(setup)?;
         let subscriber = builder.build_subscriber_client().map_err(setup)?;
+        let shards = shard_template.map(|template| {
+            ShardReads::start(
+                client.clone(),
+                template,
+                (Duration::from_secs(1).max(timeout), unresponsive),
+                (settings.breaker_threshold, settings.breaker_cooldown),
+                Arc::clone(&refusals),
+            )
+        });
         // Before connecting, so that no refusal goes unseen.
         let tls = endpoint.tls().is_some();
         watch_connections(&client, Link::Commands, tls, Arc::clone(&refusals));
@@ -298,10 +318,12 @@ impl RedisStore {
         tokio::spawn(watch_purges(subscriber.clone(), Arc::clone(&purged)));
         let breaker =
             Arc::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown, Arc::clone(&metrics)));
-        tokio::spawn(ping(client.clone(), timeout, Arc::downgrade(&health), Arc::downgrade(&breaker)));
+        let shards_weak = shards.as_ref().map(Arc::downgrade);
+        tokio::spawn(ping(client.clone(), timeout, Arc::downgrade(&health), Arc::downgrade(&breaker), shards_weak));
         Ok(RedisStore {
             client,
             reads,
+            shards,
             command_timeout: timeout,
             subscriber,
             purged,
@@ -412,11 +434,24 @@ impl RedisStore {
 
     /// Reads an entry and Redis's clock, one round trip, no lock: the hit path. On a single
     /// server through the [`ReadPipeline`] (GETRANGE and TIME, several times cheaper
-    /// for Redis than a script), else through fred ([`READ_LUA`]: TIME must come from the
-    /// entry's own node in a cluster). A key holding something else, or more than
+    /// for Redis than a script); on a Redis Cluster through the pipeline of the entry's master
+    /// ([`shards`]: TIME must come from the entry's own node, and it is sent on that node's
+    /// connection); else through fred ([`READ_LUA`]). A key holding something else, or more than
     /// [`MAX_ENTRY_BYTES`], is that key's miss (and a metric), never a Redis failure.
     pub async fn read_value(&self, key: &CacheKey) -> Result<Option<StoredValue>, StoreError> {
         let name = entry_name(key);
+        if let Some(shards) = &self.shards {
+            match self.read_on_shard(shards, &name).await? {
+                Some(found) => return Ok(self.usable(found)),
+                // Redirected (or no map yet): through fred, which follows the redirect and
+                // reads the map again; then the shards follow fred's new map.
+                None => {
+                    let found = self.read_through_fred(&name).await;
+                    shards.look();
+                    return Ok(self.usable(found?));
+                }
+            }
+        }
         let link = if self.reads.is_some() { Link::Reads } else { Link::Commands };
         let found = self
             .guarded_on(link, async {
@@ -434,6 +469,49 @@ impl RedisStore {
             })
             .await?;
         Ok(self.usable(found))
+    }
+
+    /// [`READ_LUA`] through fred and the store's breaker.
+    async fn read_through_fred(&self, name: &[u8]) -> Result<Found, StoreError> {
+        self.guarded(async {
+            let reply: Vec<Value> = READ.evalsha_with_reload(&self.client, vec![name], MAX_ENTRY_BYTES as i64).await?;
+            parse_read(reply).ok_or(StoreError::UnexpectedReply)
+        })
+        .await
+    }
+
+    /// Reads `name` from its slot's primary on that primary's own connection, under that
+    /// primary's breaker (never the store's: a dead master must not stop the reads of the
+    /// others). `Ok(None)` when the read must go through fred instead: no cluster map yet, or
+    /// the node redirected it (`MOVED`, `ASK`), which is no failure of the node.
+    async fn read_on_shard(&self, shards: &ShardReads, name: &[u8]) -> Result<Option<Found>, StoreError> {
+        let Some(shard) = shards.shard_for(name) else { return Ok(None) };
+        if !shard.breaker.allow() {
+            return Err(StoreError::BreakerOpen);
+        }
+        let read = tokio::time::timeout(self.command_timeout, shard.pipeline.read(name)).await;
+        let result = match read {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(Ok(reply)) => Ok(Found::of(reply.value, reply.now)),
+            Ok(Err(ReadError::Server(code))) if code == "WRONGTYPE" => Ok(Found::Unusable),
+            Ok(Err(ReadError::Server(code))) if code == "MOVED" || code == "ASK" => {
+                shard.breaker.record(true);
+                tracing::debug!(shard = %shard.address, %code, "a hit read was redirected; reading through fred");
+                return Ok(None);
+            }
+            // CLUSTERDOWN included: that shard's read failed.
+            Ok(Err(error)) => Err(StoreError::Read(error)),
+        };
+        shard.breaker.record(result.is_ok());
+        if let Err(error) = &result {
+            self.metrics.redis_error();
+            if self.refusals.any() {
+                tracing::debug!(shard = %shard.address, %error, "redis read failed (redis refuses this replica)");
+            } else {
+                tracing::warn!(shard = %shard.address, %error, "redis read failed; continuing without it");
+            }
+        }
+        result.map(Some)
     }
 
     /// The value found, if usable; an unusable one is counted.
@@ -481,6 +559,11 @@ impl RedisStore {
         self.breaker.state()
     }
 
+    /// On a Redis Cluster read per shard: how many primaries there are, and whose reads fail.
+    pub fn shards_health(&self) -> Option<ShardsHealth> {
+        self.shards.as_ref().map(|shards| shards.health())
+    }
+
     /// Closes the connections.
     pub async fn quit(&self) {
         self.health.quitting.store(true, Ordering::Relaxed);
@@ -508,21 +591,38 @@ fn entry_name(key: &CacheKey) -> [u8; ENTRY_NAME_LEN] {
 }
 
 /// Where the [`ReadPipeline`] connects: a single server, over TLS when the endpoint says so,
-/// logging in as fred does (the IAM token included), or `None` for Sentinel and Cluster, whose
-/// reads go through fred.
+/// logging in as fred does (the IAM token included), or `None` for Sentinel (whose reads go
+/// through fred) and Cluster (one pipeline per master: [`cluster_template`]).
 fn pipeline_target(config: &Config, endpoint: &Endpoint) -> Option<Target> {
     let ServerConfig::Centralized { server } = &config.server else { return None };
     Some(Target {
         // fred keeps a URL's IPv6 literal in its brackets, which a socket address has not.
         host: server.host.trim_start_matches('[').trim_end_matches(']').to_owned(),
         port: server.port,
+        ..connection_template(config, endpoint)
+    })
+}
+
+/// What every primary's read connection of a Redis Cluster shares (TLS, login as fred does,
+/// the IAM token included; a cluster has no database), or `None` when `config` is no cluster.
+/// The host and port are each primary's, from the cluster map ([`shards`]).
+fn cluster_template(config: &Config, endpoint: &Endpoint) -> Option<Target> {
+    matches!(config.server, ServerConfig::Clustered { .. })
+        .then(|| Target { database: None, ..connection_template(config, endpoint) })
+}
+
+/// The connection settings of a read connection, but where it connects.
+fn connection_template(config: &Config, endpoint: &Endpoint) -> Target {
+    Target {
+        host: String::new(),
+        port: 0,
         username: config.username.clone(),
         password: config.password.clone(),
         database: config.database,
         tls: endpoint.tls().cloned(),
         credentials: config.credential_provider.clone(),
         max_age: endpoint.iam().map(|iam| iam.connection_max_age),
-    })
+    }
 }
 
 pub(crate) fn micros(d: Duration) -> i64 {
@@ -627,7 +727,13 @@ async fn keep_connected<C: ClientLike>(
 /// and records whether it answered; ends with the store. A change is logged once. Redis
 /// answering again after it did not (a failover done, a restart) closes the breaker at once:
 /// the cooldown is for a Redis that answers but fails commands.
-async fn ping(client: Client, timeout: Duration, health: std::sync::Weak<Health>, breaker: std::sync::Weak<Breaker>) {
+async fn ping(
+    client: Client,
+    timeout: Duration,
+    health: std::sync::Weak<Health>,
+    breaker: std::sync::Weak<Breaker>,
+    shards: Option<std::sync::Weak<ShardReads>>,
+) {
     loop {
         let answered = matches!(
             tokio::time::timeout(timeout.max(Duration::from_millis(100)), client.ping::<Value>(None)).await,
@@ -644,6 +750,10 @@ async fn ping(client: Client, timeout: Duration, health: std::sync::Weak<Health>
             tracing::info!("redis answers PING");
             if let Some(breaker) = breaker.upgrade() {
                 breaker.recovered();
+            }
+            // fred reached every primary again: so can the shards' reads.
+            if let Some(shards) = shards.as_ref().and_then(std::sync::Weak::upgrade) {
+                shards.recovered();
             }
         }
         drop(health);
@@ -819,7 +929,10 @@ async fn reauthenticate_one(client: &impl AuthInterface, iam: &IamAuth) -> Optio
 }
 
 /// Reports the hit-read connection's refusals and successful connections to `refusals`.
-async fn watch_reads(mut failures: tokio::sync::watch::Receiver<Option<ReadError>>, refusals: Arc<Refusals>) {
+pub(super) async fn watch_reads(
+    mut failures: tokio::sync::watch::Receiver<Option<ReadError>>,
+    refusals: Arc<Refusals>,
+) {
     while failures.changed().await.is_ok() {
         let failure = failures.borrow_and_update().clone();
         match failure {
@@ -879,6 +992,25 @@ mod tests {
         for through_fred in ["redis-cluster://a:6379?node=b:6379", "redis-sentinel://s1:26379?sentinelServiceName=main"]
         {
             assert!(target(through_fred).is_none(), "{through_fred}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_read_per_primary_with_the_endpoints_login_and_tls() {
+        let template = |url: &str, tls: Option<Arc<rustls::ClientConfig>>| {
+            let endpoint = Endpoint::new(url, None, tls).unwrap();
+            cluster_template(&endpoint.fred_config().unwrap(), &endpoint)
+        };
+        let plain = template("redis-cluster://proxy:pw@a:6379?node=b:6379", None).expect("a cluster");
+        assert_eq!((plain.username.as_deref(), plain.password.as_deref()), (Some("proxy"), Some("pw")));
+        assert_eq!((plain.database, plain.tls.is_none()), (None, true));
+        let tls = Arc::new(client_config(Some(Vec::new()), None).unwrap());
+        let over_tls = template("valkeys-cluster://a:6380", Some(Arc::clone(&tls))).expect("a TLS cluster");
+        assert!(over_tls.tls.is_some_and(|t| Arc::ptr_eq(&t, &tls)));
+        for not_a_cluster in ["redis://a:6379", "rediss://a:6380", "redis-sentinel://s1:26379?sentinelServiceName=main"]
+        {
+            let tls = not_a_cluster.starts_with("rediss").then(|| Arc::clone(&tls));
+            assert!(template(not_a_cluster, tls).is_none(), "{not_a_cluster}");
         }
     }
 

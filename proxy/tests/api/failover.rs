@@ -333,8 +333,10 @@ async fn a_tls_sentinel_setup_makes_one_call_per_cold_key_and_follows_a_failover
 /// Issue 12, defect 2: a failover of one shard opened the breaker for all shards for about 7 s
 /// (no coalescing across replicas meanwhile: 3 upstream calls per cold key). Until a replica
 /// has taken over the killed master's slots, fred's cluster client serves no shard (see the
-/// README's limits); once it has, every shard is used again at once, not after the breaker's
-/// cooldown (60 s here, so that waiting it out cannot pass the test).
+/// README's limits: locks and writes wait), while hit reads go per shard (see
+/// `while_a_master_is_down_the_other_shards_are_still_read`); once it has, every shard is used
+/// again at once, not after a breaker's cooldown (60 s here, for the store's breaker and each
+/// shard's read breaker, so that waiting it out cannot pass the test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_a_shard_has_failed_over_every_shard_is_used_again_at_once() {
     let mut cluster = RedisCluster::start(&[]).await;
@@ -351,12 +353,18 @@ async fn once_a_shard_has_failed_over_every_shard_is_used_again_at_once() {
     cluster.wait_promoted(masters[0]).await;
     let report = load.await.unwrap();
     assert_eq!(report.statuses.get(&200), Some(&report.requests), "{report:?}");
-    assert!(fleet.metric_sum("token_proxy_redis_breaker_transitions_total{to=\"open\"}").await >= 1.0);
+    // The outage was seen: the dead shard's reads failed. (The store's breaker no longer opens
+    // on reads, whose failures are the dead shard's alone; it opens only if commands through
+    // fred (locks, writes, purge looks) fail its threshold in a row, which this load may not do.)
+    assert!(fleet.metric_sum("token_proxy_redis_errors_total").await >= 1.0);
     eventually(Duration::from_secs(10), "every replica to use Redis again", async || {
         let mut up = true;
         for replica in 0..3 {
             let ready = fleet.readyz(replica).await;
-            up &= ready["redis"] == "up" && ready["breaker"] == "closed";
+            up &= ready["redis"] == "up"
+                && ready["breaker"] == "closed"
+                && ready["shards"]["reads_failing"] == 0
+                && ready["mode"] == "normal";
         }
         up
     })
@@ -374,4 +382,172 @@ async fn once_a_shard_has_failed_over_every_shard_is_used_again_at_once() {
         assert!(replies.iter().all(|r| r.status == 200));
     }
     assert_eq!(fleet.idp.idp.issued_total() - before, cold.len() as u64, "one call per cold key");
+}
+
+/// Issue 12, "health judged per shard": while one master is dead and not yet replaced, fred's
+/// cluster client serves no shard (see the README's limits), but hit reads go to each slot's
+/// primary on a connection and behind a breaker of that primary's own. A node timeout of 6 s
+/// keeps the dead master unreplaced for the 3 s of requests: keys on the two live shards are
+/// HITs read from Redis without an upstream call, keys on the dead one are still answered 200
+/// (from a replica's own copy, or the upstream: at most one call per key per replica), and
+/// `/readyz` counts one shard whose reads fail. Once a replica has taken over, every key is a
+/// HIT again.
+///
+/// Each key is fetched through one replica only: with L1 off a replica still keeps its own
+/// tokens as a fallback for while Redis fails, and serves them as HITs, so only a HIT on a
+/// replica that never held the token proves a read from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_master_is_down_the_other_shards_are_still_read() {
+    const NODE_TIMEOUT: Duration = Duration::from_secs(6);
+    const ROUNDS: usize = 6;
+    let mut cluster = RedisCluster::start(&["--cluster-node-timeout", "6000"]).await;
+    let overrides = [("TOKEN_PROXY_L1_CAPACITY", "0"), ("TOKEN_PROXY_REDIS_TIMEOUT", "300ms")];
+    let fleet = Fleet::start(3, &cluster.url(), &overrides, || cluster.purge_all()).await;
+    let masters = cluster.masters();
+    let (dead, live) = (masters[0], [masters[1], masters[2]]);
+    let on_dead: Vec<String> = (0..2).map(|j| key_on(&cluster, &fleet, dead, &format!("dead-{j}"))).collect();
+    // Alternating between the two live shards.
+    let on_live: Vec<String> =
+        (0..6).flat_map(|j| live.map(|m| key_on(&cluster, &fleet, m, &format!("live{m}-{j}")))).collect();
+    let owner = |i: usize| i % 3;
+    for (i, key) in on_dead.iter().enumerate().chain(on_live.iter().enumerate()) {
+        assert_eq!(fleet.post(owner(i), key).await.x_cache(), "MISS");
+        assert_eq!(fleet.post(owner(i), key).await.x_cache(), "HIT");
+    }
+    for replica in 0..3 {
+        let ready = fleet.readyz(replica).await;
+        assert_eq!(ready["shards"], serde_json::json!({"primaries": 3, "reads_failing": 0}), "{ready}");
+    }
+    // Every (live key, replica that never held its token), spread over the rounds.
+    let unseen: Vec<(usize, usize)> =
+        (0..on_live.len()).flat_map(|i| [(i, (owner(i) + 1) % 3), (i, (owner(i) + 2) % 3)]).collect();
+    let replica_port = cluster.nodes[cluster.replica_of(dead)].port;
+    let issued = fleet.idp.idp.issued_total();
+    let hit = "token_proxy_requests_total{outcome=\"hit\"}";
+    let hits = fleet.metric_sum(hit).await;
+
+    cluster.kill(dead);
+    let killed = std::time::Instant::now();
+    // Each round asks for the dead shard's keys first (fred notices the dead master when it
+    // writes to it), then for live keys on replicas that never held them.
+    for (round, pairs) in unseen.chunks(unseen.len().div_ceil(ROUNDS)).enumerate() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for replica in 0..3 {
+            for key in &on_dead {
+                let reply = fleet.post(replica, key).await;
+                assert_eq!(reply.status, 200, "round {round}: {key} on replica {replica}: {}", reply.raw);
+            }
+        }
+        for &(i, replica) in pairs {
+            let reply = fleet.post(replica, &on_live[i]).await;
+            assert_eq!(
+                (reply.status, reply.x_cache()),
+                (200, "HIT"),
+                "round {round}, {:?} after the kill: live key {i} on replica {replica}",
+                killed.elapsed()
+            );
+        }
+    }
+    let mut failing = Vec::new();
+    for replica in 0..3 {
+        failing.push(fleet.readyz(replica).await["shards"]["reads_failing"].clone());
+    }
+    let outage = killed.elapsed();
+    // All of the above happened while the dead master was not replaced.
+    let topology = cluster.topology();
+    assert!(
+        !topology.iter().any(|n| n.port == replica_port && n.master),
+        "the replica was promoted after {outage:?}: the test did not run during the outage"
+    );
+    assert!(outage < NODE_TIMEOUT);
+    let hits_now = fleet.metric_sum(hit).await;
+    let calls = fleet.idp.idp.issued_total() - issued;
+    eprintln!("{ROUNDS} rounds in {outage:?} with one master dead: {} hits, {calls} upstream calls", hits_now - hits);
+    assert!(hits_now - hits >= unseen.len() as f64, "every live shard's read counted as a hit");
+    assert!(calls <= (on_dead.len() * 3) as u64, "{calls} upstream calls: at most one per dead-shard key per replica");
+    assert_eq!(failing, vec![serde_json::json!(1); 3], "/readyz counts one shard whose reads fail");
+
+    // Once a replica has taken over the dead master's slots, its keys are read there again.
+    cluster.wait_promoted(dead).await;
+    eventually(Duration::from_secs(10), "every key a HIT again on every replica", async || {
+        let mut all = true;
+        for replica in 0..3 {
+            for key in on_dead.iter().chain(&on_live) {
+                all &= fleet.post(replica, key).await.x_cache() == "HIT";
+            }
+        }
+        all
+    })
+    .await;
+    eventually(Duration::from_secs(10), "/readyz to count no failing shard", async || {
+        let mut none = true;
+        for replica in 0..3 {
+            none &= fleet.readyz(replica).await["shards"]["reads_failing"] == 0;
+        }
+        none
+    })
+    .await;
+}
+
+/// Issue 12, "health judged per shard", at the store: on a cluster the hit read goes to each
+/// entry's master on a connection of its own, and reads the same values, misses and bad keys
+/// (another type, a 3 MiB value) as fred's read script. A slot moved under it answers MOVED:
+/// that read goes through fred, and the next ones to the slot's new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_store_reads_each_master_as_fred_does_and_follows_a_moved_slot() {
+    use shared::keys::CacheKey;
+    use token_proxy::store::{RedisStore, ShardsHealth};
+    // Logs are captured from the first look on (the redirect is seen in them).
+    drop(captured_logs());
+    let cluster = RedisCluster::start(&[]).await;
+    let keys = shared::keys::Keys::random();
+    let store = |pipelined| connect_store(&cluster.url(), crate::read_pipeline::store_settings(pipelined), &keys);
+    let (per_shard, through_fred) = (store(true), store(false));
+    let masters = cluster.masters();
+    let name = |key: &CacheKey| RedisStore::entry_key(key);
+    let on = |master: usize, from: u8| -> CacheKey {
+        (from..=255)
+            .map(|b| CacheKey::from_bytes([b; 32]))
+            .find(|key| cluster.owner_of(slot_of(&name(key))) == master)
+            .expect("a key on every master")
+    };
+    // On every master: an entry, a hash at an entry's name, a 3 MiB value.
+    let entries: Vec<CacheKey> = masters.iter().map(|&m| on(m, 0)).collect();
+    let wrong_types: Vec<CacheKey> = masters.iter().map(|&m| on(m, 100)).collect();
+    let oversized: Vec<CacheKey> = masters.iter().map(|&m| on(m, 200)).collect();
+    let huge = "x".repeat(3 << 20);
+    for (i, &master) in masters.iter().enumerate() {
+        cluster.command(master, &["SET", &name(&entries[i]), &format!("value-{i}"), "PX", "60000"]);
+        cluster.command(master, &["HSET", &name(&wrong_types[i]), "f", "v"]);
+        cluster.command(master, &["SET", &name(&oversized[i]), &huge]);
+    }
+    let absent = CacheKey::from_bytes(std::array::from_fn(|i| i as u8));
+    eventually(Duration::from_secs(5), "both stores connected", async || {
+        per_shard.read_value(&absent).await.is_ok() && through_fred.read_value(&absent).await.is_ok()
+    })
+    .await;
+    for store in [&per_shard, &through_fred] {
+        for i in 0..masters.len() {
+            let value = store.read_value(&entries[i]).await.unwrap().expect("the entry");
+            assert_eq!(&value.sealed[..], format!("value-{i}").as_bytes());
+            assert!(store.read_value(&wrong_types[i]).await.unwrap().is_none(), "a hash at an entry's name");
+            assert!(store.read_value(&oversized[i]).await.unwrap().is_none(), "a 3 MiB value");
+        }
+        assert!(store.read_value(&absent).await.unwrap().is_none());
+        assert_eq!(store.breaker_state(), token_proxy::metrics::BreakerState::Closed);
+    }
+    assert_eq!(per_shard.shards_health(), Some(ShardsHealth { primaries: 3, failing: 0 }));
+    assert_eq!(through_fred.shards_health(), None, "pipelined reads off: every read through fred");
+
+    // The first entry's slot moves, with the entry, to another master.
+    let slot = slot_of(&name(&entries[0]));
+    cluster.move_slot(slot, masters[0], masters[1]).await;
+    cluster.wait_converged().await;
+    for round in 0..3 {
+        let value = per_shard.read_value(&entries[0]).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(&value.expect("the moved entry").sealed[..], b"value-0", "round {round}");
+    }
+    assert!(captured_logs().contains("a hit read was redirected; reading through fred"));
+    assert_eq!(per_shard.shards_health(), Some(ShardsHealth { primaries: 3, failing: 0 }));
+    assert_eq!(per_shard.breaker_state(), token_proxy::metrics::BreakerState::Closed);
 }

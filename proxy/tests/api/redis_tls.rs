@@ -396,6 +396,16 @@ async fn a_tls_cluster_behind_three_replicas_makes_one_upstream_call_per_cold_ke
     // The entries are spread over the cluster's masters (and copied to their replicas).
     let counts = cluster.key_counts();
     assert!(counts.iter().filter(|&&n| n > 0).count() >= 3, "{counts:?}");
+    // Hit reads go to each primary over TLS on connections of their own, named as fred names
+    // the node (issue 12, "health judged per shard").
+    for replica in &replicas {
+        for key in 0..6 {
+            let reply = post_basic_with(&replica.token_url(), "app", SECRET, &[("n", &key.to_string())]).await;
+            assert_eq!(reply.x_cache(), "HIT");
+        }
+        let ready = get_json(&format!("http://{}/readyz", replica.admin)).await;
+        assert_eq!(ready["shards"], serde_json::json!({"primaries": 3, "reads_failing": 0}), "{ready}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
