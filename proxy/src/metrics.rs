@@ -236,6 +236,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     ("token_proxy_redis_errors_total", Kind::Counter, "Redis commands that failed or timed out"),
     ("token_proxy_redis_bad_entries_total", Kind::Counter, "Redis entries found unusable (treated as misses)"),
     ("token_proxy_redis_breaker_open", Kind::Gauge, "1 while the Redis circuit breaker is open or half open"),
+    (
+        "token_proxy_redis_shard_reads_failing",
+        Kind::Gauge,
+        "Redis Cluster masters whose hit reads fail now (each is judged on its own; 0 off a cluster)",
+    ),
     ("token_proxy_redis_breaker_transitions_total", Kind::Counter, "Redis circuit breaker changes, by new state"),
     (
         "token_proxy_coalesced_waiters_total",
@@ -294,6 +299,7 @@ struct Shared {
     /// Entries that were there but unusable (wrong type, oversized): misses, not Redis faults.
     redis_bad_entries: Counter,
     redis_breaker_open: Gauge,
+    redis_shard_reads_failing: Gauge,
     breaker_transitions: [Counter; 3],
     coalesced_waiters: Counter,
     lock_acquisitions: Counter,
@@ -341,6 +347,8 @@ impl Metrics {
             redis_errors: counter("token_proxy_redis_errors_total", vec![]),
             redis_bad_entries: counter("token_proxy_redis_bad_entries_total", vec![]),
             redis_breaker_open: recorder.register_gauge(&Key::from_name("token_proxy_redis_breaker_open"), &META),
+            redis_shard_reads_failing: recorder
+                .register_gauge(&Key::from_name("token_proxy_redis_shard_reads_failing"), &META),
             breaker_transitions: BREAKER_STATES
                 .map(|s| counter("token_proxy_redis_breaker_transitions_total", vec![Label::new("to", s.label())])),
             coalesced_waiters: counter("token_proxy_coalesced_waiters_total", vec![]),
@@ -395,6 +403,11 @@ impl Metrics {
         let i = BREAKER_STATES.iter().position(|s| *s == to).unwrap_or(0);
         self.shared.breaker_transitions[i].increment(1);
         self.shared.redis_breaker_open.set(if to == BreakerState::Closed { 0.0 } else { 1.0 });
+    }
+
+    /// How many Redis Cluster masters' hit reads fail now.
+    pub fn shard_reads_failing(&self, masters: usize) {
+        self.shared.redis_shard_reads_failing.set(masters as f64);
     }
 
     /// A request on this replica waited for an identical one in flight here.

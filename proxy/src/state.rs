@@ -29,7 +29,7 @@ pub struct AppState {
     /// `TOKEN_PROXY_ACCESS_LOG`: one line per token request (see [`crate::access_log`]).
     pub access_log: bool,
     /// Set when the replica starts draining (`Application::run_until`); `/readyz` and the
-    /// client router read it.
+    /// client listener's `ClientService` read it.
     pub(crate) shutting_down: Arc<AtomicBool>,
 }
 

@@ -276,6 +276,7 @@ impl RedisStore {
                 (Duration::from_secs(1).max(timeout), unresponsive),
                 (settings.breaker_threshold, settings.breaker_cooldown),
                 Arc::clone(&refusals),
+                Arc::clone(&metrics),
             )
         });
         // Before connecting, so that no refusal goes unseen.

@@ -33,7 +33,7 @@ use fred::types::config::Server;
 use super::refusals::Refusals;
 use super::watch_reads;
 use crate::breaker::Breaker;
-use crate::metrics::BreakerState;
+use crate::metrics::{BreakerState, Metrics};
 use crate::read_pipeline::{ReadPipeline, Target};
 
 /// How often fred's cluster map is copied (also how soon a departed primary's pipeline is
@@ -60,6 +60,8 @@ pub(super) struct ShardReads {
     threshold: u32,
     cooldown: Duration,
     refusals: Arc<Refusals>,
+    /// `token_proxy_redis_shard_reads_failing`, set at every look.
+    metrics: Arc<Metrics>,
     routing: RwLock<Routing>,
 }
 
@@ -67,6 +69,8 @@ pub(super) struct ShardReads {
 struct Routing {
     /// The last non-empty map fred had; `None` until fred has read one (reads go through fred).
     map: Option<ClusterRouting>,
+    /// Whether `map` has more than one primary (see [`ShardReads::shard_for`]).
+    several_primaries: bool,
     shards: HashMap<Server, Arc<Shard>>,
 }
 
@@ -88,6 +92,7 @@ impl ShardReads {
         (connect_timeout, unresponsive): (Duration, Duration),
         (threshold, cooldown): (u32, Duration),
         refusals: Arc<Refusals>,
+        metrics: Arc<Metrics>,
     ) -> Arc<ShardReads> {
         let reads = Arc::new(ShardReads {
             client,
@@ -97,6 +102,7 @@ impl ShardReads {
             threshold,
             cooldown,
             refusals,
+            metrics,
             routing: RwLock::default(),
         });
         tokio::spawn(follow_map(Arc::downgrade(&reads)));
@@ -104,18 +110,28 @@ impl ShardReads {
     }
 
     /// The shard that serves `name`'s slot, its pipeline made on first use; `None` while fred
-    /// has no map (the read goes through fred).
+    /// has no map, or a map of one primary (the read goes through fred's script).
+    ///
+    /// One primary is what ElastiCache Serverless shows (one virtual shard, a proxy in front of
+    /// its nodes): the proxy sends each `GETRANGE` to the key's node but `TIME`, which has no key,
+    /// to any node, so the clock would not be the entry's own (invariant 2). A real cluster of
+    /// one master gains nothing from per-shard reads either.
     pub(super) fn shard_for(&self, name: &[u8]) -> Option<Arc<Shard>> {
         let slot = fred::util::redis_keyslot(name);
-        let server = {
+        {
             let routing = self.routing.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !routing.several_primaries {
+                return None;
+            }
             let server = routing.map.as_ref()?.get_server(slot)?;
             if let Some(shard) = routing.shards.get(server) {
                 return Some(Arc::clone(shard));
             }
-            server.clone()
-        };
+        }
+        // Routed again under the write lock: a look in between may have changed the map, and
+        // a pipeline to a primary that left it would never be dropped.
         let mut routing = self.routing.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let server = routing.map.as_ref()?.get_server(slot)?.clone();
         let shard = routing.shards.entry(server).or_insert_with_key(|server| self.open(server));
         Some(Arc::clone(shard))
     }
@@ -154,6 +170,7 @@ impl ShardReads {
             }
             kept
         });
+        routing.several_primaries = primaries.len() > 1;
         routing.map = Some(map);
     }
 
@@ -178,11 +195,13 @@ impl ShardReads {
     }
 }
 
-/// Copies fred's map every [`LOOK_EVERY`] until the reads are dropped.
+/// Copies fred's map every [`LOOK_EVERY`], and counts the failing shards in the metrics, until
+/// the reads are dropped.
 async fn follow_map(reads: Weak<ShardReads>) {
     loop {
         let Some(reads) = reads.upgrade() else { return };
         reads.look();
+        reads.metrics.shard_reads_failing(reads.health().failing);
         drop(reads);
         tokio::time::sleep(LOOK_EVERY).await;
     }

@@ -466,6 +466,11 @@ async fn while_a_master_is_down_the_other_shards_are_still_read() {
     assert!(hits_now - hits >= unseen.len() as f64, "every live shard's read counted as a hit");
     assert!(calls <= (on_dead.len() * 3) as u64, "{calls} upstream calls: at most one per dead-shard key per replica");
     assert_eq!(failing, vec![serde_json::json!(1); 3], "/readyz counts one shard whose reads fail");
+    let gauge = "token_proxy_redis_shard_reads_failing";
+    eventually(Duration::from_secs(2), "the metrics to count one failing shard per replica", async || {
+        fleet.metric_sum(gauge).await == 3.0
+    })
+    .await;
 
     // Once a replica has taken over the dead master's slots, its keys are read there again.
     cluster.wait_promoted(dead).await;
@@ -484,7 +489,7 @@ async fn while_a_master_is_down_the_other_shards_are_still_read() {
         for replica in 0..3 {
             none &= fleet.readyz(replica).await["shards"]["reads_failing"] == 0;
         }
-        none
+        none && fleet.metric_sum(gauge).await == 0.0
     })
     .await;
 }
