@@ -447,7 +447,9 @@ impl RedisStore {
                 // Redirected (or no map yet): through fred, which follows the redirect and
                 // reads the map again; then the shards follow fred's new map.
                 None => {
-                    let found = self.read_through_fred(&name).await;
+                    // Boxed: a rare path, and fred's futures are large (every hit's future
+                    // would carry its size, and be copied with it).
+                    let found = Box::pin(self.read_through_fred(&name)).await;
                     shards.look();
                     return Ok(self.usable(found?));
                 }
@@ -456,16 +458,18 @@ impl RedisStore {
         let link = if self.reads.is_some() { Link::Reads } else { Link::Commands };
         let found = self
             .guarded_on(link, async {
+                // `guarded_on` bounds it with the command deadline.
                 if let Some(reads) = &self.reads {
-                    let read = tokio::time::timeout(self.command_timeout, reads.read(&name));
-                    return match read.await.map_err(|_| StoreError::Timeout)? {
+                    return match reads.read(&name).await {
                         Ok(reply) => Ok(Found::of(reply.value, reply.now)),
                         Err(ReadError::Server(code)) if code == "WRONGTYPE" => Ok(Found::Unusable),
                         Err(error) => Err(error.into()),
                     };
                 }
+                // Boxed: fred's futures are large, and this block is moved into a box of its
+                // own by `guarded_on` on every read, the pipeline's too.
                 let reply: Vec<Value> =
-                    READ.evalsha_with_reload(&self.client, vec![&name[..]], MAX_ENTRY_BYTES as i64).await?;
+                    Box::pin(READ.evalsha_with_reload(&self.client, vec![&name[..]], MAX_ENTRY_BYTES as i64)).await?;
                 parse_read(reply).ok_or(StoreError::UnexpectedReply)
             })
             .await?;
