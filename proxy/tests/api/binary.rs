@@ -599,6 +599,14 @@ async fn on_sigterm_readyz_turns_503_while_both_listeners_keep_serving_for_the_d
         let metrics = fresh.get(format!("http://{admin}/metrics")).send().await.expect("admin still accepts");
         assert_eq!(metrics.status(), 200);
     }
+    // The router's answers too (a wrong method, an unknown path), not only the token routes'.
+    let base = url.trim_end_matches("/oauth2/token");
+    for request in [fresh.get(&url), fresh.post(format!("{base}/nowhere"))] {
+        let response = request.send().await.expect("the client listener still accepts while draining");
+        assert!([404, 405].contains(&response.status().as_u16()), "{}", response.status());
+        let connection = response.headers().get("connection").and_then(|v| v.to_str().ok());
+        assert_eq!(connection, Some("close"), "a {} answer while draining", response.status());
+    }
 
     let slow = in_flight.await.unwrap();
     assert_eq!((slow.status, slow.x_cache()), (200, "MISS"), "the request in flight was dropped: {}", slow.raw);
