@@ -447,32 +447,28 @@ impl RedisStore {
                 // Redirected (or no map yet): through fred, which follows the redirect and
                 // reads the map again; then the shards follow fred's new map.
                 None => {
-                    // Boxed: a rare path, and fred's futures are large (every hit's future
-                    // would carry its size, and be copied with it).
+                    // Boxed, as below.
                     let found = Box::pin(self.read_through_fred(&name)).await;
                     shards.look();
                     return Ok(self.usable(found?));
                 }
             }
         }
-        let link = if self.reads.is_some() { Link::Reads } else { Link::Commands };
-        let found = self
-            .guarded_on(link, async {
-                // `guarded_on` bounds it with the command deadline.
-                if let Some(reads) = &self.reads {
-                    return match reads.read(&name).await {
+        let found = match &self.reads {
+            // `guarded_on` bounds it with the command deadline.
+            Some(reads) => {
+                self.guarded_on(Link::Reads, async {
+                    match reads.read(&name).await {
                         Ok(reply) => Ok(Found::of(reply.value, reply.now)),
                         Err(ReadError::Server(code)) if code == "WRONGTYPE" => Ok(Found::Unusable),
                         Err(error) => Err(error.into()),
-                    };
-                }
-                // Boxed: fred's futures are large, and this block is moved into a box of its
-                // own by `guarded_on` on every read, the pipeline's too.
-                let reply: Vec<Value> =
-                    Box::pin(READ.evalsha_with_reload(&self.client, vec![&name[..]], MAX_ENTRY_BYTES as i64)).await?;
-                parse_read(reply).ok_or(StoreError::UnexpectedReply)
-            })
-            .await?;
+                    }
+                })
+                .await?
+            }
+            // Boxed: fred's futures are large, and every hit's future would carry their size.
+            None => Box::pin(self.read_through_fred(&name)).await?,
+        };
         Ok(self.usable(found))
     }
 
